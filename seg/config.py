@@ -1,0 +1,159 @@
+"""The configuration schema: typed dataclasses that Hydra validates every override against.
+
+``configs/train.yaml`` starts from ``train_schema`` (registered below), so a misspelt key or a
+value of the wrong type fails at start with Hydra naming the key. Values restricted to a set of
+choices (task, loss, device...) are checked by ``validate`` before anything is loaded. Norm
+options are free-form here (each layer takes different ones) and are checked against the
+layer's own signature by ``seg.norms.check_options``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class PhantomConfig:
+    num_patients: int = 40
+    seed: int = 0
+
+
+@dataclass
+class AugmentConfig:
+    rotate_deg: float = 15.0
+    flip: bool = False
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING
+    format: str = "acdc"
+    root: str = MISSING
+    task: str = "rv"
+    image_size: int = 256
+    spacing: Optional[float] = 1.5
+    clip_percentiles: List[float] = field(default_factory=lambda: [0.5, 99.5])
+    normalize: str = "zscore"
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    max_patients: Optional[int] = None
+    max_slices_per_volume: Optional[int] = None
+    phantom: Optional[PhantomConfig] = None
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "unet"
+    in_channels: int = 1
+    base_channels: int = 16
+    depth: int = 4
+    init: str = "paper"
+    bias_init: float = 0.1
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"
+    lr: float = MISSING
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = "step"
+    milestones: List[int] = field(default_factory=lambda: [1])
+    gamma: float = 0.2
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 2
+    batch_size: int = 4
+    eval_batch_size: int = 16
+    device: str = "auto"
+    channels_last: bool = True
+    log_every_n_steps: int = 10
+    num_panel_images: int = 4
+    save_checkpoints: bool = True
+    progress: bool = True
+
+
+@dataclass
+class PathsConfig:
+    data_dir: str = "data"
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = MISSING
+    model: ModelConfig = MISSING
+    norm: Dict[str, Any] = MISSING
+    optim: OptimConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    paths: PathsConfig = field(default_factory=PathsConfig)
+    lr: float = 0.1
+    loss: str = "ce"
+    seed: int = 0
+
+
+def register_configs() -> None:
+    """Make ``train_schema`` available to ``configs/train.yaml``'s defaults list."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def choices() -> dict[str, tuple[str, ...]]:
+    """The allowed values of each choice-valued key."""
+    from .data import READERS, TASKS
+    from .unet import INITS
+
+    return {
+        "data.format": tuple(READERS),
+        "data.task": tuple(TASKS),
+        "data.normalize": ("zscore", "none"),
+        "model.name": ("unet",),
+        "model.init": INITS,
+        "optim.name": ("sgd", "adam"),
+        "schedule.name": ("step", "constant"),
+        "loss": ("ce", "dice_ce"),
+    }
+
+
+class ConfigError(ValueError):
+    """A configuration value that is well-typed but not allowed; the message names the key."""
+
+
+def validate(cfg) -> None:
+    """Check choice-valued keys, ranges and the norm name/options before any work starts."""
+    from omegaconf import OmegaConf
+
+    from .norms import check_options
+
+    for key, allowed in choices().items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
+    device = cfg.trainer.device
+    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+        raise ConfigError(f"trainer.device={device!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
+    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "data.image_size",
+                "model.base_channels", "model.depth", "trainer.log_every_n_steps"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
+    if cfg.lr <= 0:
+        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    multiple = 2 ** cfg.model.depth
+    if cfg.data.image_size % multiple:
+        raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 2**model.depth={multiple}")
+    options = {k: v for k, v in cfg.norm.items() if k != "name"}
+    try:
+        check_options(cfg.norm.get("name", "<missing>"), options)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None

@@ -1,0 +1,96 @@
+"""What every dataset reader produces: ``Volume`` records, and careful NIfTI reading.
+
+A reader turns a dataset folder into a list of ``Volume``: one short-axis stack (slices first),
+its label map in the project's label set, spacing, patient id and metadata. Everything after
+the reader is format-agnostic. Problems with a file raise ``DataError`` naming the file and the
+problem, never a traceback from deep inside numpy and never a silently wrong mask.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# The project's label set (ACDC's): readers map each dataset's own values to these.
+LABELS = {"background": 0, "rv": 1, "myo": 2, "lv": 3}
+
+
+class DataError(Exception):
+    """A dataset file or folder that cannot be used; the message names it and says why."""
+
+
+@dataclass
+class Volume:
+    """One 3D short-axis stack with its ground truth.
+
+    image: (S, X, Y) float32, slices first (the NIfTI's x, y axes kept in order);
+    label: (S, X, Y) uint8 in the project's label set ``LABELS``;
+    spacing: (x, y, slice) in mm; affine: the NIfTI's 4x4 (to write predictions back).
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    spacing: tuple[float, float, float]
+    patient: str
+    phase: str = ""
+    meta: dict = field(default_factory=dict)
+    affine: np.ndarray | None = None
+    source: str = ""
+
+    @property
+    def case(self) -> str:
+        """A unique name of the volume: patient and phase."""
+        return f"{self.patient}_{self.phase}" if self.phase else self.patient
+
+
+def read_nifti(path: str | os.PathLike, *, ndim: int = 3) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
+    """Read a NIfTI file as float32; returns (array, voxel spacing, affine).
+
+    Refuses, naming the file: a missing, truncated or non-NIfTI file, a wrong number of
+    dimensions (e.g. 4D where 3D is expected), and NaN or infinite voxels.
+    """
+    import nibabel as nib  # imported here: only readers of NIfTI pay for it
+
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+    except Exception as err:  # nibabel/gzip/zlib raise many types for a bad file
+        raise DataError(f"{path}: not a readable NIfTI file ({type(err).__name__}: {err})") from None
+    if data.ndim == ndim + 1 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != ndim:
+        raise DataError(f"{path}: expected a {ndim}D volume, found {data.ndim}D data of shape {data.shape}")
+    if not np.isfinite(data).all():
+        bad = int((~np.isfinite(data)).sum())
+        raise DataError(f"{path}: contains {bad} NaN or infinite voxel(s)")
+    spacing = tuple(float(z) for z in img.header.get_zooms()[:ndim])
+    return data, spacing, np.asarray(img.affine, dtype=np.float64)
+
+
+def check_pair(image_path: Path, label_path: Path, image: np.ndarray, label: np.ndarray,
+               image_affine: np.ndarray, label_affine: np.ndarray, allowed: set[int]) -> np.ndarray:
+    """Check an image/label pair agrees and the label only holds ``allowed`` values; return uint8 labels."""
+    if image.shape != label.shape:
+        raise DataError(f"{label_path}: label shape {label.shape} does not match image {image_path.name} "
+                        f"shape {image.shape}")
+    if not np.allclose(image_affine, label_affine, atol=1e-3):
+        raise DataError(f"{label_path}: affine differs from that of image {image_path.name} "
+                        f"(the mask would not lie on the image)")
+    if not np.array_equal(label, np.round(label)):
+        raise DataError(f"{label_path}: label map holds non-integer values")
+    values = set(np.unique(label).astype(int).tolist())
+    if not values <= allowed:
+        raise DataError(f"{label_path}: label values {sorted(values - allowed)} are outside this dataset's "
+                        f"set {sorted(allowed)}")
+    return label.astype(np.uint8)
+
+
+def slices_first(array: np.ndarray) -> np.ndarray:
+    """(X, Y, S) as stored in NIfTI -> (S, X, Y), contiguous."""
+    return np.ascontiguousarray(np.moveaxis(array, -1, 0))

@@ -1,0 +1,67 @@
+"""Dice, stated precisely, computed from per-slice counts on the training device.
+
+For each foreground class c, a slice contributes three counts: |P∩G|, |P| and |G| (P the
+predicted mask, G the ground truth). From them:
+
+* **3D (per-volume) Dice -- the primary ``dice``** (ACDC / nnU-Net convention): the slices of a
+  volume are restacked (their counts summed), Dice = 2|P∩G| / (|P| + |G|) per volume and class;
+  a volume where both P and G are empty for c is NaN and skipped (not counted as 1, not as 0);
+  an empty G with a non-empty P scores 0. Per class: the mean over volumes; ``dice``: the mean
+  over classes.
+* **2D (per-slice) Dice -- ``dice_2d``** (the ILN paper's style): the same per slice, empty-vs-
+  empty slices skipped, averaged over slices, then over classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def dice_from_counts(intersection: torch.Tensor, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """2|P∩G| / (|P| + |G|) elementwise; NaN where both masks are empty."""
+    denominator = pred + target
+    return torch.where(denominator > 0, 2 * intersection / denominator.clamp(min=1), torch.nan)
+
+
+def slice_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts of a batch of label maps (N, H, W): (N, 3, num_classes - 1) = (|P∩G|, |P|, |G|) per fg class."""
+    classes = torch.arange(1, num_classes, device=prediction.device).view(1, -1, 1, 1)
+    p = prediction.unsqueeze(1) == classes
+    g = target.unsqueeze(1) == classes
+    return torch.stack([(p & g).sum((2, 3)), p.sum((2, 3)), g.sum((2, 3))], dim=1).double()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Arg-max label maps (N, H, W) of ``images`` (N, 1, H, W), batch by batch, on their device."""
+    return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, images.shape[0], batch_size)])
+
+
+def summarize_counts(counts: torch.Tensor, volume_index: torch.Tensor, num_volumes: int,
+                     class_names: list[str]) -> dict[str, float]:
+    """3D and 2D Dice (overall and per class) from per-slice counts (N, 3, K)."""
+    per_volume = torch.zeros((num_volumes, *counts.shape[1:]), dtype=counts.dtype, device=counts.device)
+    per_volume.index_add_(0, volume_index, counts)
+    dice_3d = torch.nanmean(dice_from_counts(*per_volume.unbind(1)), dim=0)
+    dice_2d = torch.nanmean(dice_from_counts(*counts.unbind(1)), dim=0)
+    result = {"dice": nanmean(dice_3d.tolist()), "dice_2d": nanmean(dice_2d.tolist())}
+    for name, d3, d2 in zip(class_names, dice_3d.tolist(), dice_2d.tolist()):
+        result[f"dice_{name}"], result[f"dice_2d_{name}"] = d3, d2
+    return result
+
+
+def nanmean(values: list[float]) -> float:
+    """Mean of the non-NaN values; NaN if there are none."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
+def evaluate(model: torch.nn.Module, slices, num_classes: int, class_names: list[str],
+             batch_size: int = 16) -> tuple[dict[str, float], torch.Tensor]:
+    """Dice of ``model`` on a SliceSet, and its predictions; the model is put in eval mode."""
+    model.eval()
+    prediction = predict(model, slices.images, batch_size)
+    counts = slice_counts(prediction, slices.labels, num_classes)
+    return summarize_counts(counts, slices.volume_index, len(slices.cases), class_names), prediction

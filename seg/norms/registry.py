@@ -1,0 +1,112 @@
+"""The one place where a normalization name becomes a module.
+
+`NORMS` maps a name (as used in ``norm=<name>`` on the command line) to a class. Every class
+registered here follows one small protocol so that the U-Net needs no special cases:
+
+* ``__init__(num_channels, **options)`` -- options are keyword arguments with defaults; the
+  YAML file ``configs/norm/<name>.yaml`` exposes them;
+* ``forward(x, cond=None)`` -- ``cond`` is a conditioning input that only conditional layers
+  read (all others ignore it), so a block can always pass it through;
+* optionally a classmethod ``conv_norm(in_channels, out_channels, kernel_size, *, transpose,
+  **options)`` for layers that replace the *pair* convolution + normalization (kernel
+  normalization fuses them, weight normalization re-parametrizes the convolution). Without it,
+  the pair is an ordinary convolution followed by the layer.
+
+Adding a layer is therefore one decorated class and one YAML file.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable
+
+from torch import nn
+
+NORMS: dict[str, type[nn.Module]] = {}
+
+
+def register_norm(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: make ``cls`` available as ``norm=<name>``."""
+
+    def decorate(cls: type[nn.Module]) -> type[nn.Module]:
+        if name in NORMS:
+            raise ValueError(f"normalization {name!r} is registered twice ({NORMS[name].__name__}, {cls.__name__})")
+        NORMS[name] = cls
+        cls.norm_name = name
+        return cls
+
+    return decorate
+
+
+def norm_class(name: str) -> type[nn.Module]:
+    """The class registered as ``name``; an unknown name is an error listing the valid ones."""
+    try:
+        return NORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown normalization {name!r}; valid names: {', '.join(sorted(NORMS))}") from None
+
+
+def check_options(name: str, options: dict[str, Any]) -> None:
+    """Refuse options the layer does not take, or of the wrong type, naming the option.
+
+    The annotation of each ``__init__`` parameter is the schema: an ``int`` option given a float
+    or string, say, is refused here rather than failing somewhere inside the layer.
+    """
+    cls = norm_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    accepted = {p for p in params if p not in ("self", "num_channels")}
+    for key, value in options.items():
+        if key not in accepted:
+            raise ValueError(
+                f"normalization {name!r} has no option {key!r}; its options are: "
+                f"{', '.join(sorted(accepted)) or '(none)'}"
+            )
+        expected = params[key].annotation
+        if isinstance(expected, str):  # postponed annotations (from __future__ import annotations)
+            expected = {"int": int, "float": float, "bool": bool, "str": str}.get(expected, Any)
+        if expected is bool and not isinstance(value, bool):
+            raise TypeError(f"norm option {key!r} of {name!r} must be true/false, got {value!r}")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"norm option {key!r} of {name!r} must be an integer, got {value!r}")
+        if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise TypeError(f"norm option {key!r} of {name!r} must be a number, got {value!r}")
+
+
+def make_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
+    """Build the normalization layer ``name`` for ``num_channels`` channels."""
+    check_options(name, options)
+    return norm_class(name)(num_channels, **options)
+
+
+class ConvNorm(nn.Module):
+    """A convolution followed by a normalization layer; the condition is passed through."""
+
+    def __init__(self, conv: nn.Module, norm: nn.Module):
+        super().__init__()
+        self.conv = conv
+        self.norm = norm
+
+    def forward(self, x, cond=None):
+        return self.norm(self.conv(x), cond)
+
+
+def make_conv(in_channels: int, out_channels: int, kernel_size: int, *, transpose: bool = False) -> nn.Module:
+    """The plain convolution of a block: 'same' padding, or a stride-k transposed conv (upsampling)."""
+    if transpose:
+        return nn.ConvTranspose2d(in_channels, out_channels, kernel_size, stride=kernel_size)
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+
+
+def make_conv_norm(
+    name: str, in_channels: int, out_channels: int, kernel_size: int = 3, *, transpose: bool = False, **options: Any
+) -> nn.Module:
+    """Build the pair convolution -> normalization ``name``; ``forward(x, cond=None)``.
+
+    Layers that change the convolution itself (fused kernel normalization, weight
+    normalization) provide a ``conv_norm`` classmethod and are built through it.
+    """
+    check_options(name, options)
+    cls = norm_class(name)
+    if hasattr(cls, "conv_norm"):
+        return cls.conv_norm(in_channels, out_channels, kernel_size, transpose=transpose, **options)
+    return ConvNorm(make_conv(in_channels, out_channels, kernel_size, transpose=transpose), cls(out_channels, **options))

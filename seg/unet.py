@@ -1,0 +1,117 @@
+"""The classic 2D U-Net (Ronneberger et al., MICCAI 2015, arXiv 1505.04597) with a pluggable norm.
+
+Every convolution is followed by the chosen normalization and a ReLU; one block,
+``ConvNormAct``, is reused at every level, down and up. Widths start at ``base_channels``
+(16 in the ILN study) and double per level; ``depth`` is the number of 2x2 max-poolings.
+
+Departures from the 2015 paper, as in the ILN study: 'same' padding (output size = input
+size, no cropping of the skip connections) and a normalization after every convolution,
+including the 2x2 up-convolution.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from .norms import make_conv_norm
+
+INITS = ("paper", "kaiming", "torch")
+
+
+class ConvNormAct(nn.Module):
+    """conv (k x k, or a k x k stride-k transposed conv) -> norm -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, norm_options: dict, *, kernel_size: int = 3,
+                 transpose: bool = False):
+        super().__init__()
+        self.conv_norm = make_conv_norm(norm, in_channels, out_channels, kernel_size, transpose=transpose,
+                                        **norm_options)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x, cond=None):
+        return self.act(self.conv_norm(x, cond))
+
+
+class DoubleConv(nn.Module):
+    """Two ConvNormAct 3x3 blocks: the body of every U-Net level."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm: str, norm_options: dict):
+        super().__init__()
+        self.first = ConvNormAct(in_channels, out_channels, norm, norm_options)
+        self.second = ConvNormAct(out_channels, out_channels, norm, norm_options)
+
+    def forward(self, x, cond=None):
+        return self.second(self.first(x, cond), cond)
+
+
+class UNet(nn.Module):
+    """U-Net for 2D segmentation; ``forward(x, cond=None)`` returns class logits (N, classes, H, W).
+
+    H and W must be multiples of 2**depth. ``cond`` is passed to every normalization layer
+    (only conditional layers use it).
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 16, depth: int = 4,
+                 norm: str = "bn", norm_options: dict[str, Any] | None = None, init: str = "paper",
+                 bias_init: float = 0.1):
+        super().__init__()
+        if depth < 1:
+            raise ValueError(f"U-Net depth must be at least 1, got {depth}")
+        norm_options = dict(norm_options or {})
+        widths = [base_channels * 2**level for level in range(depth + 1)]
+        self.depth, self.norm = depth, norm
+        self.down = nn.ModuleList([DoubleConv(in_channels, widths[0], norm, norm_options)])
+        self.down.extend(DoubleConv(widths[i], widths[i + 1], norm, norm_options) for i in range(depth))
+        self.pool = nn.MaxPool2d(2)
+        self.upsample = nn.ModuleList(
+            ConvNormAct(widths[i + 1], widths[i], norm, norm_options, kernel_size=2, transpose=True)
+            for i in range(depth)
+        )
+        self.up = nn.ModuleList(DoubleConv(2 * widths[i], widths[i], norm, norm_options) for i in range(depth))
+        self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
+        initialize(self, init, bias_init)
+
+    def forward(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+        multiple = 2**self.depth
+        if x.ndim != 4 or x.shape[-1] % multiple or x.shape[-2] % multiple:
+            raise ValueError(f"U-Net of depth {self.depth} needs (N, C, H, W) input with H and W multiples of "
+                             f"{multiple}; got shape {tuple(x.shape)}")
+        skips = []
+        for level, block in enumerate(self.down):
+            x = block(x if level == 0 else self.pool(x), cond)
+            skips.append(x)
+        x = skips.pop()
+        for level in reversed(range(self.depth)):
+            x = self.upsample[level](x, cond)
+            x = self.up[level](torch.cat([skips.pop(), x], dim=1), cond)
+        return self.head(x)
+
+
+def initialize(model: nn.Module, scheme: str = "paper", bias_init: float = 0.1) -> None:
+    """Initialise every convolution of ``model``.
+
+    ``paper``: weights from a normal of std sqrt(2 / (k*k*C_out)) truncated at two std -- for a
+    3x3 conv the sqrt(2 / (9 C_out)) of the ILN study (after the U-Net paper) -- and biases
+    ``bias_init`` (0.1). ``kaiming``: He normal (fan-out, ReLU) and biases ``bias_init``.
+    ``torch``: PyTorch's own defaults, untouched.
+    """
+    if scheme not in INITS:
+        raise ValueError(f"unknown initialisation {scheme!r}; valid: {', '.join(INITS)}")
+    if scheme == "torch":
+        return
+    for module in model.modules():
+        if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
+            continue
+        weight = module.weight
+        if scheme == "paper":
+            kh, kw = module.kernel_size
+            std = math.sqrt(2.0 / (kh * kw * module.out_channels))
+            nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+        else:
+            nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+        if module.bias is not None:
+            nn.init.constant_(module.bias, bias_init)
