@@ -54,6 +54,7 @@ class ModelConfig:
     depth: int = 4
     init: str = "paper"
     bias_init: float = 0.1
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .augment import augment_batch
 from .checkpoint import save_checkpoint
-from .config import validate
+from .config import ConfigError, validate
 from .data import class_names, load_splits
 from .metrics import evaluate
 from .unet import UNet
@@ -58,7 +58,10 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                  depth=cfg.model.depth, norm=cfg.norm.name, norm_options=norm_options, init=cfg.model.init,
                  bias_init=cfg.model.bias_init).to(device)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
+    if cfg.model.init_from:
+        load_weights(model, cfg.model.init_from)
     model = model.to(memory_format=memory_format)
+    post_step_layers = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.schedule.milestones),
                                                      gamma=cfg.schedule.gamma)
@@ -87,6 +90,8 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            for layer in post_step_layers:  # e.g. BIN clips its gates to [0, 1]
+                layer.after_optimizer_step()
             step += 1
             bar.update()
             pending_losses.append(loss.detach())
@@ -109,6 +114,9 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
         entry = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)), "epoch_time_s": epoch_time,
                  "images_per_s": len(train_set) / epoch_time}
         writer.add_scalar("perf/images_per_s", entry["images_per_s"], epoch)
+        for layer, weights in mixing_weights(model).items():  # which normalization each layer chose
+            for key, value in weights.items():
+                writer.add_scalar(f"norm/{layer}/{key}", value, epoch)
         if val_set is not None:
             val, prediction = evaluate(model, val_set, num_classes, classes, cfg.trainer.eval_batch_size)
             entry.update({f"val_{k}": v for k, v in val.items()})
@@ -140,6 +148,7 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
     metrics.update(status="ok", **test, best_val_dice=nan_to_none(best_dice) if val_set is not None else None,
                    best_epoch=best_epoch, steps=step, train_time_s=train_time,
                    images_per_s=len(train_set) * cfg.trainer.epochs / train_time, history=history,
+                   mixing_weights=mixing_weights(model),
                    wall_time_s=time.perf_counter() - started)
     log_hparams(writer, metrics)
     writer.close()
@@ -168,6 +177,28 @@ def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
         return torch.optim.SGD(param_groups, lr=optim_cfg.lr, momentum=optim_cfg.momentum,
                                nesterov=optim_cfg.nesterov)
     return torch.optim.Adam(param_groups, lr=optim_cfg.lr)
+
+
+def load_weights(model: torch.nn.Module, path: str) -> None:
+    """Start from the weights of a checkpoint (``model.init_from``); a different model is refused clearly."""
+    from .checkpoint import load_checkpoint
+
+    if not Path(path).is_file():
+        raise ConfigError(f"model.init_from={path}: no such checkpoint file")
+    state = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+    if missing or unexpected or wrong:
+        raise ConfigError(f"model.init_from={path} does not fit this model: missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]}, different shapes {wrong[:5]}")
+    model.load_state_dict(state)
+
+
+def mixing_weights(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """Per normalization layer with a learned choice: the mean of each of its mixing weights."""
+    return {name: {key: float(value.detach().float().mean()) for key, value in module.mixing_weights().items()}
+            for name, module in model.named_modules() if hasattr(module, "mixing_weights")}
 
 
 def build_loss(name: str):

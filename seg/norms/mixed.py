@@ -61,16 +61,16 @@ class InstanceLayerNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))  # alpha
         self.bias = nn.Parameter(torch.zeros(num_channels))  # beta
 
-    def mixing_weight(self) -> torch.Tensor:
-        """s = sigmoid(rho): the weight of instance norm in the mix, per channel."""
-        return torch.sigmoid(self.rho)
+    def mixing_weights(self) -> dict[str, torch.Tensor]:
+        """The learned choice, logged per layer: s = sigmoid(rho), the weight of IN in the mix."""
+        return {"sigmoid_rho": torch.sigmoid(self.rho)}
 
     def forward(self, x, cond=None):
         var_in, mean_in = instance_stats(x)
         var_ln, mean_ln = pooled_stats(var_in, mean_in, 1)
         inv_in = torch.rsqrt(var_in + self.eps)
         inv_ln = torch.rsqrt(var_ln + self.eps)
-        s = self.mixing_weight()
+        s = torch.sigmoid(self.rho)
         # F_IL = a * x + b per (sample, channel)
         a = s * inv_in + (1 - s) * inv_ln
         b = -(s * mean_in * inv_in + (1 - s) * mean_ln * inv_ln)

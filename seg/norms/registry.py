@@ -7,6 +7,9 @@ registered here follows one small protocol so that the U-Net needs no special ca
   YAML file ``configs/norm/<name>.yaml`` exposes them;
 * ``forward(x, cond=None)`` -- ``cond`` is a conditioning input that only conditional layers
   read (all others ignore it), so a block can always pass it through;
+* optionally ``mixing_weights() -> dict[str, Tensor]``: the layer's learned choice between
+  normalizations (BIN's rho, ILN's sigmoid(rho), SN's weights), logged per layer every epoch;
+* optionally ``after_optimizer_step()``: called after every optimizer step (BIN clips rho);
 * optionally a classmethod ``conv_norm(in_channels, out_channels, kernel_size, *, transpose,
   **options)`` for layers that replace the *pair* convolution + normalization (kernel
   normalization fuses them, weight normalization re-parametrizes the convolution). Without it,
