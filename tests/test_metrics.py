@@ -1,0 +1,62 @@
+"""Dice as documented: per-volume 3D (primary) and per-slice 2D, checked against MONAI's DiceMetric."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.metrics import DiceMetric
+
+from seg.metrics import slice_counts, summarize_counts
+
+
+def random_masks(num_slices, num_classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    target = torch.randint(0, num_classes, (num_slices, 24, 20), generator=g)
+    noise = torch.randint(0, num_classes, target.shape, generator=g)
+    prediction = torch.where(torch.rand(target.shape, generator=g) < 0.3, noise, target)
+    return prediction, target
+
+
+def onehot(labels, num_classes):
+    return F.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
+
+
+@pytest.mark.parametrize("num_classes", [2, 4])
+def test_agrees_with_monai_dice_metric(num_classes):
+    prediction, target = random_masks(12, num_classes, seed=num_classes)
+    volume_index = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
+    names = [f"c{i}" for i in range(1, num_classes)]
+    result = summarize_counts(slice_counts(prediction, target, num_classes), volume_index, 3, names)
+
+    # 2D: MONAI per slice, then mean over slices and classes
+    per_slice = DiceMetric(include_background=False, reduction="none")(onehot(prediction, num_classes),
+                                                                        onehot(target, num_classes))
+    assert result["dice_2d"] == pytest.approx(per_slice.mean().item(), abs=1e-6)
+    # 3D: MONAI on restacked volumes (N, C, H, W, D)
+    per_volume = []
+    for v in range(3):
+        sel = volume_index == v
+        p3 = onehot(prediction[sel], num_classes).permute(1, 2, 3, 0).unsqueeze(0)
+        t3 = onehot(target[sel], num_classes).permute(1, 2, 3, 0).unsqueeze(0)
+        per_volume.append(DiceMetric(include_background=False, reduction="none")(p3, t3))
+    per_volume = torch.cat(per_volume)  # (volumes, classes)
+    assert result["dice"] == pytest.approx(per_volume.mean().item(), abs=1e-6)
+    for i, name in enumerate(names):
+        assert result[f"dice_{name}"] == pytest.approx(per_volume[:, i].mean().item(), abs=1e-6)
+
+
+def test_empty_classes_follow_the_documented_convention():
+    target = torch.zeros(3, 8, 8, dtype=torch.long)
+    prediction = torch.zeros_like(target)
+    target[0, :4, :4] = 1
+    prediction[0, :4, :4] = 1          # slice 0: perfect
+    prediction[1, 0, 0] = 1            # slice 1: empty truth, a false positive -> 0
+    # slice 2: both empty -> NaN, skipped
+    counts = slice_counts(prediction, target, 2)
+    result = summarize_counts(counts, torch.tensor([0, 0, 1]), 2, ["rv"])
+    assert result["dice_2d"] == pytest.approx(0.5)          # mean of 1 and 0; slice 2 skipped
+    # volume 0 = slices 0,1: 2*16 / (17 + 16); volume 1 (slice 2) is empty-vs-empty: skipped
+    assert result["dice"] == pytest.approx(32 / 33)
+    everything_empty = summarize_counts(slice_counts(target[2:], target[2:], 2), torch.tensor([0]), 1, ["rv"])
+    assert math.isnan(everything_empty["dice"])
