@@ -1,10 +1,18 @@
-"""Train the U-Net with a chosen normalization: ``python train.py norm=iln lr=0.5`` (see README)."""
+"""Train the U-Net with a chosen normalization: ``python train.py norm=iln lr=0.5`` (see README).
+
+Errors a user can fix (a bad option, a bad data file, a checkpoint that does not fit) end with
+one clear message and exit code 1. A run that cannot go on (out of memory) is recorded as
+``failed`` in its metrics.json; inside a multirun the sweep then continues with the next job.
+"""
 
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 
+from seg.checkpoint import CheckpointError
 from seg.config import ConfigError, register_configs
 from seg.data import DataError
 
@@ -13,28 +21,34 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg) -> float | None:
-    from seg.train import train, write_metrics
+    from seg.train import TrainingFailed, train, write_metrics
 
-    output_dir = HydraConfig.get().runtime.output_dir
+    hydra_cfg = HydraConfig.get()
+    output_dir = Path(hydra_cfg.runtime.output_dir)
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+
+    def fail(message: str) -> None:
+        try:
+            write_metrics(output_dir, {"status": "failed", "error": message, "norm": cfg.norm.get("name"),
+                                       "lr": cfg.lr, "batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
+        except OSError:
+            pass  # the folder itself is unwritable: the console message is all we can give
+
     try:
-        metrics = train(cfg, output_dir)
-    except (ConfigError, DataError) as err:
+        return train(cfg, output_dir).get("dice")
+    except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
-        write_metrics_safely(write_metrics, output_dir, {"status": "failed", "error": str(err)})
+        fail(str(err))
         sys.exit(1)
+    except TrainingFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        fail(str(err))
+        if not in_sweep:
+            sys.exit(1)
+        return None  # the sweep goes on; the summary shows this job as failed
     except Exception as err:
-        write_metrics_safely(write_metrics, output_dir, {"status": "failed", "error": f"{type(err).__name__}: {err}"})
+        fail(f"{type(err).__name__}: {err}")
         raise
-    return metrics.get("dice")
-
-
-def write_metrics_safely(write_metrics, output_dir, metrics) -> None:
-    from pathlib import Path
-
-    try:
-        write_metrics(Path(output_dir), metrics)
-    except OSError:
-        pass  # the folder itself is unwritable: the console message is all we can give
 
 
 if __name__ == "__main__":

@@ -64,6 +64,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 0.0
     nesterov: bool = False
+    grad_clip: Optional[float] = None
 
 
 @dataclass
@@ -83,6 +84,9 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     num_panel_images: int = 4
     save_checkpoints: bool = True
+    checkpoint_every_n_steps: int = 0
+    resume: Any = False
+    deterministic: bool = False
     progress: bool = True
 
 

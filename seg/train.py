@@ -22,7 +22,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from .augment import augment_batch
-from .checkpoint import save_checkpoint
+from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, check_free_space,
+                         find_resume_checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint)
 from .config import ConfigError, validate
 from .data import class_names, load_splits
 from .metrics import evaluate
@@ -35,17 +36,22 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
     validate(cfg)
     output_dir = Path(output_dir)
     check_writable(output_dir)
+    resume_from = find_resume_checkpoint(cfg.trainer.resume, output_dir)
+    if resume_from is not None and resume_from.parent.name == "checkpoints":
+        output_dir = resume_from.parents[1]  # continue writing in the folder of the run being resumed
     seed_everything(cfg.seed)
+    configure_determinism(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device)
     print(f"Device: {describe_device(device)}")
-    progress = cfg.trainer.progress
+    progress_bar = cfg.trainer.progress
+    config = OmegaConf.to_container(cfg, resolve=True)
     norm_options = {k: v for k, v in cfg.norm.items() if k != "name"}
     metrics = {"status": "running", "norm": cfg.norm.name, "norm_options": norm_options, "lr": cfg.lr,
                "batch_size": cfg.trainer.batch_size, "seed": cfg.seed, "task": cfg.data.task, "data": cfg.data.name,
                "epochs": cfg.trainer.epochs, "device": str(device), "output_dir": str(output_dir)}
 
     # ---- data: disk -> preprocessed 2D slices, held on the training device
-    splits = {name: split.to(device) for name, split in load_splits(cfg.data, cfg.seed, progress).items()}
+    splits = {name: split.to(device) for name, split in load_splits(cfg.data, cfg.seed, progress_bar).items()}
     train_set, val_set, test_set = splits["train"], splits.get("val"), splits["test"]
     classes = class_names(cfg.data.task)
     num_classes = len(classes) + 1
@@ -57,104 +63,162 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
     model = UNet(in_channels=cfg.model.in_channels, num_classes=num_classes, base_channels=cfg.model.base_channels,
                  depth=cfg.model.depth, norm=cfg.norm.name, norm_options=norm_options, init=cfg.model.init,
                  bias_init=cfg.model.bias_init).to(device)
-    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     if cfg.model.init_from:
         load_weights(model, cfg.model.init_from)
+    memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     post_step_layers = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.schedule.milestones),
                                                      gamma=cfg.schedule.gamma)
     loss_fn = build_loss(cfg.loss)
-    writer = SummaryWriter(str(output_dir))
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling and augmentation
     batch_size, log_every = cfg.trainer.batch_size, cfg.trainer.log_every_n_steps
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
-    metrics["num_parameters"] = sum(p.numel() for p in model.parameters())
+    checkpoint_every = cfg.trainer.checkpoint_every_n_steps
+    num_parameters = sum(p.numel() for p in model.parameters())
+    metrics["num_parameters"] = num_parameters
+    if cfg.trainer.save_checkpoints:
+        check_free_space(output_dir, 8 * num_parameters * 4 + 2**20)  # last + best + temporaries, with Adam/momentum
 
-    # ---- the loop: an epoch of shuffled batches, then validation
-    step, train_time, history = 0, 0.0, []
-    best_dice, best_state, best_epoch = -math.inf, None, None
-    pending_losses: list[torch.Tensor] = []
-    bar = tqdm(total=cfg.trainer.epochs * steps_per_epoch, unit="step", disable=not progress)
-    for epoch in range(1, cfg.trainer.epochs + 1):
-        bar.set_description(f"epoch {epoch}/{cfg.trainer.epochs}")
-        model.train()
-        epoch_start, epoch_losses = time.perf_counter(), []
-        for batch in torch.randperm(len(train_set), generator=generator, device=device).split(batch_size):
-            images, labels = augment_batch(train_set.images[batch], train_set.labels[batch],
-                                           rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
-                                           generator=generator)
-            logits = model(images.contiguous(memory_format=memory_format))
-            loss = loss_fn(logits, labels.long())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for layer in post_step_layers:  # e.g. BIN clips its gates to [0, 1]
-                layer.after_optimizer_step()
-            step += 1
-            bar.update()
-            pending_losses.append(loss.detach())
-            if step % log_every and step % steps_per_epoch:
-                continue
-            # every log_every steps (and at the end of an epoch): one device sync for the pending losses
-            losses = torch.stack(pending_losses).tolist()
-            first_step, pending_losses = step - len(losses) + 1, []
-            for offset, value in enumerate(losses):
-                if not math.isfinite(value):
-                    return finish_diverged(metrics, writer, output_dir, first_step + offset, value, started, bar)
-                writer.add_scalar("train/loss", value, first_step + offset)
-            writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
-            epoch_losses.extend(losses)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-        epoch_time = time.perf_counter() - epoch_start
-        train_time += epoch_time
-        scheduler.step()  # the learning rate changes here: divided by 5 after each milestone epoch
+    # where the run stands; a checkpoint saves it, resuming restores it
+    progress = {"epoch": 1, "batch": 0, "order": None, "step": 0, "epoch_losses": [], "history": [],
+                "best_dice": -math.inf, "best_epoch": None, "train_time": 0.0}
+    best_state = None
+    if resume_from is not None:
+        progress, best_state = restore(resume_from, config, model, optimizer, scheduler, generator)
+        print(f"Resuming {resume_from}: epoch {progress['epoch']}, step {progress['step']}")
 
-        entry = {"epoch": epoch, "train_loss": float(np.mean(epoch_losses)), "epoch_time_s": epoch_time,
-                 "images_per_s": len(train_set) / epoch_time}
-        writer.add_scalar("perf/images_per_s", entry["images_per_s"], epoch)
-        for layer, weights in mixing_weights(model).items():  # which normalization each layer chose
-            for key, value in weights.items():
-                writer.add_scalar(f"norm/{layer}/{key}", value, epoch)
-        if val_set is not None:
-            val, prediction = evaluate(model, val_set, num_classes, classes, cfg.trainer.eval_batch_size)
-            entry.update({f"val_{k}": v for k, v in val.items()})
-            for key, value in val.items():
-                writer.add_scalar(f"val/{key}", value, epoch)
-            writer.add_image("val/input_truth_prediction", image_panel(val_set, prediction, num_classes,
-                                                                       cfg.trainer.num_panel_images), epoch)
-            score = val["dice"] if not math.isnan(val["dice"]) else -math.inf
-        else:
-            score = float(epoch)  # no validation set: the last epoch is the best
-        history.append(entry)
-        if score > best_dice or best_state is None:
-            best_dice, best_epoch = score, epoch
-            best_state = copy.deepcopy(model.state_dict())
+    def checkpoint(name: str) -> None:
         if cfg.trainer.save_checkpoints:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                     "config": OmegaConf.to_container(cfg, resolve=True), "val_dice": entry.get("val_dice")}
-            save_checkpoint(output_dir / "checkpoints" / "last.pt", state)
-            if best_epoch == epoch:
-                save_checkpoint(output_dir / "checkpoints" / "best.pt", state)
+            save_checkpoint(output_dir / "checkpoints" / name, {
+                "format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_states(),
+                "progress": progress, "config": config})
+
+    writer = SummaryWriter(str(output_dir), purge_step=progress["step"] + 1 if resume_from else None)
+    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    total_steps = cfg.trainer.epochs * steps_per_epoch
+    pending_losses: list[torch.Tensor] = []
+
+    def flush_losses() -> float | None:
+        """Log the losses of the steps since the last flush (one device sync); a non-finite one is returned."""
+        losses = torch.stack(pending_losses).tolist() if pending_losses else []
+        first = progress["step"] - len(losses) + 1
+        pending_losses.clear()
+        for offset, value in enumerate(losses):
+            if not math.isfinite(value):
+                progress["step"] = first + offset
+                return value
+            writer.add_scalar("train/loss", value, first + offset)
+        progress["epoch_losses"].extend(losses)
+        return None
+
+    # ---- the loop: epochs of shuffled batches, then validation
+    bar = tqdm(total=total_steps, initial=progress["step"], unit="step", disable=not progress_bar)
+    try:
+        while progress["epoch"] <= cfg.trainer.epochs:
+            epoch = progress["epoch"]
+            bar.set_description(f"epoch {epoch}/{cfg.trainer.epochs}")
+            model.train()
+            if progress["order"] is None:
+                progress["order"] = torch.randperm(len(train_set), generator=generator, device=device).cpu()
+            batches = progress["order"].split(batch_size)
+            epoch_start = time.perf_counter()
+            while progress["batch"] < len(batches):
+                batch = batches[progress["batch"]].to(device)
+                images, labels = augment_batch(train_set.images[batch], train_set.labels[batch],
+                                               rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
+                                               generator=generator)
+                logits = model(images.contiguous(memory_format=memory_format))
+                loss = loss_fn(logits, labels.long())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                for layer in post_step_layers:  # e.g. BIN clips its gates to [0, 1]
+                    layer.after_optimizer_step()
+                progress["step"] += 1
+                progress["batch"] += 1
+                pending_losses.append(loss.detach())
+                bar.update()
+                step = progress["step"]
+                at_epoch_end = progress["batch"] == len(batches)
+                if step % log_every == 0 or at_epoch_end or (checkpoint_every and step % checkpoint_every == 0):
+                    bad = flush_losses()
+                    if bad is not None:
+                        return finish_diverged(metrics, writer, output_dir, progress["step"], bad, started, bar)
+                    writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], step)
+                    bar.set_postfix(loss=f"{progress['epoch_losses'][-1]:.4f}")
+                    if checkpoint_every and step % checkpoint_every == 0 and not at_epoch_end:
+                        progress["train_time"] += time.perf_counter() - epoch_start
+                        epoch_start = time.perf_counter()
+                        checkpoint("last.pt")
+            epoch_time = time.perf_counter() - epoch_start
+            progress["train_time"] += epoch_time
+            scheduler.step()  # the learning rate changes here: divided by 5 after each milestone epoch
+
+            step = progress["step"]
+            entry = {"epoch": epoch, "step": step, "train_loss": float(np.mean(progress["epoch_losses"]))}
+            for layer, weights in mixing_weights(model).items():  # which normalization each layer chose
+                for key, value in weights.items():
+                    writer.add_scalar(f"norm/{layer}/{key}", value, step)
+            score = float(epoch)  # without a validation set, the last epoch is the best
+            if val_set is not None:
+                val, prediction = evaluate(model, val_set, num_classes, classes, cfg.trainer.eval_batch_size)
+                entry.update({f"val_{k}": v for k, v in val.items()})
+                for key, value in val.items():
+                    writer.add_scalar(f"val/{key}", value, step)
+                writer.add_image("val/input_truth_prediction", image_panel(val_set, prediction, num_classes,
+                                                                           cfg.trainer.num_panel_images), step)
+                score = val["dice"] if not math.isnan(val["dice"]) else -math.inf
+            progress["history"].append(entry)
+            improved = score > progress["best_dice"] or progress["best_epoch"] is None
+            if improved:
+                progress["best_dice"], progress["best_epoch"] = score, epoch
+                best_state = copy.deepcopy(model.state_dict())
+            progress.update(epoch=epoch + 1, batch=0, order=None, epoch_losses=[])
+            checkpoint("last.pt")
+            if improved:
+                checkpoint("best.pt")
+    except torch.OutOfMemoryError:
+        raise TrainingFailed(f"out of memory on {device} at batch size {batch_size} (step {progress['step']}); "
+                             f"try a smaller trainer.batch_size, trainer.precision=bf16 or a smaller "
+                             f"data.image_size") from None
     bar.close()
+    train_images = len(train_set) * len(progress["history"])  # epochs completed
+    writer.add_scalar("perf/images_per_s", train_images / max(progress["train_time"], 1e-9), progress["step"])
 
     # ---- test, with the weights of the best validation epoch
     model.load_state_dict(best_state)
     test, _ = evaluate(model, test_set, num_classes, classes, cfg.trainer.eval_batch_size)
     for key, value in test.items():
-        writer.add_scalar(f"test/{key}", value, step)
-    metrics.update(status="ok", **test, best_val_dice=nan_to_none(best_dice) if val_set is not None else None,
-                   best_epoch=best_epoch, steps=step, train_time_s=train_time,
-                   images_per_s=len(train_set) * cfg.trainer.epochs / train_time, history=history,
-                   mixing_weights=mixing_weights(model),
+        writer.add_scalar(f"test/{key}", value, progress["step"])
+    best = progress["best_dice"] if val_set is not None else None
+    metrics.update(status="ok", **test, best_val_dice=nan_to_none(best), best_epoch=progress["best_epoch"],
+                   steps=progress["step"], train_time_s=progress["train_time"],
+                   images_per_s=train_images / max(progress["train_time"], 1e-9), history=progress["history"],
+                   mixing_weights=mixing_weights(model), resumed_from=str(resume_from) if resume_from else None,
                    wall_time_s=time.perf_counter() - started)
     log_hparams(writer, metrics)
     writer.close()
     write_metrics(output_dir, metrics)
     print_report(metrics, classes)
     return metrics
+
+
+def restore(path: Path, config: dict, model, optimizer, scheduler, generator) -> tuple[dict, dict | None]:
+    """Load a run's checkpoint into the live objects; returns its progress and the best epoch's weights."""
+    state = load_checkpoint(path)
+    check_compatible(state["config"], config, path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    restore_rng_states(state["rng"])
+    best_path = path.parent / "best.pt"
+    best_state = load_checkpoint(best_path)["model"] if best_path.is_file() else None
+    return state["progress"], best_state
 
 
 # ---------------------------------------------------------------------------- builders
@@ -180,9 +244,11 @@ def build_optimizer(model: torch.nn.Module, optim_cfg) -> torch.optim.Optimizer:
 
 
 def load_weights(model: torch.nn.Module, path: str) -> None:
-    """Start from the weights of a checkpoint (``model.init_from``); a different model is refused clearly."""
-    from .checkpoint import load_checkpoint
+    """Start from the weights of a checkpoint (``model.init_from``); a different model is refused clearly.
 
+    The checkpoint may come from another norm (that is the point of fine-tuning with frozen BN),
+    so only the tensors are compared: names and shapes must match.
+    """
     if not Path(path).is_file():
         raise ConfigError(f"model.init_from={path}: no such checkpoint file")
     state = load_checkpoint(path)["model"]
@@ -226,6 +292,18 @@ def describe_device(device: torch.device) -> str:
     return f"{device} ({torch.get_num_threads()} threads)"
 
 
+class TrainingFailed(RuntimeError):
+    """A run that cannot go on (e.g. out of memory); the message says why and what to try."""
+
+
+def configure_determinism(deterministic: bool) -> None:
+    """``trainer.deterministic``: deterministic kernels only, so a resumed run repeats bit for bit."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(deterministic, warn_only=False)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -240,7 +318,7 @@ def check_writable(output_dir: Path) -> None:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        raise RuntimeError(f"cannot write to the output folder {output_dir}: {err}") from None
+        raise CheckpointError(f"cannot write to the output folder {output_dir}: {err}") from None
 
 
 # ---------------------------------------------------------------------------- reporting
