@@ -101,8 +101,9 @@ def find_resume_checkpoint(resume, output_dir: Path) -> Path | None:
     """The checkpoint that ``trainer.resume`` designates, or None for a fresh run.
 
     ``true``: ``last.pt`` of this run folder, else of the most recent earlier run folder beside
-    it started with the same overrides (so re-running the same command continues it). A path: that
-    checkpoint file, or the ``last.pt`` of that run folder.
+    it started with the same overrides (so re-running the same command continues it), else
+    nothing: the run starts fresh (a sweep re-run with resume=true starts the jobs that never
+    ran). A path: that checkpoint file, or the ``last.pt`` of that run folder; it must exist.
     """
     if resume in (None, False, "false", "False", ""):
         return None
@@ -113,10 +114,10 @@ def find_resume_checkpoint(resume, output_dir: Path) -> Path | None:
         overrides = run_overrides(output_dir)
         earlier = [p for p in output_dir.parent.glob("*/checkpoints/last.pt")
                    if p.parents[1] != output_dir and run_overrides(p.parents[1]) == overrides]
-        if not earlier:
-            raise CheckpointError(f"trainer.resume=true but there is no checkpoints/last.pt in {output_dir} nor in an "
-                                  f"earlier run folder beside it with the same overrides; pass "
-                                  f"trainer.resume=<run folder or checkpoint>")
+        if not earlier:  # e.g. a job of a re-run sweep that never started before: start it
+            print(f"trainer.resume=true: no checkpoint of this run yet (none in {output_dir} nor in an earlier run "
+                  f"folder beside it with the same overrides); starting fresh")
+            return None
         return max(earlier, key=lambda p: p.stat().st_mtime)
     path = Path(str(resume)).expanduser()
     if path.is_dir():
