@@ -44,6 +44,22 @@ class DataConfig:
     max_slices_per_volume: Optional[int] = None
     phantom: Optional[PhantomConfig] = None
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # reading (see data/README.md)
+    on_error: str = "raise"  # raise | skip: a bad patient ends the run, or is skipped and listed in metrics.json
+    label_map: Dict[str, str] = field(default_factory=dict)  # nnunet: dataset label name -> background|rv|myo|lv
+    # the prepared-data cache (seg/data/cache.py)
+    cache: bool = True
+    cache_dir: Optional[str] = None  # null: <root>/.seg-cache
+    cache_dtype: str = "float32"  # float32 | float16 (half the file; see data/README.md)
+    # splits (seg/data/splits.py): random fractions unless one of the following is set
+    split_seed: Optional[int] = None  # null: the run's seed
+    fold: Optional[int] = None  # k-fold cross-validation: this fold (0-based) tests
+    num_folds: int = 2
+    split_file: Optional[str] = None  # JSON/CSV fixed split, nnU-Net splits_final.json, or a run's metrics.json
+    train_vendors: Optional[List[str]] = None  # domain shift: train on these vendors' patients ...
+    test_vendors: Optional[List[str]] = None  # ... test on these (null: all other vendors)
+    train_centres: Optional[List[str]] = None
+    test_centres: Optional[List[str]] = None
 
 
 @dataclass
@@ -123,6 +139,8 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data.format": tuple(READERS),
         "data.task": tuple(TASKS),
         "data.normalize": ("zscore", "none"),
+        "data.on_error": ("raise", "skip"),
+        "data.cache_dtype": ("float32", "float16"),
         "model.name": ("unet",),
         "model.init": INITS,
         "optim.name": ("sgd", "adam"),
@@ -154,6 +172,7 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    validate_data_split(cfg.data)
     multiple = 2 ** cfg.model.depth
     if cfg.data.image_size % multiple:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 2**model.depth={multiple}")
@@ -162,3 +181,20 @@ def validate(cfg) -> None:
         check_options(cfg.norm.get("name", "<missing>"), options)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+
+
+def validate_data_split(data) -> None:
+    """One way of splitting at a time, a fold inside the folds, label_map targets in the label set."""
+    from .data import LABELS, DataError, split_mode
+
+    try:
+        split_mode(data)
+    except DataError as err:
+        raise ConfigError(str(err)) from None
+    if data.num_folds < 2:
+        raise ConfigError(f"data.num_folds must be at least 2, got {data.num_folds}")
+    if data.fold is not None and not data.split_file and not 0 <= data.fold < data.num_folds:
+        raise ConfigError(f"data.fold={data.fold} must be between 0 and data.num_folds-1 = {data.num_folds - 1}")
+    for name, target in (data.label_map or {}).items():
+        if target not in LABELS:
+            raise ConfigError(f"data.label_map: {name} -> {target!r} is not valid; choose one of: {', '.join(LABELS)}")

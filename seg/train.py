@@ -50,8 +50,10 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                "batch_size": cfg.trainer.batch_size, "seed": cfg.seed, "task": cfg.data.task, "data": cfg.data.name,
                "epochs": cfg.trainer.epochs, "device": str(device), "output_dir": str(output_dir)}
 
-    # ---- data: disk -> preprocessed 2D slices, held on the training device
-    splits = {name: split.to(device) for name, split in load_splits(cfg.data, cfg.seed, progress_bar).items()}
+    # ---- data: disk -> preprocessed 2D slices (cached next to the data), held on the training device
+    loaded = load_splits(cfg.data, cfg.seed, progress_bar)
+    metrics.update(loaded.record())  # the split's patients, cases skipped as bad, the data cache used
+    splits = {name: split.to(device) for name, split in loaded.items()}
     train_set, val_set, test_set = splits["train"], splits.get("val"), splits["test"]
     classes = class_names(cfg.data.task)
     num_classes = len(classes) + 1

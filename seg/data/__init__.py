@@ -1,21 +1,49 @@
-"""Datasets: read volumes from disk, preprocess them and split them by patient.
+"""Datasets: read volumes from disk, preprocess them (once, cached) and split them by patient.
 
 ``load_splits(data_cfg, seed)`` is the whole path from a folder to the train/val/test
-``SliceSet``s; the built-in phantom is generated first if its folder is empty.
+``SliceSet``s: the built-in phantom is generated first if its folder is empty; the format's
+reader finds the patients (``formats.READERS``); the prepared volumes come from the cache or are
+read and preprocessed (``cache.prepare_dataset``); the split assigns patients (``splits``); the
+task picks and maps the labels (``slices.make_slice_set``).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .acdc import read_acdc
-from .slices import TASKS, SliceSet, class_names, make_slice_set, split_patients
-from .volumes import LABELS, DataError, Volume
+from .cache import Prepared, clear_cache, prepare_dataset
+from .formats import READERS, reader_options
+from .readers import ON_ERROR, iter_volumes, warn
+from .slices import TASKS, SliceSet, class_names, make_slice_set, split_patients, task_annotation_mask
+from .splits import SPLIT_NAMES, assign_splits, split_mode
+from .volumes import LABELS, DataError, Volume, annotation_bit
 
-READERS = {"acdc": read_acdc}
+__all__ = ["LABELS", "ON_ERROR", "READERS", "TASKS", "DataError", "SliceSet", "Splits", "Volume", "class_names",
+           "clear_cache", "ensure_phantom", "load_splits", "load_volumes", "prepare", "split_mode",
+           "split_patients", "with_defaults"]
 
-__all__ = ["LABELS", "READERS", "TASKS", "DataError", "SliceSet", "Volume", "class_names", "ensure_phantom",
-           "load_splits", "load_volumes"]
+
+class Splits(dict):
+    """{"train", "val", "test"} -> SliceSet, and what a run records about how they were made."""
+
+    def __init__(self, sets: dict[str, SliceSet], *, split: dict, skipped: list[dict], cache: dict):
+        super().__init__(sets)
+        self.split, self.skipped, self.cache = split, skipped, cache
+
+    def record(self) -> dict:
+        """For metrics.json: the split (mode, seed, patients per split), cases skipped as bad, the cache used."""
+        return {"split": self.split, "skipped_cases": self.skipped, "data_cache": self.cache}
+
+
+def with_defaults(data_cfg):
+    """``data_cfg`` over the schema's defaults (so a partial config, e.g. in a test, has every key)."""
+    from omegaconf import OmegaConf
+
+    from ..config import DataConfig
+
+    if OmegaConf.is_config(data_cfg):  # resolve ${paths.data_dir} etc. while the node still has its parents
+        data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)
 
 
 def ensure_phantom(root: Path, num_patients: int, seed: int, progress: bool = True) -> None:
@@ -28,22 +56,59 @@ def ensure_phantom(root: Path, num_patients: int, seed: int, progress: bool = Tr
     generate_phantom(root, num_patients=num_patients, seed=seed, progress=progress)
 
 
-def load_volumes(data_cfg, progress: bool = True) -> list[Volume]:
-    """Every volume of the configured dataset, via the reader of its format."""
+def dataset_root(data_cfg, progress: bool = True) -> Path:
+    """The configured data folder, the phantom generated there first when configured."""
     root = Path(data_cfg.root).expanduser()
     if data_cfg.phantom is not None:
         ensure_phantom(root, data_cfg.phantom.num_patients, data_cfg.phantom.seed, progress)
-    reader = READERS[str(data_cfg.format)]
-    return reader(root, max_patients=data_cfg.max_patients, progress=progress)
+    return root
 
 
-def load_splits(data_cfg, seed: int, progress: bool = True) -> dict[str, SliceSet]:
-    """Read, split by patient and preprocess: {"train", "val", "test"} -> SliceSet."""
-    volumes = load_volumes(data_cfg, progress)
-    split = split_patients([v.patient for v in volumes], seed=seed, val_fraction=data_cfg.val_fraction,
-                           test_fraction=data_cfg.test_fraction)
-    preprocessing = dict(task=str(data_cfg.task), image_size=data_cfg.image_size, spacing=data_cfg.spacing,
-                         clip_percentiles=list(data_cfg.clip_percentiles or []), normalize=str(data_cfg.normalize),
-                         max_slices_per_volume=data_cfg.max_slices_per_volume)
-    return {name: make_slice_set([v for v in volumes if v.patient in set(patients)], **preprocessing)
-            for name, patients in split.items() if patients}
+def prepare(data_cfg, progress: bool = True) -> Prepared:
+    """The configured dataset's prepared volumes (from its cache, or read, preprocessed and cached)."""
+    cfg = with_defaults(data_cfg)
+    return prepare_dataset(cfg, dataset_root(cfg, progress), progress)
+
+
+def load_volumes(data_cfg, progress: bool = True) -> list[Volume]:
+    """Every raw volume of the configured dataset via its reader (no preprocessing, no cache)."""
+    cfg = with_defaults(data_cfg)
+    patients = READERS[str(cfg.format)](dataset_root(cfg, progress), **reader_options(cfg))
+    return list(iter_volumes(patients[: cfg.max_patients], on_error=str(cfg.on_error), progress=progress))
+
+
+def load_splits(data_cfg, seed: int, progress: bool = True) -> Splits:
+    """Prepare (or load from cache), split by patient and map to the task: {"train", "val", "test"} -> SliceSet."""
+    cfg = with_defaults(data_cfg)
+    prepared = prepare(cfg, progress)
+    task = str(cfg.task)
+    check_task_is_annotated(prepared, task, str(cfg.format))
+    by_split, record = assign_splits([v.case for v in prepared.volumes], cfg, seed, prepared.patients)
+    sets = {}
+    for name in SPLIT_NAMES:
+        members = set(by_split[name])
+        volumes = [v for v in prepared.volumes if v.case["case"] in members]
+        if not volumes:
+            continue
+        try:
+            sets[name] = make_slice_set(volumes, task=task, max_slices_per_volume=cfg.max_slices_per_volume)
+        except DataError:
+            if name != "val":
+                raise DataError(f"no {name} slice is annotated for task {task!r}") from None
+            warn(f"no validation slice is annotated for task {task!r}; training without validation")
+    return Splits(sets, split=record, skipped=prepared.skipped, cache=prepared.record())
+
+
+def check_task_is_annotated(prepared: Prepared, task: str, data_format: str) -> None:
+    """Refuse a task whose structures this dataset never delineates (e.g. the RV in Sunnybrook)."""
+    needed = task_annotation_mask(task)
+    if any(((v.annotated & needed) == needed).any() for v in prepared.volumes):
+        return
+    drawn = 0
+    for volume in prepared.volumes:
+        for bits in volume.annotated.unique().tolist():
+            drawn |= bits
+    names = [name for name, value in LABELS.items() if value and drawn & annotation_bit(value)]
+    usable = [t for t in TASKS if not task_annotation_mask(t) & ~drawn]
+    raise DataError(f"data.task={task}: no slice of this {data_format} data is annotated for it (it delineates "
+                    f"{', '.join(names) or 'nothing'}); use data.task={' or '.join(usable) or '?'}")

@@ -13,10 +13,10 @@ project's own label set, so no mapping is needed.
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
-from tqdm import tqdm
-
+from .readers import Patient, read_all, read_text
 from .volumes import LABELS, DataError, Volume, check_pair, read_nifti, slices_first
 
 EXPECTED_LAYOUT = ("ACDC layout: patientXXX/ folders each with Info.cfg (ED:, ES: lines) and "
@@ -26,7 +26,7 @@ EXPECTED_LAYOUT = ("ACDC layout: patientXXX/ folders each with Info.cfg (ED:, ES
 def read_info(path: Path) -> dict[str, str]:
     """Parse an ``Info.cfg`` (``key: value`` lines)."""
     info = {}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         key, sep, value = line.partition(":")
@@ -39,7 +39,7 @@ def read_info(path: Path) -> dict[str, str]:
     return info
 
 
-def find_patients(root: Path) -> list[Path]:
+def find_patient_folders(root: Path) -> list[Path]:
     """Patient folders (those holding an Info.cfg) below ``root``, sorted by name."""
     if not root.is_dir():
         raise DataError(f"{root}: data folder does not exist (expected the {EXPECTED_LAYOUT})")
@@ -49,21 +49,28 @@ def find_patients(root: Path) -> list[Path]:
     return folders
 
 
-def read_acdc(root: str | Path, *, max_patients: int | None = None, progress: bool = True) -> list[Volume]:
-    """Read the ED and ES frames of every patient below ``root`` as ``Volume`` records."""
-    patients = find_patients(Path(root))[:max_patients]
+def find_patients(root: str | Path) -> list[Patient]:
+    """The ACDC reader: every patient folder below ``root``, to be read by ``read_patient``."""
+    return [Patient(folder.name, partial(read_patient, folder)) for folder in find_patient_folders(Path(root))]
+
+
+def read_patient(folder: Path) -> list[Volume]:
+    """The ED and ES volumes of one patient folder."""
+    info = read_info(folder / "Info.cfg")
+    meta = {key.lower(): value for key, value in info.items() if key not in ("ED", "ES")}
     allowed = set(LABELS.values())
     volumes = []
-    for folder in tqdm(patients, desc="Reading volumes", unit="patient", disable=not progress):
-        info = read_info(folder / "Info.cfg")
-        meta = {key.lower(): value for key, value in info.items() if key not in ("ED", "ES")}
-        for phase in ("ED", "ES"):
-            stem = f"{folder.name}_frame{int(info[phase]):02d}"
-            image_path, label_path = folder / f"{stem}.nii.gz", folder / f"{stem}_gt.nii.gz"
-            image, spacing, affine = read_nifti(image_path)
-            label, _, label_affine = read_nifti(label_path)
-            label = check_pair(image_path, label_path, image, label, affine, label_affine, allowed)
-            volumes.append(Volume(image=slices_first(image), label=slices_first(label), spacing=spacing,
-                                  patient=folder.name, phase=phase, meta=meta, affine=affine,
-                                  source=str(image_path)))
+    for phase in ("ED", "ES"):
+        stem = f"{folder.name}_frame{int(info[phase]):02d}"
+        image_path, label_path = folder / f"{stem}.nii.gz", folder / f"{stem}_gt.nii.gz"
+        image, spacing, affine = read_nifti(image_path)
+        label, _, label_affine = read_nifti(label_path)
+        label = check_pair(image_path, label_path, image, label, affine, label_affine, allowed)
+        volumes.append(Volume(image=slices_first(image), label=slices_first(label), spacing=spacing,
+                              patient=folder.name, phase=phase, meta=meta, affine=affine, source=str(image_path)))
     return volumes
+
+
+def read_acdc(root: str | Path, *, max_patients: int | None = None, progress: bool = True) -> list[Volume]:
+    """Read the ED and ES frames of every patient below ``root`` as ``Volume`` records."""
+    return read_all(find_patients(root), max_patients=max_patients, progress=progress)

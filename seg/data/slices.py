@@ -1,20 +1,22 @@
 """From volumes to training tensors: preprocessing, task labels and patient-level splits.
 
-Per volume: intensities clipped to percentiles and z-scored; slices resampled in-plane to a
-fixed spacing (if set) and centre-cropped/padded to ``image_size``; labels mapped to the task.
-The slices of a split live in one ``SliceSet`` -- plain tensors that are moved to the training
-device once, from which batches are gathered by index.
+Per volume (``prepare_volume``, the part that is cached): intensities clipped to percentiles and
+z-scored; slices resampled in-plane to a fixed spacing (if set) and centre-cropped/padded to
+``image_size``; labels kept in the project's label set. Per run (``make_slice_set``, cheap): the
+slices annotated for the task are kept, labels mapped to the task's classes. The slices of a
+split live in one ``SliceSet`` -- plain tensors that are moved to the training device once, from
+which batches are gathered by index.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .volumes import LABELS, DataError, Volume
+from .volumes import LABELS, DataError, Volume, annotation_bit
 
 # task -> project label values that form its foreground classes 1..K (in order)
 TASKS: dict[str, tuple[int, ...]] = {
@@ -77,9 +79,23 @@ def crop_or_pad(x: torch.Tensor, size: int, fill: float) -> torch.Tensor:
     return x
 
 
-def preprocess(volume: Volume, *, task: str, image_size: int, spacing: float | None, clip_percentiles,
-               normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """One volume -> (images (S, 1, size, size) float32, labels (S, size, size) uint8 task classes)."""
+@dataclass
+class PreparedVolume:
+    """One volume after preprocessing, before the task: what the cache stores.
+
+    image (S, 1, size, size) float32; label (S, size, size) uint8 in the project's label set;
+    annotated (S,) uint8 annotation bits per slice; case: patient, phase, spacing and metadata.
+    """
+
+    image: torch.Tensor
+    label: torch.Tensor
+    annotated: torch.Tensor
+    case: dict = field(default_factory=dict)
+
+
+def prepare_volume(volume: Volume, *, image_size: int, spacing: float | None, clip_percentiles,
+                   normalize: str) -> PreparedVolume:
+    """Normalise, resample in-plane to ``spacing`` mm and crop/pad one volume to ``image_size``."""
     image = torch.from_numpy(normalize_intensity(volume.image, clip_percentiles, normalize)).unsqueeze(1)
     label = torch.from_numpy(volume.label).unsqueeze(1)
     if spacing:
@@ -90,10 +106,30 @@ def preprocess(volume: Volume, *, task: str, image_size: int, spacing: float | N
             label = F.interpolate(label.float(), size=size, mode="nearest-exact").to(torch.uint8)
     image = crop_or_pad(image, image_size, fill=float(image.min()))
     label = crop_or_pad(label, image_size, fill=0)[:, 0]
-    task_label = torch.zeros_like(label)
+    case = {"case": volume.case, "patient": volume.patient, "phase": volume.phase,
+            "spacing": [float(s) for s in volume.spacing], **volume.meta}
+    return PreparedVolume(image.contiguous(), label.contiguous(), torch.from_numpy(volume.annotation().copy()), case)
+
+
+def task_labels(label: torch.Tensor, task: str) -> torch.Tensor:
+    """Project labels -> the task's classes 0..K (uint8)."""
+    out = torch.zeros_like(label)
     for cls, value in enumerate(TASKS[task], start=1):
-        task_label[label == value] = cls
-    return image.contiguous(), task_label
+        out[label == value] = cls
+    return out
+
+
+def task_annotation_mask(task: str) -> int:
+    """The annotation bits a slice must carry to be a training slice for ``task``."""
+    return sum(annotation_bit(value) for value in TASKS[task])
+
+
+def preprocess(volume: Volume, *, task: str, image_size: int, spacing: float | None, clip_percentiles,
+               normalize: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One volume -> (images (S, 1, size, size) float32, labels (S, size, size) uint8 task classes)."""
+    prepared = prepare_volume(volume, image_size=image_size, spacing=spacing, clip_percentiles=clip_percentiles,
+                              normalize=normalize)
+    return prepared.image, task_labels(prepared.label, task)
 
 
 def central_slices(num_slices: int, keep: int | None) -> slice:
@@ -104,23 +140,34 @@ def central_slices(num_slices: int, keep: int | None) -> slice:
     return slice(start, start + keep)
 
 
-def make_slice_set(volumes: list[Volume], *, max_slices_per_volume: int | None = None, **preprocessing) -> SliceSet:
-    """Preprocess ``volumes`` and stack their slices into one ``SliceSet``."""
+def make_slice_set(volumes: list[PreparedVolume], *, task: str, max_slices_per_volume: int | None = None) -> SliceSet:
+    """Stack the slices of prepared ``volumes`` that are annotated for ``task`` into one ``SliceSet``.
+
+    A slice on which the task's structures were not all delineated is left out (its unmarked
+    pixels are unknown, not background); a volume left with no slice is left out entirely.
+    Then the ``max_slices_per_volume`` central slices of each volume are kept.
+    """
+    needed = task_annotation_mask(task)
     images, labels, index, cases = [], [], [], []
-    for number, volume in enumerate(volumes):
-        image, label = preprocess(volume, **preprocessing)
+    for volume in volumes:
+        annotated = (volume.annotated & needed) == needed
+        if not annotated.any():
+            continue
+        image, label = volume.image, volume.label
+        if not annotated.all():
+            image, label = image[annotated], label[annotated]
         keep = central_slices(image.shape[0], max_slices_per_volume)
         images.append(image[keep])
-        labels.append(label[keep])
-        index.append(torch.full((images[-1].shape[0],), number, dtype=torch.int64))
-        cases.append({"case": volume.case, "patient": volume.patient, "phase": volume.phase,
-                      "spacing": list(volume.spacing), "num_slices": images[-1].shape[0], **volume.meta})
+        labels.append(task_labels(label[keep], task))
+        index.append(torch.full((images[-1].shape[0],), len(cases), dtype=torch.int64))
+        cases.append({**volume.case, "num_slices": images[-1].shape[0]})
     if not images:
-        raise DataError("no volumes to build a slice set from")
+        raise DataError(f"no volumes with slices annotated for task {task!r} to build a slice set from")
     return SliceSet(torch.cat(images), torch.cat(labels), torch.cat(index), cases)
 
 
-def split_patients(patients: list[str], *, seed: int, val_fraction: float, test_fraction: float) -> dict[str, list[str]]:
+def split_patients(patients: list[str], *, seed: int, val_fraction: float,
+                   test_fraction: float) -> dict[str, list[str]]:
     """Deterministic patient-level split (both frames of a patient stay together).
 
     Each of validation and test gets round(fraction * P) patients, at least one when its fraction

@@ -18,6 +18,15 @@ import numpy as np
 LABELS = {"background": 0, "rv": 1, "myo": 2, "lv": 3}
 
 
+def annotation_bit(value: int) -> int:
+    """The bit of foreground label ``value`` (1, 2, 3) in a slice's annotation mask."""
+    return 1 << (value - 1)
+
+
+# A slice whose rv, myo and lv were all delineated (an unmarked pixel is truly background).
+ALL_ANNOTATED = sum(annotation_bit(v) for v in LABELS.values() if v)
+
+
 class DataError(Exception):
     """A dataset file or folder that cannot be used; the message names it and says why."""
 
@@ -29,6 +38,9 @@ class Volume:
     image: (S, X, Y) float32, slices first (the NIfTI's x, y axes kept in order);
     label: (S, X, Y) uint8 in the project's label set ``LABELS``;
     spacing: (x, y, slice) in mm; affine: the NIfTI's 4x4 (to write predictions back).
+    annotated: (S,) uint8 bit masks (``annotation_bit``) of the labels delineated on each slice,
+    for datasets whose experts drew only some structures on some slices (Sunnybrook draws the
+    epicardium on some slices only); None means every label on every slice.
     """
 
     image: np.ndarray
@@ -39,11 +51,35 @@ class Volume:
     meta: dict = field(default_factory=dict)
     affine: np.ndarray | None = None
     source: str = ""
+    annotated: np.ndarray | None = None
 
     @property
     def case(self) -> str:
         """A unique name of the volume: patient and phase."""
         return f"{self.patient}_{self.phase}" if self.phase else self.patient
+
+    def check(self) -> None:
+        """Refuse a volume that no reader should have produced (naming its source file)."""
+        where = self.source or self.case
+        if self.image.ndim != 3 or self.image.shape != self.label.shape:
+            raise DataError(f"{where}: image {self.image.shape} and label {self.label.shape} are not one 3D stack")
+        if min(self.image.shape) < 1:
+            raise DataError(f"{where}: empty volume of shape {self.image.shape}")
+        if not np.isfinite(self.image).all():
+            raise DataError(f"{where}: contains NaN or infinite voxel(s)")
+        if len(self.spacing) < 2 or not all(np.isfinite(s) and s > 0 for s in self.spacing[:2]):
+            raise DataError(f"{where}: voxel spacing {tuple(self.spacing)} is not positive")
+        if self.label.dtype != np.uint8 or int(self.label.max()) > max(LABELS.values()):
+            raise DataError(f"{where}: label map is not in the project's label set {sorted(LABELS.values())}")
+        if self.annotated is not None and self.annotated.shape != (self.image.shape[0],):
+            raise DataError(f"{where}: annotation mask of shape {self.annotated.shape} for "
+                            f"{self.image.shape[0]} slices")
+
+    def annotation(self) -> np.ndarray:
+        """(S,) uint8: the labels delineated on each slice (all of them unless the reader said otherwise)."""
+        if self.annotated is None:
+            return np.full(self.image.shape[0], ALL_ANNOTATED, np.uint8)
+        return self.annotated
 
 
 def read_nifti(path: str | os.PathLike, *, ndim: int = 3) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
@@ -94,3 +130,11 @@ def check_pair(image_path: Path, label_path: Path, image: np.ndarray, label: np.
 def slices_first(array: np.ndarray) -> np.ndarray:
     """(X, Y, S) as stored in NIfTI -> (S, X, Y), contiguous."""
     return np.ascontiguousarray(np.moveaxis(array, -1, 0))
+
+
+def map_labels(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    """A dataset's label values -> the project's, by lookup table (values already checked by ``check_pair``)."""
+    table = np.zeros(max(mapping) + 1, np.uint8)
+    for source, target in mapping.items():
+        table[source] = target
+    return table[label]

@@ -1,0 +1,402 @@
+"""The real-dataset readers on small trees of each exact layout, the cache, the splits, and bad input.
+
+Each tree is written by ``dataset_trees`` (NIfTI, DICOM, contour files, CSV tables as shipped);
+every check reads real files through the real code.
+"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from acdc_tree import make_acdc_tree, write_volume
+from conftest import run_train
+from dataset_trees import (MNMS1_CASES, MNMS_CSV, make_mnms1_tree, make_mnms2_tree, make_nnunet_tree, make_rvsc_tree,
+                           make_sunnybrook_tree, write_contour)
+from seg.data import DataError, load_splits
+from seg.data.contours import polygon_mask, read_contour
+from seg.data.mnms import read_mnms
+from seg.data.nnunet import project_label, read_nnunet
+from seg.data.rvsc import read_rvsc
+from seg.data.splits import kfold_split
+from seg.data.sunnybrook import read_sunnybrook
+
+SMALL = {"image_size": 32, "spacing": 3.0, "val_fraction": 0.2, "test_fraction": 0.2, "phantom": None}
+
+
+def data_cfg(data_format, root, **overrides):
+    """A data config as train.py gets it (schema defaults for every key not given), tiny images."""
+    return {"format": data_format, "root": str(root), "task": "multi", **SMALL, **overrides}
+
+
+@pytest.fixture(scope="module")
+def trees(tmp_path_factory):
+    base = tmp_path_factory.mktemp("trees")
+    return {"mnms1": make_mnms1_tree(base / "mnms1"), "mnms2": make_mnms2_tree(base / "mnms2"),
+            "nnunet": make_nnunet_tree(base / "nnunet"), "sunnybrook": make_sunnybrook_tree(base / "sunnybrook"),
+            "sunnybrook_cap": make_sunnybrook_tree(base / "cap", layout="cap"), "rvsc": make_rvsc_tree(base / "rvsc")}
+
+
+# ---------------------------------------------------------------------------- what each reader produces
+
+
+def test_mnms1_reads_the_csv_frames_and_swaps_lv_and_rv(trees):
+    volumes = read_mnms(trees["mnms1"], progress=False)
+    assert len(volumes) == 2 * len(MNMS1_CASES)  # the Unlabeled case (no _gt) is not listed
+    by_case = {v.case: v for v in volumes}
+    ed, es = by_case["C2L5P7_ED"], by_case["C2L5P7_ES"]  # the CSV says ED frame 2, ES frame 0
+    assert ed.image.shape == ed.label.shape == (3, 32, 28) and ed.spacing == pytest.approx((1.4, 1.4, 9.0))
+    assert ed.meta == {"vendor": "C", "centre": "4", "subset": "training", "vendor_name": "VendorC", "group": "NOR"}
+    # the LV disk sits at the image centre: M&Ms value 1 there must have become the project's LV (3)
+    centre_column = ed.label[:, 15:18, 12].ravel()
+    assert set(centre_column.tolist()) == {3}
+    assert set(np.unique(ed.label).tolist()) == {0, 1, 2, 3}
+    assert (ed.label == 3).sum() > (es.label == 3).sum()  # ES frame has the smaller cavity
+    assert (ed.image[ed.label == 3].mean() > ed.image[ed.label == 2].mean() + 200)  # bright blood pool under LV
+
+
+def test_mnms2_layout_is_detected(trees):
+    volumes = read_mnms(trees["mnms2"], progress=False)
+    assert [v.case for v in volumes] == ["001_ED", "001_ES", "002_ED", "002_ES", "003_ED", "003_ES"]
+    assert volumes[0].meta["vendor"] == "SIEMENS" and volumes[2].meta["vendor"] == "Philips"
+    assert set(volumes[0].label[:, 15, 12].tolist()) == {3}  # LV at the centre, swapped like M&Ms-1
+
+
+def test_nnunet_maps_label_names_and_groups_frames_by_patient(trees, tmp_path):
+    volumes = read_nnunet(trees["nnunet"].parent, progress=False)  # the nnUNet_raw folder holding one dataset
+    assert [(v.patient, v.phase) for v in volumes[:2]] == [("patient001", "frame01"), ("patient001", "frame09")]
+    assert volumes[0].case == "patient001_frame01" and len(volumes) == 6  # imagesTs not read
+    assert set(volumes[0].label[:, 16, 13].tolist()) == {3}
+    # another numbering with other names: still mapped by name
+    other = make_nnunet_tree(tmp_path, num_patients=1, labels={"background": 0, "left ventricle": 1,
+                                                                "Myocardium": 2, "RV_cavity": 3})
+    assert set(read_nnunet(other, progress=False)[0].label[:, 16, 13].tolist()) == {3}
+    assert [project_label(n) for n in ("LVC", "MLV", "RV", "LV wall", "RV wall", "Right Ventricle", "aorta")] == \
+        ["lv", "myo", "rv", "myo", None, "rv", None]
+
+
+def test_nnunet_unknown_label_names_ask_for_a_label_map(tmp_path):
+    root = make_nnunet_tree(tmp_path, num_patients=1, labels={"background": 0, "blood": 1, "MYO": 2, "RV": 3},
+                            label_map={"blood": "lv"})
+    with pytest.raises(DataError, match=r"dataset.json: cannot tell .* \['blood'\] stand for; map them, e.g. "
+                                        r"'data.label_map=\{blood: lv\}'"):
+        read_nnunet(root, progress=False)
+    volume = read_nnunet(root, label_map={"blood": "lv"}, progress=False)[0]
+    assert set(np.unique(volume.label).tolist()) == {0, 1, 2, 3}
+    with pytest.raises(DataError, match=r"data.label_map names \['aorta'\], which .*dataset.json does not define"):
+        read_nnunet(root, label_map={"aorta": "lv"}, progress=False)
+
+
+def test_sunnybrook_challenge_release_uses_the_case_series_table(trees):
+    volumes = read_sunnybrook(trees["sunnybrook"], progress=False)
+    assert [v.case for v in volumes[:2]] == ["SC-HF-I-01_ED", "SC-HF-I-01_ES"] and len(volumes) == 6
+    ed, es = volumes[0], volumes[1]
+    assert ed.image.shape == (2, 40, 36) and ed.spacing == pytest.approx((1.25, 1.25, 8.0))
+    assert ed.image.max() > 900  # the table's series (IM-0004), not the all-zero decoy IM-0001
+    assert ed.meta["group"] == "HF-I" and ed.meta["vendor"] == "GE MEDICAL SYSTEMS"
+    # the cavity inside the endocardium (radius 8 px): about pi r^2 pixels on each slice
+    assert (ed.label[0] == 3).sum() == pytest.approx(np.pi * 8 ** 2, rel=0.1)
+    assert (ed.label[0] == 2).sum() == pytest.approx(np.pi * (11 ** 2 - 8 ** 2), rel=0.1)
+    # epicardium drawn at ED only: the ES slices are annotated for the LV alone, and hold no myocardium
+    assert ed.annotated.tolist() == [0b110, 0b110] and es.annotated.tolist() == [0b100, 0b100]
+    assert not (es.label == 2).any() and (es.label == 3).sum() < (ed.label == 3).sum()
+
+
+def test_sunnybrook_cardiac_atlas_release_matches_instance_numbers(trees):
+    volumes = read_sunnybrook(trees["sunnybrook_cap"], progress=False)
+    assert len(volumes) == 6 and volumes[0].image.max() > 900  # CINESAX, not the zero CINELAX series
+    assert volumes[0].meta["age"] == "60" and volumes[0].patient == "SC-HF-I-01"
+
+
+def test_rvsc_reads_the_list_and_pairs_test_set_folders(trees):
+    volumes = read_rvsc(trees["rvsc"], progress=False)
+    assert sorted({v.patient for v in volumes}) == ["P01", "P02", "P03", "P17"]  # P17: Test1Set + Test1SetContours
+    ed = volumes[0]
+    assert ed.case == "P01_ED" and ed.image.shape == (2, 36, 40) and ed.spacing[:2] == (1.5, 1.5)
+    assert set(np.unique(ed.label).tolist()) == {0, 1} and ed.annotated.tolist() == [0b001, 0b001]
+    assert (ed.label[0] == 1).sum() == pytest.approx(np.pi * 7 ** 2, rel=0.1)
+    assert ed.meta["vendor"] == "SIEMENS"
+
+
+def test_polygon_mask_fills_pixel_centres_inside():
+    square = np.array([[1.5, 0.5], [4.5, 0.5], [4.5, 2.5], [1.5, 2.5]])  # x = columns 2..4, y = rows 1..2
+    mask = polygon_mask(square, (4, 6), path="square")
+    assert mask.astype(int).tolist() == [[0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0, 0, 1, 1, 1, 0], [0] * 6]
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+def test_bad_mnms_files_are_refused_naming_them(tmp_path):
+    root = make_mnms1_tree(tmp_path, cases=MNMS1_CASES[:2])
+    csv = root / MNMS_CSV
+    csv.write_text(csv.read_text().replace("A1D0Q7,VendorA,A,1,1,4", "A1D0Q7,VendorA,A,1,1,9"))
+    with pytest.raises(DataError, match=r"case A1D0Q7: ES frame 9 is outside the 5 time frames of A1D0Q7_sa.nii.gz"):
+        read_mnms(root, progress=False)
+    csv.write_text(csv.read_text().replace("A1D0Q7,VendorA,A,1,1,9", "A1D0Q7,VendorA,A,1,1,2"))
+    with pytest.raises(DataError, match=r"A1D0Q7_sa_gt.nii.gz: the ES frame 2 given by the CSV holds no labels"):
+        read_mnms(root, progress=False)
+    csv.write_text("\n".join(line for line in csv.read_text().splitlines() if "A1D0Q7" not in line))
+    with pytest.raises(DataError, match=r"A1D0Q7_sa_gt.nii.gz: case A1D0Q7 has no row in the dataset information CSV"):
+        read_mnms(root, progress=False)
+    csv.unlink()
+    with pytest.raises(DataError, match=r"no M&Ms dataset information CSV found .* External code, ED, ES"):
+        read_mnms(root, progress=False)
+
+
+def test_mnms_3d_file_where_4d_is_expected_and_wrong_root(tmp_path):
+    root = make_mnms1_tree(tmp_path, cases=MNMS1_CASES[:1])
+    write_volume(root / "Training" / "Labeled" / "A0S9V9" / "A0S9V9_sa.nii.gz", np.ones((32, 28, 3)))
+    with pytest.raises(DataError, match=r"A0S9V9_sa.nii.gz: expected a 4D volume, found 3D"):
+        read_mnms(root, progress=False)
+    with pytest.raises(DataError, match=r"no labelled M&Ms case found \(expected the M&Ms-1 layout"):
+        read_mnms(tmp_path / "OpenDataset" / "Training" / "Unlabeled", progress=False)
+
+
+def test_bad_nnunet_files_are_refused_naming_them(tmp_path):
+    root = make_nnunet_tree(tmp_path, num_patients=1)
+    with pytest.raises(DataError, match=r"no dataset.json found \(expected the nnU-Net raw layout"):
+        read_nnunet(root / "imagesTr", progress=False)
+    (root / "imagesTr" / "patient001_frame09_0000.nii.gz").unlink()
+    with pytest.raises(DataError, match=r"patient001_frame09.nii.gz: its image patient001_frame09_0000.nii.gz is "
+                                        r"missing from imagesTr"):
+        read_nnunet(root, progress=False)
+    write_volume(root / "labelsTr" / "patient001_frame01.nii.gz", np.full((32, 32, 3), 5), (1.5, 1.5, 5.0), np.uint8)
+    with pytest.raises(DataError, match=r"patient001_frame01.nii.gz: label values \[5\] are outside"):
+        read_nnunet(root, progress=False)
+
+
+def test_bad_contours_and_dicom_are_refused_naming_them(tmp_path):
+    root = make_rvsc_tree(tmp_path, patients=(1,), test_patients=())
+    contour = root / "TrainingSet" / "patient01" / "P01contours-manual" / "P01-0008-icontour-manual.txt"
+    lines = contour.read_text().splitlines()
+    contour.write_text("\n".join([*lines[:3], "12.5 oops", *lines[3:]]))
+    with pytest.raises(DataError, match=r"P01-0008-icontour-manual.txt: line 4 is not an 'x y' pair of numbers: "
+                                        r"'12.5 oops'"):
+        read_rvsc(root, progress=False)
+    write_contour(contour, np.array([[1.0, 1.0], [300.0, 2.0], [2.0, 9.0]]))
+    with pytest.raises(DataError, match=r"P01-0008-icontour-manual.txt: contour points reach x 1.0..300.0"):
+        read_rvsc(root, progress=False)
+    contour.unlink()
+    with pytest.raises(DataError, match=r"P01list.txt: line 3 lists P01-0008-icontour-manual.txt, which is not in"):
+        read_rvsc(root, progress=False)
+    (root / "TrainingSet" / "patient01" / "P01list.txt").unlink()
+    image = root / "TrainingSet" / "patient01" / "P01dicom" / "P01-0000.dcm"
+    image.write_bytes(image.read_bytes()[:300])
+    with pytest.raises(DataError, match=r"P01-0000.dcm: not a readable DICOM image"):
+        read_rvsc(root, progress=False)
+    with pytest.raises(DataError, match=r"no PNNcontours-manual folders found \(expected the RVSC layout"):
+        read_rvsc(root / "TrainingSet" / "patient01" / "P01dicom", progress=False)
+
+
+def test_sunnybrook_without_the_series_table_entry_is_refused(tmp_path):
+    root = make_sunnybrook_tree(tmp_path, cases=("SC-HF-I-1",))
+    for path in (root / "challenge_training" / "SC-HF-I-1").glob("IM-0004-*.dcm"):
+        path.rename(path.with_name(path.name.replace("IM-0004", "IM-0999")))
+    with pytest.raises(DataError, match=r"SC-HF-I-01: DICOM series \['0001', '0999'\] found .* the table's series "
+                                        r"0004 is not among them; cannot tell which series"):
+        read_sunnybrook(root, progress=False)
+    assert read_contour(next(root.rglob("*-icontour-manual.txt"))).shape[1] == 2
+
+
+def test_a_task_the_dataset_never_delineates_is_refused(trees, tmp_path):
+    with pytest.raises(DataError, match=r"data.task=rv: no slice of this sunnybrook data is annotated for it "
+                                        r"\(it delineates myo, lv\); use data.task=lv or myo"):
+        load_splits(data_cfg("sunnybrook", trees["sunnybrook"], task="rv", cache_dir=str(tmp_path)), seed=0,
+                    progress=False)
+    # myocardium: only the slices with an epicardial contour (the ED frames) are training slices
+    splits = load_splits(data_cfg("sunnybrook", trees["sunnybrook"], task="myo", cache_dir=str(tmp_path)), seed=0,
+                         progress=False)
+    assert all(case["phase"] == "ED" for split in splits.values() for case in split.cases)
+
+
+def test_on_error_skip_leaves_out_the_bad_patient_and_lists_it(tmp_path, capsys):
+    root = make_acdc_tree(tmp_path / "acdc", num_patients=4, shape=(16, 16, 2))
+    bad = root / "database" / "training" / "patient002" / "patient002_frame01.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(DataError, match="patient002_frame01.nii.gz: not a readable NIfTI file"):
+        load_splits(data_cfg("acdc", root), seed=0, progress=False)
+    for attempt in range(2):  # prepared, then from the cache: the skipped patient is reported both times
+        splits = load_splits(data_cfg("acdc", root, on_error="skip"), seed=0, progress=False)
+        assert splits.cache["hit"] == bool(attempt)
+        assert [s["patient"] for s in splits.skipped] == ["patient002"]
+        assert "not a readable NIfTI" in splits.skipped[0]["error"]
+        assert "patient002" not in {c["patient"] for split in splits.values() for c in split.cases}
+        assert "warning: skipping patient patient002" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- the cache
+
+
+def test_second_load_comes_from_the_cache_without_opening_an_image(tmp_path):
+    root = make_acdc_tree(tmp_path / "acdc", num_patients=5, shape=(20, 18, 2))
+    first = load_splits(data_cfg("acdc", root), seed=0, progress=False)
+    assert not first.cache["hit"] and (root / ".seg-cache").is_dir()
+    # damage every image but keep its size and mtime: only a cache hit can still load the data
+    for path in root.rglob("*.nii.gz"):
+        stat = path.stat()
+        path.write_bytes(b"\0" * stat.st_size)
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = load_splits(data_cfg("acdc", root), seed=0, progress=False)
+    assert second.cache["hit"] and second.cache["path"] == first.cache["path"]
+    for name in first:
+        assert torch.equal(first[name].images, second[name].images)
+        assert torch.equal(first[name].labels, second[name].labels) and first[name].cases == second[name].cases
+    # task, fold and seed are applied after the cache: still a hit
+    again = load_splits(data_cfg("acdc", root, task="lv", fold=1, num_folds=2, split_seed=3), seed=1, progress=False)
+    assert again.cache["hit"]
+    # a changed preprocessing setting or a changed file prepares again (and here meets the damaged files)
+    with pytest.raises(DataError, match="not a readable NIfTI file"):
+        load_splits(data_cfg("acdc", root, image_size=48), seed=0, progress=False)
+    touched = next(root.rglob("*_gt.nii.gz"))
+    os.utime(touched, ns=(touched.stat().st_atime_ns, touched.stat().st_mtime_ns + 10**9))
+    with pytest.raises(DataError, match="not a readable NIfTI file"):
+        load_splits(data_cfg("acdc", root), seed=0, progress=False)
+
+
+def test_a_subset_is_served_by_the_cache_of_the_whole_dataset(tmp_path):
+    root = make_acdc_tree(tmp_path / "acdc", num_patients=5, shape=(16, 16, 2))
+    load_splits(data_cfg("acdc", root), seed=0, progress=False)
+    subset = load_splits(data_cfg("acdc", root, max_patients=3, val_fraction=0.0, test_fraction=0.3), seed=0,
+                         progress=False)
+    assert subset.cache["hit"] and len(list((root / ".seg-cache").glob("*.pt"))) == 1
+    assert {c["patient"] for s in subset.values() for c in s.cases} == {"patient001", "patient002", "patient003"}
+
+
+def test_an_unwritable_cache_folder_warns_and_runs_without_cache(tmp_path, capsys):
+    root = make_acdc_tree(tmp_path / "acdc", num_patients=3, shape=(16, 16, 2))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    splits = load_splits(data_cfg("acdc", root, cache_dir=str(blocker / "cache")), seed=0, progress=False)
+    assert splits.cache == {"path": None, "hit": False} and len(splits["train"]) > 0
+    assert "warning: cannot write the data cache in" in capsys.readouterr().err
+    assert not (root / ".seg-cache").exists()
+
+
+
+def test_a_shared_cache_folder_keeps_one_cache_per_dataset(tmp_path):
+    first = make_acdc_tree(tmp_path / "one", num_patients=3, shape=(16, 16, 2))
+    second = make_acdc_tree(tmp_path / "two", num_patients=3, shape=(16, 16, 2), seed=1)
+    shared = str(tmp_path / "cache")
+    for root in (first, second, first):
+        splits = load_splits(data_cfg("acdc", root, cache_dir=shared), seed=0, progress=False)
+    assert splits.cache["hit"] and len(list((tmp_path / "cache").glob("*.pt"))) == 2
+
+
+# ---------------------------------------------------------------------------- splits
+
+
+def test_kfold_test_folds_partition_the_patients_deterministically():
+    patients = [f"p{i:02d}" for i in range(11)]
+    folds = [kfold_split(patients, fold=k, num_folds=3, seed=5, val_fraction=0.1) for k in range(3)]
+    tests = [set(f["test"]) for f in folds]
+    assert sorted(len(t) for t in tests) == [3, 4, 4] and set().union(*tests) == set(patients)
+    for split in folds:
+        assert not set(split["train"]) & set(split["test"]) and not set(split["val"]) & set(split["test"])
+        assert set(split["train"]) | set(split["val"]) | set(split["test"]) == set(patients) and len(split["val"]) == 1
+    assert folds[0] == kfold_split(list(reversed(patients)), fold=0, num_folds=3, seed=5, val_fraction=0.1)
+    with pytest.raises(DataError, match=r"data.fold=3 must be between 0 and data.num_folds-1 = 2"):
+        kfold_split(patients, fold=3, num_folds=3, seed=0, val_fraction=0.1)
+
+
+def test_kfold_through_load_splits_records_the_split(trees, tmp_path):
+    cfg = data_cfg("mnms", trees["mnms1"], fold=0, num_folds=3, split_seed=7, val_fraction=0.0,
+                   cache_dir=str(tmp_path))
+    tested = set()
+    for fold in range(3):
+        splits = load_splits({**cfg, "fold": fold}, seed=fold, progress=False)  # the run seed does not matter
+        assert splits.split["mode"] == "kfold" and splits.split["seed"] == 7 and splits.split["fold"] == fold
+        assert {c["patient"] for c in splits["test"].cases} == set(splits.split["test"])
+        tested |= set(splits.split["test"])
+    assert tested == {code for code, *_ in MNMS1_CASES}
+
+
+def test_split_files_json_csv_nnunet_and_metrics(trees, tmp_path):
+    root, cache = trees["mnms1"], str(tmp_path / "cache")
+    fixed = {"train": ["A0S9V9", "A1D0Q7", "B3D0N1"], "val": ["B5L2T1"], "test": ["C2L5P7", "C7T2V4_ED"]}
+    (tmp_path / "split.json").write_text(json.dumps(fixed))
+    splits = load_splits(data_cfg("mnms", root, split_file=str(tmp_path / "split.json"), cache_dir=cache), seed=0,
+                         progress=False)
+    assert splits.split["test"] == ["C2L5P7", "C7T2V4"] and splits.split["mode"] == "file"
+    assert [c["case"] for c in splits["test"].cases] == ["C2L5P7_ED", "C2L5P7_ES", "C7T2V4_ED"]  # a case id: one frame
+    # the same split from a run's metrics.json, a CSV and an nnU-Net splits_final.json
+    (tmp_path / "metrics.json").write_text(json.dumps({"status": "ok", "split": splits.split}))
+    (tmp_path / "split.csv").write_text("patient,split\n" + "".join(f"{p},{name}\n" for name in ("train", "val", "test")
+                                                                   for p in splits.split[name]))
+    (tmp_path / "splits_final.json").write_text(json.dumps([{"train": [], "val": []},
+                                                            {"train": fixed["train"], "val": ["C2L5P7", "C7T2V4"]}]))
+    for name, extra in (("metrics.json", {}), ("split.csv", {}), ("splits_final.json", {"fold": 1})):
+        again = load_splits(data_cfg("mnms", root, split_file=str(tmp_path / name), cache_dir=cache, **extra),
+                            seed=9, progress=False)
+        assert again.split["test"] == ["C2L5P7", "C7T2V4"] and again.split["train"] == fixed["train"]
+    (tmp_path / "bad.json").write_text(json.dumps({"train": ["A0S9V9", "Z9Z9Z9"], "test": ["C2L5P7"]}))
+    with pytest.raises(DataError, match=r"bad.json: names 1 patient\(s\) or case\(s\) not in the dataset: Z9Z9Z9"):
+        load_splits(data_cfg("mnms", root, split_file=str(tmp_path / "bad.json"), cache_dir=cache), seed=0,
+                    progress=False)
+    (tmp_path / "twice.json").write_text(json.dumps({"train": ["A0S9V9"], "test": ["A0S9V9", "C2L5P7"]}))
+    with pytest.raises(DataError, match=r"twice.json: A0S9V9 \(in test\) is in test, but A0S9V9 \(in train\) put"):
+        load_splits(data_cfg("mnms", root, split_file=str(tmp_path / "twice.json"), cache_dir=cache), seed=0,
+                    progress=False)
+
+
+def test_vendor_split_trains_on_some_vendors_and_tests_on_another(trees, tmp_path):
+    cfg = data_cfg("mnms", trees["mnms1"], train_vendors=["A", "B"], test_vendors=["C"], cache_dir=str(tmp_path))
+    splits = load_splits(cfg, seed=0, progress=False)
+    assert {c["vendor"] for c in splits["test"].cases} == {"C"}
+    assert {c["vendor"] for name in ("train", "val") for c in splits[name].cases} == {"A", "B"}
+    assert splits.split["test_vendors"] == ["C"] and len(splits.split["val"]) == 1
+    centres = load_splits(data_cfg("mnms", trees["mnms1"], test_centres=["4"], cache_dir=str(tmp_path)), seed=0,
+                          progress=False)
+    assert {c["centre"] for c in centres["test"].cases} == {"4"} and centres.split["train_centres"] == ["1", "2", "3"]
+    with pytest.raises(DataError, match=r"name \['E'\], which this dataset does not have; its vendors: "
+                                        r"\['A', 'B', 'C'\]"):
+        load_splits({**cfg, "test_vendors": ["E"]}, seed=0, progress=False)
+    with pytest.raises(DataError, match="this dataset records no vendor per patient"):
+        load_splits(data_cfg("nnunet", trees["nnunet"], train_vendors=["A"], cache_dir=str(tmp_path)), seed=0,
+                    progress=False)
+
+
+def test_conflicting_split_options_are_refused_by_the_config():
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from seg.config import ConfigError, register_configs, validate
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        cfg = compose(config_name="train", overrides=["data=mnms", "data.root=/x", "data.fold=0",
+                                                      "data.train_vendors=[A,B]"])
+        with pytest.raises(ConfigError, match="choose one way to split, not kfold and vendor"):
+            validate(cfg)
+        with pytest.raises(ConfigError, match=r"data.fold=2 must be between 0 and data.num_folds-1 = 1"):
+            validate(compose(config_name="train", overrides=["data.fold=2"]))
+        validate(compose(config_name="train", overrides=["data=sunnybrook", "data.root=/x", "data.on_error=skip"]))
+
+
+# ---------------------------------------------------------------------------- end to end: train.py on each format
+
+
+def test_train_on_mnms_by_vendor_skipping_a_bad_case(tmp_path):
+    root = make_mnms1_tree(tmp_path / "data")
+    bad = root / "Training" / "Labeled" / "B3D0N1" / "B3D0N1_sa_gt.nii.gz"
+    bad.write_bytes(bad.read_bytes()[:150])
+    run_train("experiment=smoke", "data=mnms", f"data.root={root}", "data.max_patients=null", "data.task=multi",
+              "data.train_vendors=[A,B]", "data.test_vendors=[C]", "data.on_error=skip", "trainer.progress=false",
+              f"hydra.run.dir={tmp_path / 'run'}")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and {"dice_rv", "dice_myo", "dice_lv"} <= set(metrics)
+    assert [s["patient"] for s in metrics["skipped_cases"]] == ["B3D0N1"]
+    assert metrics["split"]["mode"] == "vendor" and metrics["split"]["test"] == ["C2L5P7", "C7T2V4"]
+
+
+@pytest.mark.parametrize("data_format", ["nnunet", "sunnybrook", "rvsc"])
+def test_train_on_each_format(data_format, trees, tmp_path):
+    root = {"nnunet": trees["nnunet"], "sunnybrook": trees["sunnybrook"], "rvsc": trees["rvsc"]}[data_format]
+    run_train("experiment=smoke", f"data={data_format}", f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
+              "trainer.progress=false", f"hydra.run.dir={tmp_path / 'run'}")
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["status"] == "ok" and 0 <= metrics["dice"] <= 1
+    assert metrics["data_cache"]["path"].startswith(str(tmp_path / "cache"))
+
