@@ -1,0 +1,185 @@
+"""The study layer: the experiment presets compose and run at tiny size, and the sweep summary
+(paper table, plots) on a synthetic sweep folder with diverged and failed runs."""
+
+import csv
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from conftest import ROOT, run_train
+from seg.config import register_configs
+from seg.summary import write_summary
+
+# Shrinks any preset to seconds (the smoke experiment's sizes) on a 6-patient phantom.
+TINY = ["data.max_patients=6", "data.image_size=64", "data.spacing=6.0", "data.max_slices_per_volume=2",
+        "model.depth=2", "trainer.epochs=1", "trainer.progress=false", "data.phantom.num_patients=6"]
+
+
+def composed(*overrides):
+    """The real train.yaml with ``overrides``, as the run would see it (Hydra's own keys included)."""
+    register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+def test_iln_paper_preset_is_the_papers_protocol():
+    cfg = composed("experiment=iln_paper")
+    params = cfg.hydra.sweeper.params
+    assert params["norm"].split(",") == ["bn", "in", "ln", "gn", "bin", "iln"]
+    assert [float(v) for v in params["lr"].split(",")] == [1.5, 1.0, 0.5, 0.1, 0.05]
+    assert params["data.task"] == "rv,lv" and params["data.fold"] == "0,1" and len(params["seed"].split(",")) >= 2
+    assert cfg.trainer.epochs == 2 and cfg.trainer.batch_size == 1 and cfg.data.num_folds == 2
+    assert list(cfg.schedule.milestones) == [1] and cfg.schedule.gamma == 0.2
+    assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9
+
+
+def test_batch_size_and_domain_shift_presets_compose():
+    batch = composed("experiment=batch_size_study").hydra.sweeper.params
+    assert batch["trainer.batch_size"] == "1,2,4,8,16,32" and {"bn", "gn", "in", "ln", "iln"} <= set(
+        batch["norm"].split(","))
+    shift = composed("experiment=domain_shift")
+    assert shift.hydra.sweeper.params["data.test_vendors"] == "[A],[B],[C],[D]" and shift.data.train_vendors is None
+
+
+def test_iln_paper_multirun_at_tiny_size(data_dir, tmp_path):
+    """Two norms x two folds of the grid: the sweep runs and its paper table pools the folds."""
+    run_train("-m", "experiment=iln_paper", f"paths.data_dir={data_dir}", *TINY, "data.task=rv", "norm=bn,iln",
+              "lr=0.1", "seed=0", f"hydra.sweep.dir={tmp_path}")
+    runs = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*/metrics.json"))]
+    assert [(r["norm"], r["split"]["fold"]) for r in runs] == [("bn", 0), ("bn", 1), ("iln", 0), ("iln", 1)]
+    assert all(r["status"] == "ok" and r["batch_size"] == 1 and r["epochs"] == 1 for r in runs)
+    assert set(runs[0]["split"]["test"]).isdisjoint(runs[1]["split"]["test"])  # the two test folds
+    table = (tmp_path / "paper_table.md").read_text()
+    assert "| norm | lr=0.1 |" in table and "folds 0, 1" in table
+    for norm, (a, b) in (("bn", runs[:2]), ("iln", runs[2:])):
+        assert f"| {norm} | {(a['dice'] + b['dice']) / 2:.3f} ± " in table.replace("**", "")
+    assert (tmp_path / "summary.md").is_file()
+    if importlib.util.find_spec("matplotlib"):
+        assert {"dice_vs_lr.png", "learning_curves.png", "mixing_weights.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
+def test_batch_size_study_runs_at_tiny_size(data_dir, tmp_path):
+    run_train("-m", "experiment=batch_size_study", f"paths.data_dir={data_dir}", *TINY, "norm=gn",
+              "trainer.batch_size=1,4", "seed=0", f"hydra.sweep.dir={tmp_path}")
+    runs = sorted(json.loads(p.read_text())["batch_size"] for p in tmp_path.glob("*/metrics.json"))
+    assert runs == [1, 4]
+    assert "| norm | batch_size=1 | batch_size=4 |" in (tmp_path / "paper_table.md").read_text()
+
+
+def test_domain_shift_runs_at_tiny_size(data_dir, tmp_path):
+    """Also: a preset is a multirun without -m (hydra.mode is set in it)."""
+    run_train("experiment=domain_shift", f"paths.data_dir={data_dir}", *TINY, "norm=in",
+              "data.test_vendors=[A]", "seed=0", f"hydra.sweep.dir={tmp_path}")
+    (metrics_path,) = tmp_path.glob("*/metrics.json")
+    split = json.loads(metrics_path.read_text())["split"]
+    assert split["mode"] == "vendor" and split["test_vendors"] == ["A"] and "A" not in split["train_vendors"]
+
+
+def test_lr_optuna_search_at_tiny_size(data_dir, tmp_path):
+    """The optional Optuna preset: two trials, the test Dice as objective (needs the optuna extra)."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    run_train("-m", "hparams_search=lr_optuna", "experiment=smoke", f"paths.data_dir={data_dir}",
+              "data.phantom.num_patients=6", "trainer.progress=false", "norm=gn", "hydra.sweeper.n_trials=2",
+              f"hydra.sweep.dir={tmp_path}")
+    results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert 0.01 <= results["best_params"]["lr"] <= 2.0
+    assert len(list(tmp_path.glob("*/metrics.json"))) == 2 and (tmp_path / "paper_table.md").is_file()
+
+
+# ---------------------------------------------------------------------------- summary of a sweep
+
+
+def write_run(sweep: Path, name: str, metrics: dict, overrides: list[str] | None = None) -> None:
+    folder = sweep / name
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    if overrides is not None:
+        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+
+
+def finished(norm, lr, fold, dice, **extra):
+    """A metrics.json as the trainer writes it for a run that finished."""
+    history = [{"epoch": 1, "step": 5, "train_loss": 0.6, "val_dice": dice - 0.1},
+               {"epoch": 2, "step": 10, "train_loss": 0.4, "val_dice": dice - 0.05}]
+    weights = {f"{part}.conv_norm.norm": {"sigmoid_rho": 0.5 + 0.1 * fold} for part in ("down.0.first", "up.0.second")}
+    return {"status": "ok", "norm": norm, "lr": lr, "batch_size": 1, "seed": 0, "task": "rv", "data": "phantom",
+            "dice": dice, "dice_2d": dice, "best_val_dice": dice, "split": {"mode": "kfold", "fold": fold},
+            "history": history, "mixing_weights": weights if norm == "iln" else {}, **extra}
+
+
+def diverged(norm, lr, fold):
+    return {"status": "diverged", "norm": norm, "lr": lr, "batch_size": 1, "seed": 0, "task": "rv",
+            "data": "phantom", "dice": None, "dice_2d": None, "best_val_dice": None,
+            "split": {"mode": "kfold", "fold": fold}, "history": []}
+
+
+@pytest.fixture
+def synthetic_sweep(tmp_path) -> Path:
+    """bn: one of two folds diverged at lr 1.5; iln: both diverged at 1.5; gn: failed at start (the
+    trainer then records only norm, lr, batch size and seed -- the rest comes from .hydra/)."""
+    sweep = tmp_path / "sweep"
+    write_run(sweep, "0_bn_1.5_f0", diverged("bn", 1.5, 0))
+    write_run(sweep, "1_bn_1.5_f1", finished("bn", 1.5, 1, 0.50))
+    write_run(sweep, "2_bn_0.1_f0", finished("bn", 0.1, 0, 0.80))
+    write_run(sweep, "3_bn_0.1_f1", finished("bn", 0.1, 1, 0.82))
+    write_run(sweep, "4_iln_1.5_f0", diverged("iln", 1.5, 0))
+    write_run(sweep, "5_iln_1.5_f1", diverged("iln", 1.5, 1))
+    write_run(sweep, "6_iln_0.1_f0", finished("iln", 0.1, 0, 0.85))
+    write_run(sweep, "7_iln_0.1_f1", finished("iln", 0.1, 1, 0.87))
+    write_run(sweep, "8_gn_0.1_f0", {"status": "failed", "error": "out of memory", "norm": "gn", "lr": 0.1,
+                                     "batch_size": 1, "seed": 0},
+              overrides=["data.task=rv", "data.fold=0", "norm=gn", "lr=0.1", "trainer.progress=false"])
+    return sweep
+
+
+def test_paper_table_shows_diverged_and_failed_runs_as_such(synthetic_sweep):
+    write_summary(synthetic_sweep, plots=False)
+    table = (synthetic_sweep / "paper_table.md").read_text()
+    assert "| norm | lr=1.5 | lr=0.1 |" in table
+    assert "| bn | 0.500 (1/2 diverged) | 0.810 ± 0.014 |" in table
+    assert "| gn |  | failed (1/1) |" in table
+    assert "| iln | diverged (2/2) | **0.860 ± 0.014** |" in table  # the best of its column
+    assert "Fixed in this sweep:" in table and "task=rv" in table
+    assert "0.000" not in table  # a run without Dice is never a zero
+
+    with open(synthetic_sweep / "paper_table.csv", newline="") as handle:
+        rows = {row["norm"]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["bn", "gn", "iln"]
+    assert rows["iln"]["lr=1.5"] == "diverged (2/2)" and rows["iln"]["lr=0.1"] == "0.860 ± 0.014 (best)"
+    # the per-run table is still there, one row per run
+    per_run = (synthetic_sweep / "summary.csv").read_text().strip().splitlines()
+    assert per_run[0].startswith("run,norm,lr,batch_size,seed,status,dice") and len(per_run) == 10
+
+
+def test_one_table_per_task_and_batch_size_columns(tmp_path):
+    sweep = tmp_path / "sweep"
+    for i, (task, batch, dice) in enumerate([("rv", 1, 0.7), ("rv", 8, 0.6), ("lv", 1, 0.9), ("lv", 8, 0.8)]):
+        write_run(sweep, f"{i}", {**finished("bn", 0.1, 0, dice), "task": task, "batch_size": batch})
+    write_summary(sweep, plots=False)
+    table = (sweep / "paper_table.md").read_text()
+    assert "## task=lv" in table and "## task=rv" in table
+    assert "| norm | batch_size=1 | batch_size=8 |" in table and "| bn | **0.700** | **0.600** |" in table
+
+
+def test_plots_of_a_sweep(synthetic_sweep):
+    pytest.importorskip("matplotlib")
+    write_summary(synthetic_sweep)
+    for name in ("dice_vs_lr.png", "learning_curves.png", "mixing_weights.png"):
+        path = synthetic_sweep / name
+        assert path.stat().st_size > 5000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_summarize_script(synthetic_sweep):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(synthetic_sweep),
+                             "--no-plots"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "diverged (2/2)" in result.stdout and (synthetic_sweep / "paper_table.csv").is_file()
