@@ -93,7 +93,7 @@ class ScheduleConfig:
 @dataclass
 class TrainerConfig:
     epochs: int = 2
-    batch_size: int = 4
+    batch_size: int = 1
     eval_batch_size: int = 16
     device: str = "auto"
     channels_last: bool = True
