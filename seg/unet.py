@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .norms import make_conv_norm
 
@@ -106,12 +107,17 @@ def initialize(model: nn.Module, scheme: str = "paper", bias_init: float = 0.1) 
     for module in model.modules():
         if not isinstance(module, (nn.Conv2d, nn.ConvTranspose2d)):
             continue
-        weight = module.weight
+        # a re-parametrized weight (weight norm) is initialised as the effective weight, then written back
+        reparametrized = parametrize.is_parametrized(module, "weight")
+        weight = module.weight.detach().clone() if reparametrized else module.weight
         if scheme == "paper":
             kh, kw = module.kernel_size
             std = math.sqrt(2.0 / (kh * kw * module.out_channels))
             nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
         else:
             nn.init.kaiming_normal_(weight, mode="fan_out", nonlinearity="relu")
+        if reparametrized:
+            with torch.no_grad():
+                module.weight = weight
         if module.bias is not None:
             nn.init.constant_(module.bias, bias_init)

@@ -1,27 +1,26 @@
-"""Layers that learn a mix of normalizations: instance-layer norm (the ILN paper).
+"""Layers that learn a mix of normalizations: instance-layer (ILN), batch-instance (BIN), switchable (SN).
 
-Their statistics come from a single reduction over (H, W): the instance statistics. Layer
-(and group) statistics are exact functions of them, so no second full-size pass over the
-feature map and no full-size intermediate per ingredient is needed -- the normalized output is
-one fused ``x * scale + shift`` with per-(sample, channel) scale and shift.
+Their statistics come from a single reduction over (H, W): the instance statistics. Layer, batch
+and group statistics are exact functions of them (means of means; variances by the law of total
+variance), so no second full-size pass over the feature map and no full-size intermediate per
+ingredient is needed -- each output is one fused ``x * scale + shift`` with per-(sample, channel)
+scale and shift, computed by ``fused.instance_affine`` (hand-written backward).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
+from .fused import instance_affine
 from .registry import register_norm
 from .standard import check_groups
 
 
-def instance_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Biased variance and mean over (H, W): two (N, C) tensors."""
-    return torch.var_mean(x, dim=(2, 3), correction=0)
-
-
 def pooled_stats(var: torch.Tensor, mean: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Statistics of ``groups`` equal channel groups from per-channel statistics.
+    """Statistics of ``groups`` equal channel groups from per-channel statistics (N, C).
 
     For channels c of a group with equal pixel counts: mean_g = mean_c(mean_c) and
     var_g = mean_c(var_c) + mean_c((mean_c - mean_g)^2) (the law of total variance, which
@@ -32,6 +31,12 @@ def pooled_stats(var: torch.Tensor, mean: torch.Tensor, groups: int) -> tuple[to
     pooled_mean = mean.mean(-1)
     pooled_var = var.mean(-1) + (mean - pooled_mean.unsqueeze(-1)).square().mean(-1)
     return pooled_var, pooled_mean
+
+
+def batch_stats(var: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel statistics over (N, H, W) from instance statistics (N, C): two (C,) tensors."""
+    batch_mean = mean.mean(0)
+    return var.mean(0) + (mean - batch_mean).square().mean(0), batch_mean
 
 
 @register_norm("iln")
@@ -65,20 +70,174 @@ class InstanceLayerNorm(nn.Module):
         """The learned choice, logged per layer: s = sigmoid(rho), the weight of IN in the mix."""
         return {"sigmoid_rho": torch.sigmoid(self.rho)}
 
-    def forward(self, x, cond=None):
-        var_in, mean_in = instance_stats(x)
+    def coefficients(self, var_in, mean_in, rho, weight, bias):
+        """(scale, shift) of y = x * scale + shift, per (sample, channel), from instance statistics."""
         var_ln, mean_ln = pooled_stats(var_in, mean_in, 1)
         inv_in = torch.rsqrt(var_in + self.eps)
         inv_ln = torch.rsqrt(var_ln + self.eps)
-        s = torch.sigmoid(self.rho)
+        s = torch.sigmoid(rho)
         # F_IL = a * x + b per (sample, channel)
         a = s * inv_in + (1 - s) * inv_ln
         b = -(s * mean_in * inv_in + (1 - s) * mean_ln * inv_ln)
         # per-channel statistics of F_IL, pooled into the cascaded group norm's groups
         var_il, mean_il = a.square() * var_in, a * mean_in + b
         var_g, mean_g = pooled_stats(var_il, mean_il, self.groups)
-        inv_g = torch.rsqrt(var_g + self.eps).repeat_interleave(x.shape[1] // self.groups, dim=1)
-        mean_g = mean_g.repeat_interleave(x.shape[1] // self.groups, dim=1)
-        scale = self.weight * a * inv_g
-        shift = self.weight * (b - mean_g) * inv_g + self.bias
-        return x * scale[..., None, None] + shift[..., None, None]
+        per_group = var_in.shape[1] // self.groups
+        inv_g = torch.rsqrt(var_g + self.eps).repeat_interleave(per_group, dim=1)
+        mean_g = mean_g.repeat_interleave(per_group, dim=1)
+        scale = weight * a * inv_g
+        shift = weight * (b - mean_g) * inv_g + bias
+        return scale, shift
+
+    def forward(self, x, cond=None):
+        y, _, _ = instance_affine(x, self.coefficients, self.rho, self.weight, self.bias)
+        return y
+
+
+@register_norm("bin")
+class BatchInstanceNorm(nn.Module):
+    """Batch-Instance Normalization (Nam & Kim, "Batch-Instance Normalization for Adaptively
+    Style-Invariant Neural Networks", NeurIPS 2018, arXiv 1805.07925; official code
+    hyseob/Batch-Instance-Normalization).
+
+    y = (rho * BN(x) + (1 - rho) * IN(x)) * gamma + beta, BN and IN parameter-free, rho per
+    channel, initialised to 1 (pure BN) and clipped to [0, 1] after every optimizer step
+    (``after_optimizer_step``). As in the official training script, rho has its own optimizer
+    group: ``rho_lr_scale`` x the learning rate (10) and weight decay ``rho_weight_decay`` (0).
+
+    The BN part keeps running statistics exactly as ``nn.BatchNorm2d`` (momentum 0.1, unbiased
+    running variance, starting at mean 0 / variance 1); evaluation uses them for the BN part only,
+    the IN part always uses the instance statistics.
+
+    Deliberately not a ``_BatchNorm`` subclass: ``nn.SyncBatchNorm.convert_sync_batchnorm`` would
+    replace it by a plain SyncBatchNorm and silently drop rho.
+
+    Implementation: the batch statistics are derived from the instance statistics (mean over N of
+    the means; variance by the law of total variance), and the output is one fused
+    x * scale + shift (see ``fused.instance_affine``).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, rho_lr_scale: float = 10.0,
+                 rho_weight_decay: float = 0.0):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.rho = nn.Parameter(torch.ones(num_channels))
+        self.rho.optim_group = {"lr_scale": float(rho_lr_scale), "weight_decay": float(rho_weight_decay)}
+        self.weight = nn.Parameter(torch.ones(num_channels))  # gamma
+        self.bias = nn.Parameter(torch.zeros(num_channels))  # beta
+        self.register_buffer("running_mean", torch.zeros(num_channels))
+        self.register_buffer("running_var", torch.ones(num_channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
+    def mixing_weights(self) -> dict[str, torch.Tensor]:
+        """The learned choice, logged per layer: rho, the weight of BN in the mix."""
+        return {"rho": self.rho}
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Keep the gate in [0, 1] (the clip that the ILN paper replaces by a sigmoid)."""
+        self.rho.clamp_(0.0, 1.0)
+
+    def coefficients(self, var_in, mean_in, rho, weight, bias, *running):
+        """(scale, shift) per (sample, channel); ``running`` = (mean, var) in evaluation."""
+        if running:
+            mean_bn, var_bn = running
+        else:
+            var_bn, mean_bn = batch_stats(var_in, mean_in)
+        inv_in = torch.rsqrt(var_in + self.eps)
+        inv_bn = torch.rsqrt(var_bn + self.eps)
+        scale = weight * (rho * inv_bn + (1 - rho) * inv_in)
+        shift = bias - weight * (rho * mean_bn * inv_bn + (1 - rho) * mean_in * inv_in)
+        return scale, shift
+
+    def forward(self, x, cond=None):
+        if not self.training:
+            y, _, _ = instance_affine(x, self.coefficients, self.rho, self.weight, self.bias, self.running_mean,
+                                      self.running_var)
+            return y
+        y, var_in, mean_in = instance_affine(x, self.coefficients, self.rho, self.weight, self.bias)
+        with torch.no_grad():  # the BN part's running statistics, as nn.BatchNorm2d
+            var_bn, mean_bn = batch_stats(var_in, mean_in)
+            count = x.shape[0] * x.shape[2] * x.shape[3]
+            unbiased_var = var_bn * (count / max(count - 1, 1))
+            self.running_mean.lerp_(mean_bn.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), self.momentum)
+            self.num_batches_tracked.add_(1)
+        return y
+
+
+@register_norm("sn")
+class SwitchableNorm(nn.Module):
+    """Switchable Normalization (Luo et al., "Differentiable Learning-to-Normalize via Switchable
+    Normalization", ICLR 2019, arXiv 1806.10779; official code switchablenorms/Switchable-Normalization,
+    transcribed in seed 001).
+
+    mean = sum_k softmax(lambda_mean)_k mean_k and var = sum_k softmax(lambda_var)_k var_k over
+    k in (IN, LN, BN), y = gamma * (x - mean) / sqrt(var + eps) + beta; lambda_mean, lambda_var
+    initialised to ones (each weight 1/3).
+
+    As the official ``SwitchNorm2d`` (the defaults match it to float tolerance):
+    * ``unbiased`` (default true): var_in is torch's default *unbiased* variance over (H, W), and
+      the LN and BN variances are built from it (var_ln = mean_c(var_in + mean_in^2) - mean_ln^2,
+      the same for BN over N). ``unbiased: false`` uses the biased variance of NORMS.md's notation.
+    * running BN statistics by moving average in the official convention
+      running = momentum * running + (1 - momentum) * batch with ``momentum`` = 0.9 (= torch's
+      momentum 0.1), buffers starting at 0 (also the variance); no unbiasing of the batch variance
+      beyond var_in's. In evaluation only the BN term switches to the running statistics.
+    Not ported: the official options using_moving_average=False, using_bn=False, last_gamma. For a
+    1x1 feature map the unbiased factor is taken as 1 (the official code returns NaN there).
+
+    Implementation: LN and BN statistics are derived from the instance statistics (law of total
+    variance, algebraically the official formulas without their cancellation) and the output is
+    one fused x * scale + shift (see ``fused.instance_affine``).
+    """
+
+    KINDS = ("in", "ln", "bn")
+
+    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.9, unbiased: bool = True):
+        super().__init__()
+        self.eps, self.momentum, self.unbiased = eps, momentum, unbiased
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+        self.mean_weight = nn.Parameter(torch.ones(3))  # lambda_mean over (in, ln, bn)
+        self.var_weight = nn.Parameter(torch.ones(3))  # lambda_var over (in, ln, bn)
+        self.register_buffer("running_mean", torch.zeros(num_channels))
+        self.register_buffer("running_var", torch.zeros(num_channels))
+
+    def mixing_weights(self) -> dict[str, torch.Tensor]:
+        """The learned choice, logged per layer: the softmaxed weights of IN, LN and BN."""
+        means, variances = torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
+        return {**{f"mean_{k}": means[i] for i, k in enumerate(self.KINDS)},
+                **{f"var_{k}": variances[i] for i, k in enumerate(self.KINDS)}}
+
+    def unbiased_factor(self, count: int) -> float:
+        return count / max(count - 1, 1) if self.unbiased else 1.0
+
+    def coefficients(self, count, var_in, mean_in, mean_weight, var_weight, weight, bias, *running):
+        """(scale, shift) per (sample, channel) for ``count`` = H * W pixels per instance;
+        ``running`` = (mean, var) in evaluation."""
+        var_in = var_in * self.unbiased_factor(count)
+        var_ln, mean_ln = pooled_stats(var_in, mean_in, 1)
+        if running:
+            mean_bn, var_bn = running
+        else:
+            var_bn, mean_bn = batch_stats(var_in, mean_in)
+        wm, wv = torch.softmax(mean_weight, 0), torch.softmax(var_weight, 0)
+        mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
+        var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
+        scale = weight * torch.rsqrt(var + self.eps)
+        return scale, bias - mean * scale
+
+    def forward(self, x, cond=None):
+        count = x.shape[2] * x.shape[3]
+        coefficients = functools.partial(self.coefficients, count)
+        params = (self.mean_weight, self.var_weight, self.weight, self.bias)
+        if not self.training:
+            y, _, _ = instance_affine(x, coefficients, *params, self.running_mean, self.running_var)
+            return y
+        y, var_in, mean_in = instance_affine(x, coefficients, *params)
+        with torch.no_grad():  # official convention: running = momentum * running + (1 - momentum) * batch
+            var_bn, mean_bn = batch_stats(var_in * self.unbiased_factor(count), mean_in)
+            self.running_mean.lerp_(mean_bn.to(self.running_mean.dtype), 1 - self.momentum)
+            self.running_var.lerp_(var_bn.to(self.running_var.dtype), 1 - self.momentum)
+        return y

@@ -13,7 +13,9 @@ registered here follows one small protocol so that the U-Net needs no special ca
 * optionally a classmethod ``conv_norm(in_channels, out_channels, kernel_size, *, transpose,
   **options)`` for layers that replace the *pair* convolution + normalization (kernel
   normalization fuses them, weight normalization re-parametrizes the convolution). Without it,
-  the pair is an ordinary convolution followed by the layer.
+  the pair is an ordinary convolution followed by the layer. A layer with ``conv_norm`` has no
+  standalone form: its ``__init__`` only declares the options (the schema) and raises
+  ``conv_norm_only``.
 
 Adding a layer is therefore one decorated class and one YAML file.
 """
@@ -91,6 +93,15 @@ class ConvNorm(nn.Module):
 
     def forward(self, x, cond=None):
         return self.norm(self.conv(x), cond)
+
+
+def conv_norm_only(name: str) -> TypeError:
+    """The error for building a layer that replaces the conv + norm pair (kn, wn, bkn) on its own."""
+    return TypeError(
+        f"normalization {name!r} replaces the convolution + normalization pair and has no standalone layer; "
+        f"build it with make_conv_norm({name!r}, in_channels, out_channels, kernel_size) "
+        f"(the U-Net does so for norm={name})"
+    )
 
 
 def make_conv(in_channels: int, out_channels: int, kernel_size: int, *, transpose: bool = False) -> nn.Module:

@@ -1,13 +1,15 @@
 """The plain layers of the ILN study: no normalization, batch, instance, layer and group norm.
 
 Each is torch's own kernel behind the registry protocol (``forward(x, cond=None)``, options as
-keyword arguments). Instance and layer norm are expressed as group norm (C groups, 1 group),
-which is mathematically the same layer with a per-channel affine and uses torch's fast fused
-group-norm kernel.
+keyword arguments); batch norm also offers its frozen (BN*) and synchronized variants. Instance
+and layer norm are expressed as group norm (C groups, 1 group), which is mathematically the same
+layer with a per-channel affine and uses torch's fast fused group-norm kernel.
 """
 
 from __future__ import annotations
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .registry import register_norm
@@ -39,13 +41,53 @@ class BatchNorm(nn.BatchNorm2d):
 
     Statistics over (N, H, W) per channel in training; running mean and unbiased running
     variance (momentum 0.1) in evaluation -- exactly ``torch.nn.BatchNorm2d``.
+
+    ``freeze: true`` is "BN*", the frozen BN of the Group Normalization paper (Wu & He, ECCV 2018,
+    arXiv 1803.08494): the layer is the per-channel linear map y = gamma (x - mu) / sigma + beta with
+    the running mu, sigma^2 used and never updated, in training too; with ``freeze_affine: true``
+    (the default) gamma and beta are frozen as well (requires_grad false). It is only meaningful when
+    fine-tuning from a BN-trained checkpoint (``model.init_from=<checkpoint.pt>``): from scratch the
+    running statistics are just 0 and 1.
+
+    ``sync: true`` gives SyncBatchNorm semantics (cross-GPU BN, Peng et al., "MegDet", CVPR 2018,
+    arXiv 1711.07240): when torch.distributed is initialized with more than one process, training
+    statistics are those of the global batch, computed by the autograd function behind
+    ``torch.nn.SyncBatchNorm`` (CUDA tensors only, as there). Otherwise the layer is exactly BN.
+    Convert with this option rather than ``nn.SyncBatchNorm.convert_sync_batchnorm``, which would
+    drop ``freeze``.
     """
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1):
+    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, freeze: bool = False,
+                 freeze_affine: bool = True, sync: bool = False):
         super().__init__(num_channels, eps=eps, momentum=momentum)
+        self.freeze, self.sync = freeze, sync
+        if freeze and freeze_affine:
+            self.weight.requires_grad_(False)
+            self.bias.requires_grad_(False)
 
     def forward(self, x, cond=None):
+        if self.freeze:  # BN*: the running statistics, never updated
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
+                                eps=self.eps)
+        if self.sync and self.training and distributed_world_size() > 1:
+            return self.sync_forward(x)
         return super().forward(x)
+
+    def sync_forward(self, x):
+        """Training step with statistics over the global batch: torch's own SyncBatchNorm function."""
+        from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+
+        self.num_batches_tracked.add_(1)
+        world = torch.distributed.group.WORLD
+        return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
+                                     self.momentum, world, torch.distributed.get_world_size(world))
+
+
+def distributed_world_size() -> int:
+    """Number of processes of the default group; 1 when torch.distributed is not in use."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
 
 
 class _GroupNormLayer(nn.GroupNorm):

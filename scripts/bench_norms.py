@@ -1,0 +1,148 @@
+"""Forward + backward time of every normalization layer, as a ratio to torch's GroupNorm, in one run.
+
+    python scripts/bench_norms.py                       # CPU, (8, 16, 256, 256)
+    python scripts/bench_norms.py --device cuda
+    python scripts/bench_norms.py --channels-last       # the trainer's memory format
+    python scripts/bench_norms.py --threads 1           # steadier on a machine shared with other jobs
+
+Two tables. "Layer alone": every layer that sits after a convolution, on the same input tensor,
+against ``torch.nn.GroupNorm(16, 16)``; a straightforward seed-style ILN (three separate
+normalizations, then the mix and a group norm, all through autograd) is listed for comparison
+with our one-pass ILN. "Convolution + layer": the 3x3 conv + norm pair as the U-Net builds it
+(``make_conv_norm``), so that the layers that replace the pair (kn, wn, bkn) are timed too,
+against conv + GroupNorm; a single bkn pair has no preceding BKN layer, so it runs on batch
+statistics (the prior adds only (C,)-sized work).
+
+A step is forward, then the gradients of a fixed upstream gradient with respect to the input
+and every parameter (``torch.autograd.grad``, nothing accumulates). Candidates are timed in
+interleaved rounds and the median round is reported, so drift of the machine affects all alike.
+The median and its ratio are the result; the ratio of the best rounds is printed beside it
+because on a shared machine other load inflates some rounds. Compare numbers within one run only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from seg.norms import NORMS, make_conv_norm, make_norm  # noqa: E402
+
+
+class SeedStyleILN(nn.Module):
+    """ILN computed the straightforward way: IN, LN and GN each as its own normalization."""
+
+    def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5):
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.rho = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+        self.weight = nn.Parameter(torch.ones(1, num_channels, 1, 1))
+        self.bias = nn.Parameter(torch.zeros(1, num_channels, 1, 1))
+
+    def forward(self, x):
+        var_in, mean_in = torch.var_mean(x, dim=(2, 3), keepdim=True, correction=0)
+        out_in = (x - mean_in) / torch.sqrt(var_in + self.eps)
+        var_ln, mean_ln = torch.var_mean(x, dim=(1, 2, 3), keepdim=True, correction=0)
+        out_ln = (x - mean_ln) / torch.sqrt(var_ln + self.eps)
+        s = torch.sigmoid(self.rho)
+        mixed = s * out_in + (1 - s) * out_ln
+        return F.group_norm(mixed, self.groups, eps=self.eps) * self.weight + self.bias
+
+
+def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
+    inputs = [x] + [p for p in module.parameters() if p.requires_grad]
+
+    def step():
+        torch.autograd.grad(module(x), inputs, grad)
+
+    return step
+
+
+def run(candidates: dict, x: torch.Tensor, grad_for, rounds: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds per step of every candidate in each round; the candidates are interleaved per round."""
+    device = x.device
+    steps = {}
+    for name, module in candidates.items():
+        module.to(device).train()
+        probe = module(x)
+        steps[name] = step_fn(module, x, grad_for(probe))
+        steps[name]()  # warm-up
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(repeats):
+                step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - start) / repeats)
+    return times
+
+
+def print_table(title: str, times: dict[str, list[float]], reference: str) -> None:
+    """Median time and its ratio to the reference; the ratio of the best rounds too (less sensitive
+    to other load on the machine)."""
+    median = {name: statistics.median(values) for name, values in times.items()}
+    best = {name: min(values) for name, values in times.items()}
+    print(f"\n{title}\n\n| layer | ms fwd+bwd (median) | ratio to {reference} | ratio, best rounds |\n"
+          f"|---|---|---|---|")
+    for name in times:
+        print(f"| {name} | {1000 * median[name]:.1f} | {median[name] / median[reference]:.2f} | "
+              f"{best[name] / best[reference]:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--shape", type=int, nargs=4, default=[8, 16, 256, 256], metavar=("N", "C", "H", "W"))
+    parser.add_argument("--channels-last", action="store_true", help="channels_last tensors and modules")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10, help="steps per round, layer alone")
+    parser.add_argument("--pair-repeats", type=int, default=3, help="steps per round, conv + layer")
+    parser.add_argument("--skip-pairs", action="store_true", help="only the layer-alone table")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    n, c, h, w = args.shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    print(f"Normalization layers, forward + backward on ({n}, {c}, {h}, {w}) float32"
+          f"{', channels_last' if args.channels_last else ''}; device {device} ({where}); torch {torch.__version__}; "
+          f"{args.rounds} interleaved rounds of {args.repeats} steps (layer alone) / {args.pair_repeats} (pairs)")
+
+    gn = "GroupNorm(16, 16) (torch)"
+    layers = {gn: nn.GroupNorm(16, c)}
+    layers.update({name: make_norm(name, c) for name in sorted(NORMS) if not hasattr(NORMS[name], "conv_norm")})
+    layers["iln, seed-style (3 separate norms)"] = SeedStyleILN(c)
+    layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
+    same_shape = torch.randn_like(x)
+    print_table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats), gn)
+
+    if not args.skip_pairs:
+        conv_gn = "conv 3x3 + GroupNorm(16, 16)"
+        pairs = {conv_gn: make_conv_norm("gn", c, c, 3)}
+        pairs.update({f"conv 3x3 + {name}": make_conv_norm(name, c, c, 3) for name in sorted(NORMS)})
+        pairs = {name: m.to(memory_format=fmt) for name, m in pairs.items()}
+        print_table("Convolution + layer (the U-Net's pair, make_conv_norm)",
+                    run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats), conv_gn)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Normalizations with per-position statistics: positional (PN) and local context (LCN) normalization."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .fused import compute_dtype, full_precision
+from .registry import register_norm
+
+
+def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return torch.addcmul(bias[:, None, None], x, weight[:, None, None])
+
+
+@register_norm("pn")
+class PositionalNorm(nn.Module):
+    """Positional Normalization (Li, Wu, Weinberger & Belongie, "Positional Normalization",
+    NeurIPS 2019, arXiv 1907.04312).
+
+    Parameter-free normalization over the channels at each (n, h, w) (biased variance), then a
+    per-channel affine y = gamma * x_hat + beta (NORMS.md). The paper's "moment shortcut" (feeding
+    the removed mean and std to a later layer) is not part of this layer.
+
+    Implementation: that is exactly layer norm over the last axis of the (N, H, W, C) view, so
+    torch's fused layer-norm kernel does it (free view for channels_last input, one copy otherwise).
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x, cond=None):
+        x = compute_dtype(x)
+        with full_precision(x):
+            channels_last = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+            return channels_last.permute(0, 3, 1, 2)
+
+
+def check_channels_per_group(num_channels: int, channels_per_group: int, layer: str) -> None:
+    """Refuse a channel count that is not a multiple of the group size, naming both."""
+    if channels_per_group < 1 or num_channels % channels_per_group != 0:
+        raise ValueError(
+            f"{layer}: {num_channels} channels cannot be split into groups of {channels_per_group} channels "
+            f"(the channel count must be a multiple of channels_per_group)"
+        )
+
+
+def window_sums(t: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over the window x window neighbourhood of every pixel of (..., H, W), clipped to the image.
+
+    A separable box filter by cumulative sums: per axis, the sum over [i - r, i + r] clipped to
+    [0, L) is P[min(i + r + 1, L)] - P[max(i - r, 0)] for the prefix sums P (P[0] = 0), so the
+    cost does not depend on the window size. Padding P with r zeros in front and r copies of its
+    last value behind turns both look-ups into plain slices.
+    """
+    radius = window // 2
+    for dim in (-2, -1):
+        length = t.shape[dim]
+        prefix = t.cumsum(dim)
+        zeros = torch.zeros_like(prefix.narrow(dim, 0, 1)).expand(*_sized(prefix.shape, dim, radius + 1))
+        last = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, radius))
+        padded = torch.cat([zeros, prefix, last], dim)  # padded[j] = P[clip(j - r, 0, L)]
+        t = padded.narrow(dim, 2 * radius + 1, length) - padded.narrow(dim, 0, length)
+    return t
+
+
+def _sized(shape: torch.Size, dim: int, size: int) -> list[int]:
+    """``shape`` with ``shape[dim]`` replaced by ``size``."""
+    shape = list(shape)
+    shape[dim] = size
+    return shape
+
+
+def window_counts(height: int, width: int, window: int, device=None) -> torch.Tensor:
+    """Number of image pixels in each pixel's clipped window: (H, W)."""
+    radius = window // 2
+    counts = []
+    for length in (height, width):
+        index = torch.arange(length, device=device)
+        counts.append((index + radius + 1).clamp(max=length) - (index - radius).clamp(min=0))
+    return counts[0][:, None] * counts[1][None, :]
+
+
+@register_norm("lcn")
+class LocalContextNorm(nn.Module):
+    """Local Context Normalization (Ortiz et al., "Local Context Normalization: Revisiting Local
+    Normalization", CVPR 2020, arXiv 1912.05845; official code anthonymlortiz/lcn).
+
+    Every value is normalized by the mean and biased variance of its channel group
+    (``channels_per_group`` channels) over a ``window`` x ``window`` neighbourhood centred on it;
+    then a per-channel affine. Statistics come from box filters (cumulative sums, separable), never
+    from an unfolded copy of the tensor, so any window size costs the same.
+
+    Defaults are the official code's: 2 channels per group, a 227 x 227 window. At this U-Net's
+    sizes (256 px at the top, halving per level) such a window covers most of the feature map, and
+    once it spans the whole map (window >= 2 * max(H, W) - 1) the layer is group norm with
+    C / channels_per_group groups; a smaller window (e.g. 7 or 31) makes it local everywhere.
+
+    Border handling (deliberate departure): each pixel's window is clipped to the image and the
+    statistics are those of the pixels inside it (as avg_pool2d with count_include_pad=False).
+    The official code instead uses only windows that fit entirely, copies their statistics to the
+    border pixels (replicate padding), and falls back to group norm with the unbiased variance when
+    the window exceeds the map. The window must be odd (centred).
+    """
+
+    def __init__(self, num_channels: int, channels_per_group: int = 2, window: int = 227, eps: float = 1e-5):
+        super().__init__()
+        check_channels_per_group(num_channels, channels_per_group, "lcn")
+        if window < 1 or window % 2 == 0:
+            raise ValueError(f"lcn: the window must be a positive odd number of pixels, got {window}")
+        self.channels_per_group, self.window, self.eps = channels_per_group, window, eps
+        self.weight = nn.Parameter(torch.ones(num_channels))
+        self.bias = nn.Parameter(torch.zeros(num_channels))
+
+    def forward(self, x, cond=None):
+        x = compute_dtype(x)
+        n, c, h, w = x.shape
+        with full_precision(x):
+            grouped = x.view(n, c // self.channels_per_group, self.channels_per_group, h, w)
+            # centring on the group's global mean m keeps E[x^2] - E[x]^2 well conditioned; the
+            # local variance does not depend on m, and (x - m) - local_mean(x - m) = x - local_mean(x)
+            centred = grouped - grouped.mean(dim=(2, 3, 4), keepdim=True).detach()
+            count = window_counts(h, w, self.window, x.device) * self.channels_per_group
+            mean = window_sums(centred.sum(2), self.window) / count
+            mean_sq = window_sums(centred.square().sum(2), self.window) / count
+            var = (mean_sq - mean.square()).clamp_min(0)
+            normalized = (centred - mean.unsqueeze(2)) * torch.rsqrt(var + self.eps).unsqueeze(2)
+            return _affine(normalized.view(n, c, h, w), self.weight, self.bias)
