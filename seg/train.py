@@ -84,7 +84,7 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
 
     # where the run stands; a checkpoint saves it, resuming restores it
     progress = {"epoch": 1, "batch": 0, "order": None, "step": 0, "epoch_losses": [], "history": [],
-                "best_dice": -math.inf, "best_epoch": None, "train_time": 0.0}
+                "best_dice": -math.inf, "best_epoch": None, "train_time": 0.0, "train_time_before_epoch": 0.0}
     best_state = None
     if resume_from is not None:
         progress, best_state = restore(resume_from, config, model, optimizer, scheduler, generator)
@@ -156,12 +156,14 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                         progress["train_time"] += time.perf_counter() - epoch_start
                         epoch_start = time.perf_counter()
                         checkpoint("last.pt")
-            epoch_time = time.perf_counter() - epoch_start
-            progress["train_time"] += epoch_time
+            progress["train_time"] += time.perf_counter() - epoch_start
             scheduler.step()  # the learning rate changes here: divided by 5 after each milestone epoch
 
             step = progress["step"]
-            entry = {"epoch": epoch, "step": step, "train_loss": float(np.mean(progress["epoch_losses"]))}
+            epoch_seconds = progress["train_time"] - progress["train_time_before_epoch"]
+            entry = {"epoch": epoch, "step": step, "train_loss": float(np.mean(progress["epoch_losses"])),
+                     "images_per_s": len(train_set) / max(epoch_seconds, 1e-9)}
+            writer.add_scalar("perf/images_per_s", entry["images_per_s"], step)
             for layer, weights in mixing_weights(model).items():  # which normalization each layer chose
                 for key, value in weights.items():
                     writer.add_scalar(f"norm/{layer}/{key}", value, step)
@@ -179,7 +181,8 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
             if improved:
                 progress["best_dice"], progress["best_epoch"] = score, epoch
                 best_state = copy.deepcopy(model.state_dict())
-            progress.update(epoch=epoch + 1, batch=0, order=None, epoch_losses=[])
+            progress.update(epoch=epoch + 1, batch=0, order=None, epoch_losses=[],
+                            train_time_before_epoch=progress["train_time"])
             checkpoint("last.pt")
             if improved:
                 checkpoint("best.pt")
@@ -189,7 +192,6 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                              f"data.image_size") from None
     bar.close()
     train_images = len(train_set) * len(progress["history"])  # epochs completed
-    writer.add_scalar("perf/images_per_s", train_images / max(progress["train_time"], 1e-9), progress["step"])
 
     # ---- test, with the weights of the best validation epoch
     model.load_state_dict(best_state)

@@ -37,6 +37,7 @@ def test_smoke_run_on_the_phantom(data_dir, tmp_path):
     assert "norm/down.0.first.conv_norm.norm/sigmoid_rho" in scalars
     assert "val/input_truth_prediction" in events.Tags()["images"]
     assert len(events.Scalars("train/loss")) == metrics["steps"]
+    assert len(events.Scalars("perf/images_per_s")) == metrics["epochs"]  # throughput every epoch
     assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # the HParams view
 
     for name in ("best.pt", "last.pt"):
