@@ -101,7 +101,8 @@ def find_resume_checkpoint(resume, output_dir: Path) -> Path | None:
     """The checkpoint that ``trainer.resume`` designates, or None for a fresh run.
 
     ``true``: ``last.pt`` of this run folder, else of the most recent earlier run folder beside
-    it started with the same overrides (so re-running the same command continues it), else
+    it started with the same overrides (so re-running the same command continues it; only when
+    Hydra chose the folder, not when the command named it with hydra.run.dir), else
     nothing: the run starts fresh (a sweep re-run with resume=true starts the jobs that never
     ran). A path: that checkpoint file, or the ``last.pt`` of that run folder; it must exist.
     """
@@ -112,8 +113,10 @@ def find_resume_checkpoint(resume, output_dir: Path) -> Path | None:
         if own.is_file():
             return own
         overrides = run_overrides(output_dir)
-        earlier = [p for p in output_dir.parent.glob("*/checkpoints/last.pt")
-                   if p.parents[1] != output_dir and run_overrides(p.parents[1]) == overrides]
+        earlier = []
+        if not named_run_dir(output_dir):  # a folder the user named is the run: never borrow a neighbour's
+            earlier = [p for p in output_dir.parent.glob("*/checkpoints/last.pt")
+                       if p.parents[1] != output_dir and run_overrides(p.parents[1]) == overrides]
         if not earlier:  # e.g. a job of a re-run sweep that never started before: start it
             print(f"trainer.resume=true: no checkpoint of this run yet (none in {output_dir} nor in an earlier run "
                   f"folder beside it with the same overrides); starting fresh")
@@ -125,6 +128,15 @@ def find_resume_checkpoint(resume, output_dir: Path) -> Path | None:
     if not path.is_file():
         raise CheckpointError(f"trainer.resume={resume}: no checkpoint at {path}")
     return path
+
+
+def named_run_dir(run_dir: Path) -> bool:
+    """Whether the run's folder was given on the command line (hydra.run.dir / hydra.sweep.dir)."""
+    try:
+        overrides = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["overrides"]["hydra"]
+    except (OSError, KeyError, TypeError):
+        return False
+    return any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides or [])
 
 
 def run_overrides(run_dir: Path) -> list[str] | None:

@@ -67,8 +67,11 @@ def test_resume_refuses_a_checkpoint_of_another_norm(acdc_root, tmp_path):
                                   f"trainer.resume={tmp_path / 'bn'}"), check=False)
     assert result.returncode == 1
     assert "is from a different model" in result.stderr and "norm.name: checkpoint 'bn', this run 'gn'" in result.stderr
+    # a named run folder without a checkpoint starts fresh there, even beside a finished run of the same command
+    run_train(*resumable(acdc_root, tmp_path / "done", "trainer.epochs=1"))
     fresh = run_train(*resumable(acdc_root, tmp_path / "new", "trainer.resume=true", "trainer.epochs=1"))
-    assert "starting fresh" in fresh.stdout and (tmp_path / "new" / "metrics.json").exists()
+    assert "starting fresh" in fresh.stdout and (tmp_path / "new" / "checkpoints" / "last.pt").exists()
+    assert json.loads((tmp_path / "new" / "metrics.json").read_text())["resumed_from"] is None
     missing = run_train(*resumable(acdc_root, tmp_path / "other", f"trainer.resume={tmp_path / 'nowhere'}"),
                         check=False)
     assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
