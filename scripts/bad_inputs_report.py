@@ -76,7 +76,7 @@ CONFIG_CASES = {
     "wrong-typed norm option": ["norm=gn", "norm.groups=abc"],
     "channels not divisible by groups": ["norm=gn", "norm.groups=12"],
     "invalid task": ["data.task=atria"],
-    "image size not a multiple of 2^depth": ["data.image_size=100"],
+    "image size not a multiple of 2^depth": ["data.image_size=90"],
     "resume from a missing checkpoint": ["trainer.resume=/nonexistent/run"],
     "init_from a missing checkpoint": ["model.init_from=/nonexistent/best.pt"],
 }

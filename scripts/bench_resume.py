@@ -2,8 +2,8 @@
 
     python scripts/bench_resume.py --trials 20
 
-Each trial starts ``train.py`` (the smoke experiment on a 6-patient phantom, 3 epochs, a
-checkpoint every 2 steps, deterministic kernels), kills it with SIGKILL after a random delay
+Each trial starts ``train.py`` (the smoke experiment on a 6-patient phantom, a
+checkpoint every 2 steps, deterministic kernels; 12 epochs so that most kills land mid-run), kills it with SIGKILL after a random delay
 drawn over the run's duration, then re-runs the same command with ``trainer.resume=true``
 (which starts fresh if no checkpoint had been written yet) and compares the final weights and
 metrics with an uninterrupted reference run, bit for bit. Prints one line per trial and a total.
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def command(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), "experiment=smoke", f"paths.data_dir={data_dir}",
-            "data.phantom.num_patients=6", "trainer.epochs=3", "norm=iln", "trainer.checkpoint_every_n_steps=2",
+            "data.phantom.num_patients=6", "trainer.epochs=12", "norm=iln", "trainer.checkpoint_every_n_steps=2",
             "trainer.deterministic=true", "trainer.progress=false", f"hydra.run.dir={run_dir}", *extra]
 
 

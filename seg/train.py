@@ -62,9 +62,12 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
     print("Data: " + ", ".join(f"{name} {len(s)} slices / {len(s.cases)} volumes" for name, s in splits.items()))
 
     # ---- model, optimizer, learning-rate schedule, loss
-    model = UNet(in_channels=cfg.model.in_channels, num_classes=num_classes, base_channels=cfg.model.base_channels,
-                 depth=cfg.model.depth, norm=cfg.norm.name, norm_options=norm_options, init=cfg.model.init,
-                 bias_init=cfg.model.bias_init).to(device)
+    try:  # a norm option that does not fit a layer's width (e.g. groups) surfaces here, before any step
+        model = UNet(in_channels=cfg.model.in_channels, num_classes=num_classes,
+                     base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.norm.name,
+                     norm_options=norm_options, init=cfg.model.init, bias_init=cfg.model.bias_init).to(device)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"norm={cfg.norm.name} with {norm_options} does not fit this U-Net: {err}") from None
     if cfg.model.init_from:
         load_weights(model, cfg.model.init_from)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format

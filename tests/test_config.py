@@ -76,3 +76,10 @@ def test_typo_on_the_command_line_fails_before_training():
     result = run_train("trainer.epohcs=1", check=False)
     assert result.returncode != 0 and "trainer.epohcs" in result.stderr
     assert "Device:" not in result.stdout
+
+
+def test_norm_options_that_do_not_fit_the_network_are_a_clear_error(acdc_root, tmp_path):
+    result = run_train("experiment=smoke", "data=acdc", f"data.root={acdc_root}", "norm=gn", "norm.groups=12",
+                       f"hydra.run.dir={tmp_path}", check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "16 channels cannot be split into 12 groups" in result.stderr
