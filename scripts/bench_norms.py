@@ -13,6 +13,12 @@ with our one-pass ILN. "Convolution + layer": the 3x3 conv + norm pair as the U-
 against conv + GroupNorm; a single bkn pair has no preceding BKN layer, so it runs on batch
 statistics (the prior adds only (C,)-sized work).
 
+Conditional layers (cin, adain, spade, sean) are timed with a fixed ``Condition`` for the batch:
+an image of the tensor's size, 4 domain ids, 64-wide style codes, soft masks of 4 regions at
+1/4 resolution with their codes. Their time includes each layer's own modulation network (for
+spade and sean the 128-channel 3x3 convs, at the full resolution of the tensor), not the
+conditioner the U-Net runs once per forward pass for all layers.
+
 A step is forward, then the gradients of a fixed upstream gradient with respect to the input
 and every parameter (``torch.autograd.grad``, nothing accumulates). Candidates are timed in
 interleaved rounds and the median round is reported, so drift of the machine affects all alike.
@@ -35,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.norms import NORMS, make_conv_norm, make_norm  # noqa: E402
+from seg.norms import NORMS, Condition, make_conv_norm, make_norm  # noqa: E402
 
 
 class SeedStyleILN(nn.Module):
@@ -56,6 +62,37 @@ class SeedStyleILN(nn.Module):
         s = torch.sigmoid(self.rho)
         mixed = s * out_in + (1 - s) * out_ln
         return F.group_norm(mixed, self.groups, eps=self.eps) * self.weight + self.bias
+
+
+class WithCondition(nn.Module):
+    """A conditional layer (or pair) applied with a fixed condition, so it is timed like the others."""
+
+    def __init__(self, module: nn.Module, cond: Condition):
+        super().__init__()
+        self.module, self.cond = module, cond
+
+    def forward(self, x):
+        return self.module(x, self.cond)
+
+
+def bench_condition(x: torch.Tensor, num_domains: int = 4, style_dim: int = 64, regions: int = 4) -> Condition:
+    """A condition of the shapes the U-Net gives its layers at the resolution of ``x``."""
+    n, _, h, w = x.shape
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, regions, max(h // 4, 1), max(w // 4, 1), generator=generator)
+    return Condition(image=torch.randn(n, 1, h, w, generator=generator).to(x.device),
+                     domain=torch.arange(n).remainder(num_domains).to(x.device),
+                     style=torch.randn(n, style_dim, generator=generator).to(x.device),
+                     regions=torch.softmax(logits, 1).to(x.device),
+                     region_codes=torch.randn(n, regions, style_dim, generator=generator).to(x.device))
+
+
+def build(name: str, make, cond: Condition, *args) -> nn.Module:
+    """``make(name, *args)``, wrapped with ``cond`` if the layer is conditional (4 domains, 4 regions)."""
+    if not getattr(NORMS[name], "condition_inputs", ()):
+        return make(name, *args)
+    context = {"cin": {"num_domains": 4}, "sean": {"num_regions": 4}}.get(name, {})
+    return WithCondition(make(name, *args, **context), cond)
 
 
 def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
@@ -129,7 +166,9 @@ def main() -> None:
 
     gn = "GroupNorm(16, 16) (torch)"
     layers = {gn: nn.GroupNorm(16, c)}
-    layers.update({name: make_norm(name, c) for name in sorted(NORMS) if not hasattr(NORMS[name], "conv_norm")})
+    cond = bench_condition(x)
+    layers.update({name: build(name, make_norm, cond, c) for name in sorted(NORMS)
+                   if not hasattr(NORMS[name], "conv_norm")})
     layers["iln, seed-style (3 separate norms)"] = SeedStyleILN(c)
     layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
     same_shape = torch.randn_like(x)
@@ -138,7 +177,7 @@ def main() -> None:
     if not args.skip_pairs:
         conv_gn = "conv 3x3 + GroupNorm(16, 16)"
         pairs = {conv_gn: make_conv_norm("gn", c, c, 3)}
-        pairs.update({f"conv 3x3 + {name}": make_conv_norm(name, c, c, 3) for name in sorted(NORMS)})
+        pairs.update({f"conv 3x3 + {name}": build(name, make_conv_norm, cond, c, c, 3) for name in sorted(NORMS)})
         pairs = {name: m.to(memory_format=fmt) for name, m in pairs.items()}
         print_table("Convolution + layer (the U-Net's pair, make_conv_norm)",
                     run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats), conv_gn)

@@ -7,7 +7,9 @@ input: one 3D volume, or a folder searched recursively (``*_gt`` label files are
 files skipped with a notice). Each output ``<name>.nii.gz`` has the input's affine and header
 and the dataset's own label values (ACDC: rv 1, myo 2, lv 3); preprocessing is the training
 run's own (from the checkpoint). Options: device=auto|cpu|cuda, batch_size=16,
-interpolation=nearest|linear (how class scores return to the input grid; see seg/inference.py).
+interpolation=nearest|linear (how class scores return to the input grid; see seg/inference.py),
+domain=<vendor> (for norm=cin: the vendor of the inputs; unset or unseen in training: the mean of
+the learned per-vendor (gamma, beta)).
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ def main(argv: list[str]) -> int:
     from seg.inference import load_segmenter, parse_key_values, predict_files
 
     args = parse_key_values(argv, {"ckpt": None, "input": None, "output": None, "device": "auto",
-                                   "batch_size": "16", "interpolation": "nearest"}, USAGE)
+                                   "batch_size": "16", "interpolation": "nearest", "domain": ""}, USAGE)
     try:
         segmenter = load_segmenter(args["ckpt"], device=args["device"], interpolation=args["interpolation"],
-                                   batch_size=int(args["batch_size"]))
+                                   batch_size=int(args["batch_size"]), domain=args["domain"] or None)
         written = predict_files(segmenter, args["input"], args["output"])
     except (CheckpointError, DataError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

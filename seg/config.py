@@ -58,6 +58,7 @@ class DataConfig:
     split_file: Optional[str] = None  # JSON/CSV fixed split, nnU-Net splits_final.json, or a run's metrics.json
     train_vendors: Optional[List[str]] = None  # domain shift: train on these vendors' patients ...
     test_vendors: Optional[List[str]] = None  # ... test on these (null: all other vendors)
+    domain_key: str = "vendor"  # the case field whose value is the domain id of conditional norms (cin)
     train_centres: Optional[List[str]] = None
     test_centres: Optional[List[str]] = None
 
@@ -71,6 +72,7 @@ class ModelConfig:
     init: str = "paper"
     bias_init: float = 0.1
     init_from: Optional[str] = None
+    aux_weight: float = 0.4
 
 
 @dataclass
@@ -157,7 +159,7 @@ def validate(cfg) -> None:
     """Check choice-valued keys, ranges and the norm name/options before any work starts."""
     from omegaconf import OmegaConf
 
-    from .norms import check_options
+    from .norms import CONTEXT_OPTIONS, check_options
 
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
@@ -176,7 +178,12 @@ def validate(cfg) -> None:
     multiple = 2 ** cfg.model.depth
     if cfg.data.image_size % multiple:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 2**model.depth={multiple}")
+    if cfg.model.aux_weight < 0:
+        raise ConfigError(f"model.aux_weight must be >= 0, got {cfg.model.aux_weight}")
     options = {k: v for k, v in cfg.norm.items() if k != "name"}
+    given = sorted(set(options) & set(CONTEXT_OPTIONS))
+    if given:
+        raise ConfigError(f"norm.{given[0]} is set by the trainer from the model and data; remove it from the config")
     try:
         check_options(cfg.norm.get("name", "<missing>"), options)
     except (TypeError, ValueError) as err:

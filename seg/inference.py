@@ -44,6 +44,8 @@ class Segmenter:
     label_values: np.ndarray  # class index -> label value written to the output
     interpolation: str = "nearest"  # how class scores return to the input grid: nearest or linear
     batch_size: int = 16
+    domains: tuple[str, ...] = ()  # the training domains (vendors) of a conditional norm (cin)
+    domain: str | None = None  # the vendor of the images to segment; None or unseen: cin's mean (gamma, beta)
 
     @property
     def data(self) -> dict:
@@ -57,8 +59,10 @@ class Segmenter:
         prepared = prepare_volume(volume, image_size=self.data["image_size"], spacing=self.data["spacing"],
                                   clip_percentiles=self.data["clip_percentiles"], normalize=self.data["normalize"])
         memory_format = torch.channels_last if self.config["trainer"].get("channels_last") else torch.contiguous_format
+        domain_id = self.domains.index(self.domain) if self.domain in self.domains else -1
         scores = torch.cat([
-            torch.softmax(self.model(batch.to(self.device).contiguous(memory_format=memory_format)).float(), 1).cpu()
+            torch.softmax(self.model(batch.to(self.device).contiguous(memory_format=memory_format),
+                                     torch.full((len(batch),), domain_id, device=self.device)).float(), 1).cpu()
             for batch in prepared.image.split(self.batch_size)])
         scores = to_input_grid(scores, volume.image.shape[1:], volume.spacing, self.data["spacing"],
                                self.interpolation)
@@ -67,7 +71,7 @@ class Segmenter:
 
 
 def load_segmenter(checkpoint: str | os.PathLike, device: str = "auto", interpolation: str = "nearest",
-                   batch_size: int = 16) -> Segmenter:
+                   batch_size: int = 16, domain: str | None = None) -> Segmenter:
     """The model of a run's checkpoint (best.pt or last.pt), rebuilt from the config stored in it."""
     from .train import resolve_device
 
@@ -80,14 +84,16 @@ def load_segmenter(checkpoint: str | os.PathLike, device: str = "auto", interpol
     model_cfg, norm_cfg, task = config["model"], dict(config["norm"]), config["data"]["task"]
     model = UNet(in_channels=model_cfg["in_channels"], num_classes=len(TASKS[task]) + 1,
                  base_channels=model_cfg["base_channels"], depth=model_cfg["depth"], norm=norm_cfg.pop("name"),
-                 norm_options=norm_cfg, init=model_cfg["init"], bias_init=model_cfg["bias_init"])
+                 norm_options=norm_cfg, init=model_cfg["init"], bias_init=model_cfg["bias_init"],
+                 num_domains=max(len(state.get("domains", [])), 1))
     model.load_state_dict(state["model"])
     target = resolve_device(device)
     memory_format = torch.channels_last if config["trainer"].get("channels_last") else torch.contiguous_format
     model = model.to(target, memory_format=memory_format).eval()
     values = dataset_label_values(config["data"])
     label_values = np.array([0] + [values[project] for project in TASKS[task]], np.uint8)
-    return Segmenter(model, config, target, label_values, interpolation, batch_size)
+    return Segmenter(model, config, target, label_values, interpolation, batch_size,
+                     tuple(state.get("domains", ())), domain)
 
 
 # ---------------------------------------------------------------------------- geometry

@@ -34,9 +34,14 @@ def slice_counts(prediction: torch.Tensor, target: torch.Tensor, num_classes: in
 
 
 @torch.no_grad()
-def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Arg-max label maps (N, H, W) of ``images`` (N, 1, H, W), batch by batch, on their device."""
-    return torch.cat([model(images[i:i + batch_size]).argmax(1) for i in range(0, images.shape[0], batch_size)])
+def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+            domain: torch.Tensor | None = None) -> torch.Tensor:
+    """Arg-max label maps (N, H, W) of ``images`` (N, 1, H, W), batch by batch, on their device.
+
+    ``domain`` (N,): each image's domain id, for conditional normalizations (``UNet.forward``).
+    """
+    return torch.cat([model(images[i:i + batch_size], None if domain is None else domain[i:i + batch_size]).argmax(1)
+                      for i in range(0, images.shape[0], batch_size)])
 
 
 def summarize_counts(counts: torch.Tensor, volume_index: torch.Tensor, num_volumes: int,
@@ -59,9 +64,9 @@ def nanmean(values: list[float]) -> float:
 
 
 def evaluate(model: torch.nn.Module, slices, num_classes: int, class_names: list[str],
-             batch_size: int = 16) -> tuple[dict[str, float], torch.Tensor]:
+             batch_size: int = 16, domain: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Dice of ``model`` on a SliceSet, and its predictions; the model is put in eval mode."""
     model.eval()
-    prediction = predict(model, slices.images, batch_size)
+    prediction = predict(model, slices.images, batch_size, domain)
     counts = slice_counts(prediction, slices.labels, num_classes)
     return summarize_counts(counts, slices.volume_index, len(slices.cases), class_names), prediction

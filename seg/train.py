@@ -27,6 +27,7 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, chec
 from .config import ConfigError, validate
 from .data import class_names, load_splits
 from .metrics import evaluate
+from .norms import norm_class
 from .unet import UNet
 
 
@@ -61,11 +62,20 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
         metrics[f"num_{name}_slices"], metrics[f"num_{name}_volumes"] = len(split), len(split.cases)
     print("Data: " + ", ".join(f"{name} {len(s)} slices / {len(s.cases)} volumes" for name, s in splits.items()))
 
+    # the domain (vendor) of every slice, for conditional norms: 0..D-1 the training domains, -1 unseen ones
+    domains = sorted({str(c[cfg.data.domain_key]) for c in train_set.cases if c.get(cfg.data.domain_key)})
+    domain_of = {name: split.domain_ids(domains, cfg.data.domain_key) for name, split in splits.items()}
+    metrics["domains"] = domains
+    if "domain" in getattr(norm_class(cfg.norm.name), "condition_inputs", ()) and not domains:
+        raise ConfigError(f"norm={cfg.norm.name} needs a domain per image, but no training case of data={cfg.data.name} "
+                          f"records data.domain_key={cfg.data.domain_key!r} (the phantom and M&Ms record vendor)")
+
     # ---- model, optimizer, learning-rate schedule, loss
     try:  # a norm option that does not fit a layer's width (e.g. groups) surfaces here, before any step
         model = UNet(in_channels=cfg.model.in_channels, num_classes=num_classes,
                      base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.norm.name,
-                     norm_options=norm_options, init=cfg.model.init, bias_init=cfg.model.bias_init).to(device)
+                     norm_options=norm_options, init=cfg.model.init, bias_init=cfg.model.bias_init,
+                     num_domains=max(len(domains), 1)).to(device)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"norm={cfg.norm.name} with {norm_options} does not fit this U-Net: {err}") from None
     if cfg.model.init_from:
@@ -98,7 +108,7 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
             save_checkpoint(output_dir / "checkpoints" / name, {
                 "format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_states(),
-                "progress": progress, "config": config})
+                "progress": progress, "config": config, "domains": domains})
 
     writer = SummaryWriter(str(output_dir), purge_step=progress["step"] + 1 if resume_from else None)
     steps_per_epoch = math.ceil(len(train_set) / batch_size)
@@ -134,8 +144,11 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                 images, labels = augment_batch(train_set.images[batch], train_set.labels[batch],
                                                rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
                                                generator=generator)
-                logits = model(images.contiguous(memory_format=memory_format))
+                logits, aux_logits = model(images.contiguous(memory_format=memory_format), domain_of["train"][batch],
+                                           with_aux=True)
                 loss = loss_fn(logits, labels.long())
+                if aux_logits is not None:  # a conditioner's low-resolution head (sean's coarse regions)
+                    loss = loss + cfg.model.aux_weight * auxiliary_loss(aux_logits, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.optim.grad_clip:
@@ -172,7 +185,8 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                     writer.add_scalar(f"norm/{layer}/{key}", value, step)
             score = float(epoch)  # without a validation set, the last epoch is the best
             if val_set is not None:
-                val, prediction = evaluate(model, val_set, num_classes, classes, cfg.trainer.eval_batch_size)
+                val, prediction = evaluate(model, val_set, num_classes, classes, cfg.trainer.eval_batch_size,
+                                              domain_of["val"])
                 entry.update({f"val_{k}": v for k, v in val.items()})
                 for key, value in val.items():
                     writer.add_scalar(f"val/{key}", value, step)
@@ -198,7 +212,7 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
 
     # ---- test, with the weights of the best validation epoch
     model.load_state_dict(best_state)
-    test, _ = evaluate(model, test_set, num_classes, classes, cfg.trainer.eval_batch_size)
+    test, _ = evaluate(model, test_set, num_classes, classes, cfg.trainer.eval_batch_size, domain_of["test"])
     for key, value in test.items():
         writer.add_scalar(f"test/{key}", value, progress["step"])
     best = progress["best_dice"] if val_set is not None else None
@@ -282,6 +296,12 @@ def build_loss(name: str):
 
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True)
     return lambda logits, labels: dice_ce(logits, labels.unsqueeze(1))
+
+
+def auxiliary_loss(aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of a low-resolution prediction against each class's share of the pixels of its cell."""
+    target = F.one_hot(labels.long(), aux_logits.shape[1]).permute(0, 3, 1, 2).float()
+    return F.cross_entropy(aux_logits.float(), F.adaptive_avg_pool2d(target, aux_logits.shape[-2:]))
 
 
 def resolve_device(name: str) -> torch.device:

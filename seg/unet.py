@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .norms import make_conv_norm
+from .norms import context_options, make_conditioner, make_conv_norm
 
 INITS = ("paper", "kaiming", "torch")
 
@@ -50,19 +50,25 @@ class DoubleConv(nn.Module):
 
 
 class UNet(nn.Module):
-    """U-Net for 2D segmentation; ``forward(x, cond=None)`` returns class logits (N, classes, H, W).
+    """U-Net for 2D segmentation; ``forward(x, domain=None)`` returns class logits (N, classes, H, W).
 
-    H and W must be multiples of 2**depth. ``cond`` is passed to every normalization layer
-    (only conditional layers use it).
+    H and W must be multiples of 2**depth. Each forward pass first builds the batch's
+    ``Condition`` (the image, its domain ids and whatever the norm's conditioner derives from
+    them) and passes it to every normalization layer; only conditional layers read it.
+    ``num_domains`` is the number of training domains (for ``cin``); ``domain`` holds each
+    image's id in 0..num_domains-1, or -1 for a domain not seen in training.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 2, base_channels: int = 16, depth: int = 4,
                  norm: str = "bn", norm_options: dict[str, Any] | None = None, init: str = "paper",
-                 bias_init: float = 0.1):
+                 bias_init: float = 0.1, num_domains: int = 1):
         super().__init__()
         if depth < 1:
             raise ValueError(f"U-Net depth must be at least 1, got {depth}")
-        norm_options = dict(norm_options or {})
+        self.conditioner = make_conditioner(norm, in_channels, num_classes, **(norm_options or {}))
+        # sizes a conditional layer takes from the model and data (input channels, domains, regions)
+        norm_options = {**(norm_options or {}), **context_options(
+            norm, image_channels=in_channels, num_domains=num_domains, num_regions=num_classes)}
         widths = [base_channels * 2**level for level in range(depth + 1)]
         self.depth, self.norm = depth, norm
         self.down = nn.ModuleList([DoubleConv(in_channels, widths[0], norm, norm_options)])
@@ -76,11 +82,13 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
         initialize(self, init, bias_init)
 
-    def forward(self, x: torch.Tensor, cond=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, domain: torch.Tensor | None = None, with_aux: bool = False):
+        """Logits (N, classes, H, W); with ``with_aux``, also the conditioner's auxiliary logits (or None)."""
         multiple = 2**self.depth
         if x.ndim != 4 or x.shape[-1] % multiple or x.shape[-2] % multiple:
             raise ValueError(f"U-Net of depth {self.depth} needs (N, C, H, W) input with H and W multiples of "
                              f"{multiple}; got shape {tuple(x.shape)}")
+        cond = self.conditioner(x, domain)
         skips = []
         for level, block in enumerate(self.down):
             x = block(x if level == 0 else self.pool(x), cond)
@@ -89,7 +97,8 @@ class UNet(nn.Module):
         for level in reversed(range(self.depth)):
             x = self.upsample[level](x, cond)
             x = self.up[level](torch.cat([skips.pop(), x], dim=1), cond)
-        return self.head(x)
+        logits = self.head(x)
+        return (logits, cond.aux_logits) if with_aux else logits
 
 
 def initialize(model: nn.Module, scheme: str = "paper", bias_init: float = 0.1) -> None:

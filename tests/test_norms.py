@@ -27,7 +27,8 @@ from seg.norms.kalman import KalmanConvNorm, rectified_gaussian_moments
 from seg.train import build_optimizer
 from seg.unet import UNet
 
-ALL = sorted(NORMS)
+CONDITIONAL = ["adain", "cin", "sean", "spade"]  # need a Condition: tested in test_conditional.py
+ALL = sorted(name for name in NORMS if name not in CONDITIONAL)
 PAIR_ONLY = ["bkn", "kn", "wn"]  # replace the conv + norm pair; no standalone layer
 POST_CONV = [name for name in ALL if name not in PAIR_ONLY]
 TIGHT = dict(rtol=1e-9, atol=1e-10)
@@ -101,11 +102,12 @@ def compose_norm(name):
 
 
 def test_registry_has_every_layer():
-    assert set(NORMS) == {"none", "bn", "in", "ln", "gn", "bin", "iln", "sn", "kn", "wn", "pn", "lcn", "bkn"}
+    assert set(NORMS) == {"none", "bn", "in", "ln", "gn", "bin", "iln", "sn", "kn", "wn", "pn", "lcn", "bkn",
+                          *CONDITIONAL}
 
 
 def test_registry_refuses_unknown_names_and_options():
-    with pytest.raises(ValueError, match=r"unknown normalization 'foo'; valid names: bin, bkn, bn, gn, .*wn"):
+    with pytest.raises(ValueError, match=r"unknown normalization 'foo'; valid names: adain, bin, bkn, bn, cin, gn, .*wn"):
         make_norm("foo", 16)
     with pytest.raises(ValueError, match=r"'sn' has no option 'rho'; its options are: eps, momentum, unbiased"):
         make_norm("sn", 16, rho=1.0)

@@ -52,6 +52,12 @@ class SliceSet:
     def to(self, device: torch.device | str) -> SliceSet:
         return SliceSet(self.images.to(device), self.labels.to(device), self.volume_index.to(device), self.cases)
 
+    def domain_ids(self, domains: list[str], key: str = "vendor") -> torch.Tensor:
+        """(N,) int64 per slice: the position in ``domains`` of its volume's ``key`` (e.g. vendor), -1 if absent."""
+        position = {name: i for i, name in enumerate(domains)}
+        per_case = torch.tensor([position.get(str(case.get(key, "")), -1) for case in self.cases], dtype=torch.int64)
+        return per_case.to(self.volume_index.device)[self.volume_index]
+
 
 def normalize_intensity(image: np.ndarray, clip_percentiles, method: str) -> np.ndarray:
     """Clip to the given percentiles of the volume, then z-score it (or leave it: ``none``)."""

@@ -10,7 +10,8 @@ plus the options given with the name. Our factories return ``make_norm`` bound t
 options are checked as on the command line. Only 2D is offered (our layers are 2D).
 
 Layers that replace the convolution + normalization pair (kn, wn, bkn) do not fit MONAI's slot
-after a convolution and are not registered.
+after a convolution, and conditional layers (cin, adain, spade, sean) need a condition that
+MONAI's networks do not pass: neither kind is registered.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def register_monai() -> list[str]:
 
     registered = []
     for name, cls in sorted(NORMS.items()):
-        if hasattr(cls, "conv_norm"):
+        if hasattr(cls, "conv_norm") or getattr(cls, "condition_inputs", ()):
             continue
         existing = Norm.components.get(name.upper())
         if existing is not None:

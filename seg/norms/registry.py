@@ -5,8 +5,16 @@ registered here follows one small protocol so that the U-Net needs no special ca
 
 * ``__init__(num_channels, **options)`` -- options are keyword arguments with defaults; the
   YAML file ``configs/norm/<name>.yaml`` exposes them;
-* ``forward(x, cond=None)`` -- ``cond`` is a conditioning input that only conditional layers
-  read (all others ignore it), so a block can always pass it through;
+* ``forward(x, cond=None)`` -- ``cond`` is the ``Condition`` of the batch (the input image, its
+  domain ids, ...) that only conditional layers read (all others ignore it), so a block can
+  always pass it through;
+* a conditional layer names what it reads in ``condition_inputs`` (e.g. ``("domain",)``) and,
+  if a learned part is shared by all its layers (a style encoder, an auxiliary coarse
+  segmentation), builds it in a classmethod ``conditioner(image_channels, num_classes,
+  **options)``: a module ``(image, domain) -> Condition`` that the U-Net runs once per forward
+  pass. Sizes that come from the data -- ``CONTEXT_OPTIONS``: the input's channels, the number
+  of domains, the number of regions (classes) -- are keyword options of ``__init__`` that the
+  U-Net fills in, not the user;
 * optionally ``mixing_weights() -> dict[str, Tensor]``: the layer's learned choice between
   normalizations (BIN's rho, ILN's sigmoid(rho), SN's weights), logged per layer every epoch;
 * optionally ``after_optimizer_step()``: called after every optimizer step (BIN clips rho);
@@ -23,11 +31,51 @@ Adding a layer is therefore one decorated class and one YAML file.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
 
+import torch
 from torch import nn
 
 NORMS: dict[str, type[nn.Module]] = {}
+
+# options a layer may take that the U-Net sets from the model and data, never the user
+CONTEXT_OPTIONS = ("image_channels", "num_domains", "num_regions")
+
+
+@dataclass
+class Condition:
+    """What a batch offers conditional layers; built once per forward pass by the model's conditioner.
+
+    image (N, C, H, W): the network input. domain (N,) int64: the domain (vendor) id of each image,
+    -1 for a domain not seen in training; None when the data records none. The rest are made by a
+    layer's shared conditioner: style (N, D) a style code per image; regions (N, K, h, w) soft
+    region masks and region_codes (N, K, D) a style code per region; aux_logits (N, K, h, w) the
+    low-resolution prediction the regions come from (trained with an auxiliary loss).
+    """
+
+    image: torch.Tensor
+    domain: Optional[torch.Tensor] = None
+    style: Optional[torch.Tensor] = None
+    regions: Optional[torch.Tensor] = None
+    region_codes: Optional[torch.Tensor] = None
+    aux_logits: Optional[torch.Tensor] = None
+
+
+def required(cond: Condition | None, field: str, layer: str) -> torch.Tensor:
+    """``cond.<field>``, or a clear error naming the layer and what it lacks."""
+    value = None if cond is None else getattr(cond, field)
+    if value is None:
+        raise ValueError(f"normalization {layer!r} needs the condition {field!r}, which this forward pass did not "
+                         f"provide (build the model with seg.unet.UNet, which makes it, or pass a Condition)")
+    return value
+
+
+class ImageCondition(nn.Module):
+    """The conditioner of every layer without a shared learned part: the image and the domain ids."""
+
+    def forward(self, image: torch.Tensor, domain: torch.Tensor | None = None) -> Condition:
+        return Condition(image=image, domain=domain)
 
 
 def register_norm(name: str) -> Callable[[type[nn.Module]], type[nn.Module]]:
@@ -77,6 +125,20 @@ def check_options(name: str, options: dict[str, Any]) -> None:
             raise TypeError(f"norm option {key!r} of {name!r} must be a number, got {value!r}")
 
 
+def context_options(name: str, **context: Any) -> dict[str, Any]:
+    """Of the data-given sizes in ``context`` (see ``CONTEXT_OPTIONS``), those the layer ``name`` takes."""
+    params = inspect.signature(norm_class(name).__init__).parameters
+    return {key: value for key, value in context.items() if key in CONTEXT_OPTIONS and key in params}
+
+
+def make_conditioner(name: str, image_channels: int, num_classes: int, **options: Any) -> nn.Module:
+    """The module ``(image, domain) -> Condition`` run once per forward pass for layer ``name``."""
+    cls = norm_class(name)
+    if hasattr(cls, "conditioner"):
+        return cls.conditioner(image_channels, num_classes, **options)
+    return ImageCondition()
+
+
 def make_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
     """Build the normalization layer ``name`` for ``num_channels`` channels."""
     check_options(name, options)
@@ -84,7 +146,7 @@ def make_norm(name: str, num_channels: int, **options: Any) -> nn.Module:
 
 
 class ConvNorm(nn.Module):
-    """A convolution followed by a normalization layer; the condition is passed through."""
+    """A convolution followed by a normalization layer; the condition is passed to the layer."""
 
     def __init__(self, conv: nn.Module, norm: nn.Module):
         super().__init__()
