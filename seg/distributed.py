@@ -1,0 +1,212 @@
+"""Data-parallel training across processes: ``torchrun --nproc_per_node=N train.py ...`` (DDP).
+
+Everything the training loop needs to know about other processes is in ``World``: which rank this
+is, this rank's part of each batch and of the evaluation slices, averaging over ranks, and the
+DDP wrapper. With one process (no torchrun) every method is the identity, so ``seg.train`` runs
+the same code either way and the single-process run is unchanged.
+
+How a torchrun job is organised:
+
+* ``processes()`` (entered by train.py before Hydra composes the configuration) joins the process
+  group -- gloo for CPU tensors, NCCL for CUDA tensors -- and makes the ranks agree on one clock:
+  rank 0's launch time is broadcast and ``${launch_time:...}`` in ``hydra.run.dir`` uses it, so
+  every rank composes the same output folder. Ranks other than 0 do not write Hydra's ``.hydra/``
+  record there (``hydra.output_subdir=null``) and their standard output is silenced (errors still
+  reach standard error).
+* Rank 0 alone writes in the folder: metrics.json, TensorBoard events and checkpoints. It decides
+  where the run writes and which checkpoint it resumes, and tells the others.
+* Each epoch, every rank draws the same permutation (one seeded generator) and takes its share of
+  each global batch (rows rank, rank + N, ...): the ranks see disjoint samples, a different order
+  every epoch, and together exactly the batches one process would see with N times the batch size.
+* Evaluation is sharded the same way; the per-slice Dice counts (and predictions) are summed over
+  ranks, so every rank computes the same metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def torchrun_world_size() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextlib.contextmanager
+def processes():
+    """Under torchrun: join the process group for the whole command (see the module docstring)."""
+    if torchrun_world_size() <= 1:
+        yield
+        return
+    from .config import fix_launch_time
+
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend)
+    launch = torch.tensor([time.time()], dtype=torch.float64)
+    dist.broadcast(launch, src=0)
+    fix_launch_time(float(launch))
+    if rank != 0:
+        if not any(arg.startswith("hydra.output_subdir=") for arg in sys.argv):
+            sys.argv.append("hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ record
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the whole process)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+class World:
+    """This process's place among the processes of a data-parallel run (one process: rank 0 of 1)."""
+
+    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0) -> None:
+        self.rank, self.size, self.local_rank = rank, size, local_rank
+
+    @classmethod
+    def current(cls) -> World:
+        """This process's world: from torch.distributed's default group when it is initialized."""
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, checkpoints and writes metrics.json."""
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return f"World(rank={self.rank}, size={self.size})"
+
+    # ---- decisions and data that rank 0 owns
+
+    def main_decides(self, decide, *args):
+        """``decide(*args)`` computed by rank 0 alone, its result (any picklable object) given to every rank.
+
+        E.g. the run's folder and the checkpoint it resumes: every rank must use the same.
+        """
+        if self.size == 1:
+            return decide(*args)
+        holder = [decide(*args) if self.is_main else None]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 runs the block first (e.g. generates the phantom, writes the data cache), then the others."""
+        if self.size > 1 and not self.is_main:
+            dist.barrier()
+        yield
+        if self.size > 1 and self.is_main:
+            dist.barrier()
+
+    # ---- sharding
+
+    def batches(self, order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+        """This rank's part of each global batch of ``batch_size`` x size samples of ``order``.
+
+        ``order`` is first padded with its own first samples to a multiple of the world size (as
+        torch's DistributedSampler does), so that every rank has as many batches, of equal sizes.
+        """
+        if self.size == 1:
+            return list(order.split(batch_size))
+        order = torch.cat([order, order[: (-len(order)) % self.size]])
+        return [batch[self.rank::self.size] for batch in order.split(batch_size * self.size)]
+
+    def rows(self, count: int) -> slice:
+        """This rank's share of ``count`` evaluation rows: rank, rank + size, ..."""
+        return slice(self.rank, count, self.size)
+
+    def gather_rows(self, part: torch.Tensor, count: int) -> torch.Tensor:
+        """The (count, ...) tensor whose rows ``rows(count)`` every rank computed: the shares put together."""
+        if self.size == 1:
+            return part
+        full = part.new_zeros((count, *part.shape[1:]))
+        full[self.rows(count)] = part
+        dist.all_reduce(full)
+        return full
+
+    # ---- reductions
+
+    def mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of ``tensor`` (same shape on every rank), e.g. the training losses."""
+        if self.size == 1:
+            return tensor
+        total = tensor.detach().clone()
+        dist.all_reduce(total)
+        return total / self.size
+
+    def sync_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers (running statistics), e.g. before evaluating.
+
+        DDP broadcasts them at the start of each forward, so they differ only by each rank's last
+        update; this makes the evaluated model, on every rank, the one that rank 0 checkpoints.
+        """
+        if self.size == 1:
+            return
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+    # ---- the model
+
+    def data_parallel(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """``model`` wrapped in DistributedDataParallel (gradients averaged over ranks), or itself."""
+        if self.size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def sweep_device(job_num: int | None, device_count: int) -> int:
+    """The GPU index for job ``job_num`` of a sweep on a machine with ``device_count`` GPUs.
+
+    Launchers that run several jobs at once on one machine (``hydra/launcher=gpus``: joblib, one
+    job per GPU) give each job the GPU of its job number modulo the GPU count, so with as many
+    parallel jobs as GPUs, consecutive jobs land on different GPUs.
+    """
+    if not job_num or device_count <= 1:
+        return 0
+    return job_num % device_count
+
+
+class AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over all ranks, differentiable: the gradient is summed over ranks too.
+
+    With DDP averaging the parameter gradients, this gives each rank the gradient of the average
+    of the ranks' losses through a statistic shared by all of them (synchronized batch norm).
+    Traced by torch.compile without a graph break.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor):
+        total = tensor.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        total = grad.clone()
+        dist.all_reduce(total)
+        return total
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the run's files: always, except on ranks other than 0 of a torchrun job."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def world_size() -> int:
+    """Number of processes of the default group; 1 when torch.distributed is not in use."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
