@@ -25,12 +25,20 @@ How a torchrun job is organised:
 from __future__ import annotations
 
 import contextlib
+import getpass
 import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 def torchrun_world_size() -> int:
@@ -167,16 +175,45 @@ class World:
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def sweep_device(job_num: int | None, device_count: int) -> int:
-    """The GPU index for job ``job_num`` of a sweep on a machine with ``device_count`` GPUs.
+_gpu_claim: tuple[int, object] | None = None  # (GPU index, its open lock file): held until the process ends
 
-    Launchers that run several jobs at once on one machine (``hydra/launcher=gpus``: joblib, one
-    job per GPU) give each job the GPU of its job number modulo the GPU count, so with as many
-    parallel jobs as GPUs, consecutive jobs land on different GPUs.
+
+def sweep_gpu(job_num: int | None, gpus: list[str], claims: Path | None = None) -> int:
+    """The GPU for a job of a sweep whose jobs run side by side on one machine (``hydra/launcher=gpus``).
+
+    ``gpus`` names the machine's GPUs (``gpu_names``). The process claims the first GPU that no other
+    process holds -- an exclusive lock on a file named after it, in ``claims`` (a folder per user in
+    the temporary directory) -- and keeps it until it exits: joblib's worker processes each keep
+    one GPU for every job they run, so as many workers as GPUs never share one. With more parallel
+    jobs than GPUs (all held), or without file locks (Windows), the job number modulo the GPU count.
     """
-    if not job_num or device_count <= 1:
+    global _gpu_claim
+    if len(gpus) <= 1:
         return 0
-    return job_num % device_count
+    if _gpu_claim is not None:
+        return _gpu_claim[0]
+    if fcntl is not None:
+        claims = claims or Path(tempfile.gettempdir()) / f"seg-gpu-claims-{getpass.getuser()}"
+        claims.mkdir(parents=True, exist_ok=True)
+        for index, name in enumerate(gpus):
+            handle = open(claims / f"{name}.lock", "w")  # noqa: SIM115  (kept open: the claim)
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                handle.close()
+                continue
+            _gpu_claim = (index, handle)
+            return index
+    return (job_num or 0) % len(gpus)
+
+
+def gpu_names() -> list[str]:
+    """A name per visible GPU that is the same in every process (its UUID), for ``sweep_gpu``."""
+    names = []
+    for index in range(torch.cuda.device_count()):
+        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+        names.append(f"gpu-{uuid}" if uuid is not None else f"gpu{index}")
+    return names
 
 
 class AllReduceSum(torch.autograd.Function):

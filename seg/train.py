@@ -29,7 +29,7 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, chec
                          find_resume_checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint)
 from .config import ConfigError, validate
 from .data import class_names, load_splits
-from .distributed import World, is_main_process, sweep_device
+from .distributed import World, gpu_names, is_main_process, sweep_gpu
 from .metrics import evaluate
 from .unet import UNet
 
@@ -316,8 +316,8 @@ def build_loss(name: str):
 def resolve_device(name: str, world: World | None = None, job_num: int | None = None) -> torch.device:
     """``auto`` is CUDA when present, else CPU; an unavailable device is a clear error.
 
-    Which GPU for ``cuda``: under torchrun, each process its own (LOCAL_RANK); in a sweep whose jobs
-    run side by side on one machine, the job number modulo the GPU count (``sweep_device``).
+    Which GPU for ``cuda``: under torchrun, each process its own (LOCAL_RANK); in a sweep, whose jobs
+    may run side by side on one machine, one that no other job holds (``sweep_gpu``); else the first.
     """
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -327,7 +327,7 @@ def resolve_device(name: str, world: World | None = None, job_num: int | None = 
     if name == "cuda" and processes > 1:
         return torch.device("cuda", world.local_rank)
     if name == "cuda":
-        return torch.device("cuda", sweep_device(job_num, torch.cuda.device_count()))
+        return torch.device("cuda", 0 if job_num is None else sweep_gpu(job_num, gpu_names()))
     if name.startswith("cuda:") and processes > 1:
         raise ConfigError(f"trainer.device={name} names one GPU for all {processes} processes of this torchrun job; "
                           f"use trainer.device=auto or cuda (each process takes the GPU of its LOCAL_RANK)")

@@ -17,7 +17,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from conftest import ROOT, run_train
 from seg.augment import augment_batch
 from seg.config import ConfigError, register_configs, validate
-from seg.distributed import World, sweep_device
+import seg.distributed as distributed
+from seg.distributed import World, sweep_gpu
 from seg.norms import NORMS, make_norm
 from seg.unet import UNet
 
@@ -215,9 +216,24 @@ def test_bad_precision_backend_and_unsupported_compile_are_one_line_errors(tmp_p
 # ---------------------------------------------------------------------------- sweeps through launchers
 
 
-def test_sweep_jobs_spread_over_the_gpus_of_a_machine():
-    assert [sweep_device(num, 4) for num in range(6)] == [0, 1, 2, 3, 0, 1]
-    assert sweep_device(None, 4) == 0 and sweep_device(5, 1) == 0 and sweep_device(5, 0) == 0
+def test_parallel_sweep_jobs_each_claim_a_gpu_of_their_own(tmp_path, monkeypatch):
+    """A job's process locks the first free GPU's file and keeps it; a second open file of the same
+    lock conflicts like another process would, so each reset of the claim plays a new process."""
+    gpus = ["gpu-a", "gpu-b", "gpu-c"]
+    held = []
+    for expected in (0, 1, 2):
+        monkeypatch.setattr(distributed, "_gpu_claim", None)  # another worker process
+        assert sweep_gpu(7, gpus, tmp_path) == expected
+        held.append(distributed._gpu_claim[1])
+        assert sweep_gpu(8, gpus, tmp_path) == expected  # a worker keeps its GPU for its next job
+    monkeypatch.setattr(distributed, "_gpu_claim", None)
+    assert sweep_gpu(7, gpus, tmp_path) == 7 % 3  # more parallel jobs than GPUs: shared by job number
+    held[1].close()  # that worker ended: its GPU is free again
+    assert sweep_gpu(7, gpus, tmp_path) == 1
+    distributed._gpu_claim[1].close()
+    for handle in held:
+        handle.close()
+    assert sweep_gpu(5, ["the-only-gpu"], tmp_path) == 0
 
 
 def sweep(data_dir, sweep_dir, launcher, *extra):
