@@ -1,5 +1,7 @@
 """Train the U-Net with a chosen normalization: ``python train.py norm=iln lr=0.5`` (see README).
 
+On several GPUs: ``torchrun --nproc_per_node=N train.py ...`` (data parallel, seg/distributed.py).
+
 Errors a user can fix (a bad option, a bad data file, a checkpoint that does not fit) end with
 one clear message and exit code 1. A run that cannot go on (out of memory) is recorded as
 ``failed`` in its metrics.json; inside a multirun the sweep then continues with the next job.
@@ -15,6 +17,7 @@ from hydra.types import RunMode
 from seg.checkpoint import CheckpointError
 from seg.config import ConfigError, register_configs
 from seg.data import DataError
+from seg.distributed import processes
 
 register_configs()
 
@@ -35,7 +38,7 @@ def main(cfg) -> float | None:
             pass  # the folder itself is unwritable: the console message is all we can give
 
     try:
-        return train(cfg, output_dir).get("dice")
+        return train(cfg, output_dir, job_num=hydra_cfg.job.num if in_sweep else None).get("dice")
     except (ConfigError, DataError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         fail(str(err))
@@ -52,4 +55,5 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
-    main()
+    with processes():  # under torchrun: join the other ranks (seg/distributed.py); otherwise nothing
+        main()

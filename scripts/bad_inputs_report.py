@@ -10,6 +10,7 @@ the exit code and the first line of the message the user gets.
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import subprocess
 import sys
@@ -79,6 +80,14 @@ CONFIG_CASES = {
     "image size not a multiple of 2^depth": ["data.image_size=90"],
     "resume from a missing checkpoint": ["trainer.resume=/nonexistent/run"],
     "init_from a missing checkpoint": ["model.init_from=/nonexistent/best.pt"],
+    "unknown precision": ["trainer.precision=fp8"],
+    "unknown torch.compile backend": ["trainer.compile=true", "trainer.compile_backend=fast"],
+    "norm.sync on a layer that cannot synchronize": ["norm=sn", "+norm.sync=true"],
+}
+# cases that need an environment: (overrides, environment variables)
+ENV_CASES = {
+    "compile on a CPU without a C++ compiler": (["trainer.device=cpu", "trainer.compile=true"],
+                                                {"CXX": "/nonexistent/g++"}),
 }
 DATA_CASES = {
     "truncated .nii.gz": (truncate, []),
@@ -106,16 +115,18 @@ def main() -> None:
     print("| case | exit code | message |\n|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cases = [(name, None, overrides) for name, overrides in CONFIG_CASES.items()]
-        cases += [(name, breaker, overrides) for name, (breaker, overrides) in DATA_CASES.items()]
-        for number, (name, breaker, overrides) in enumerate(cases):
+        cases = [(name, None, overrides, {}) for name, overrides in CONFIG_CASES.items()]
+        cases += [(name, None, overrides, env) for name, (overrides, env) in ENV_CASES.items()]
+        cases += [(name, breaker, overrides, {}) for name, (breaker, overrides) in DATA_CASES.items()]
+        for number, (name, breaker, overrides, env) in enumerate(cases):
             tree = make_acdc_tree(tmp / f"tree{number}", num_patients=6, shape=(48, 40, 4))
             if breaker:
                 breaker(tree)
             command = [sys.executable, str(ROOT / "train.py"), "experiment=smoke", "data=acdc", f"data.root={tree}",
                        "trainer.progress=false", f"hydra.run.dir={tmp / f'run{number}'}",
                        *(o.format(tree=tree) for o in overrides)]
-            result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300)
+            result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                                    env={**os.environ, **env})
             text = message_of(result).replace(str(tmp), "<tmp>").replace("|", "\\|")
             print(f"| {name} | {result.returncode} | {text[:300]} |", flush=True)
 

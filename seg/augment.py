@@ -12,19 +12,27 @@ import torch.nn.functional as F
 
 
 def augment_batch(images: torch.Tensor, labels: torch.Tensor, *, rotate_deg: float, flip: bool,
-                  generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator, shard: tuple[int, int] = (0, 1)) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate each sample by a uniform angle in [-rotate_deg, rotate_deg] and, if ``flip``, mirror it
-    left-right and/or up-down with probability 1/2 each. images (N, 1, H, W) float, labels (N, H, W)."""
+    left-right and/or up-down with probability 1/2 each. images (N, 1, H, W) float, labels (N, H, W).
+
+    ``shard=(rank, size)``: the batch is rows rank, rank + size, ... of a global batch of size x N
+    samples (data-parallel training). The random numbers are drawn for the whole global batch and
+    this shard's rows taken, so the ranks' generators stay in step and together augment exactly as
+    one process with the global batch would.
+    """
     if rotate_deg <= 0 and not flip:
         return images, labels
-    n, device = images.shape[0], images.device
+    rank, size = shard
+    n, device = images.shape[0] * size, images.device
     angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(rotate_deg)
     cos, sin = torch.cos(angle), torch.sin(angle)
     sx = sy = torch.ones(n, device=device)
     if flip:
         sx = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
         sy = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
-    zero = torch.zeros(n, device=device)
+    cos, sin, sx, sy = (t[rank::size] for t in (cos, sin, sx, sy))
+    zero = torch.zeros(cos.shape[0], device=device)
     theta = torch.stack([torch.stack([cos * sx, -sin * sy, zero], 1), torch.stack([sin * sx, cos * sy, zero], 1)], 1)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -19,6 +19,9 @@ import yaml
 FORMAT_VERSION = 1
 # configuration keys that must agree between a checkpoint and the run that resumes or loads it
 MUST_MATCH = ("model", "norm", "data.task", "data.image_size")
+# options under those that do not change the weights: where they came from, and norm.sync (a run
+# resumed on another number of processes may switch it)
+RUNTIME_ONLY = ("init_from", "sync")
 
 
 class CheckpointError(RuntimeError):
@@ -70,7 +73,7 @@ def check_compatible(saved_config: dict, config: dict, path: Path) -> None:
         old, new = select(saved_config, key), select(config, key)
         if isinstance(old, dict) and isinstance(new, dict):
             for sub in sorted(set(old) | set(new)):
-                if sub != "init_from" and old.get(sub) != new.get(sub):
+                if sub not in RUNTIME_ONLY and old.get(sub) != new.get(sub):
                     differences.append(f"{key}.{sub}: checkpoint {old.get(sub)!r}, this run {new.get(sub)!r}")
         elif old != new:
             differences.append(f"{key}: checkpoint {old!r}, this run {new!r}")

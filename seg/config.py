@@ -10,10 +10,11 @@ layer's own signature by ``seg.norms.check_options``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -106,6 +107,9 @@ class TrainerConfig:
     resume: Any = False
     deterministic: bool = False
     progress: bool = True
+    precision: str = "auto"  # auto (bf16 on a GPU that has it, else fp32) | fp32 | bf16 (autocast)
+    compile: bool = False  # torch.compile the model
+    compile_backend: str = "inductor"  # torch.compile's backend (aot_eager: tracing only, a quick check)
 
 
 @dataclass
@@ -128,8 +132,38 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    """Make ``train_schema`` available to ``configs/train.yaml``'s defaults list."""
+    """Make ``train_schema`` available to ``configs/train.yaml``'s defaults list, and the resolvers
+    ``${launch_time:<strftime pattern>}`` (hydra.run.dir) and ``${cuda_device_count:}`` (hydra/launcher=gpus)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    if not OmegaConf.has_resolver("launch_time"):
+        OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
+    if not OmegaConf.has_resolver("cuda_device_count"):
+        OmegaConf.register_new_resolver("cuda_device_count", cuda_device_count)
+
+
+_launch_time: datetime | None = None
+
+
+def launch_time(pattern: str) -> str:
+    """Hydra's ``${now:...}`` for the run folder, except that every process of a torchrun job has the
+    same one: rank 0's clock, broadcast before Hydra composes (``seg.distributed.processes``)."""
+    global _launch_time
+    if _launch_time is None:
+        _launch_time = datetime.now()
+    return _launch_time.strftime(pattern)
+
+
+def fix_launch_time(timestamp: float) -> None:
+    """Set the instant ``${launch_time:...}`` formats (a POSIX timestamp)."""
+    global _launch_time
+    _launch_time = datetime.fromtimestamp(timestamp)
+
+
+def cuda_device_count() -> int:
+    """The number of GPUs of this machine, at least 1 (the parallel jobs of ``hydra/launcher=gpus``)."""
+    import torch
+
+    return max(torch.cuda.device_count(), 1)
 
 
 def choices() -> dict[str, tuple[str, ...]]:
@@ -148,6 +182,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "optim.name": ("sgd", "adam"),
         "schedule.name": ("step", "constant"),
         "loss": ("ce", "dice_ce"),
+        "trainer.precision": ("auto", "fp32", "bf16"),
     }
 
 
@@ -184,10 +219,37 @@ def validate(cfg) -> None:
     given = sorted(set(options) & set(CONTEXT_OPTIONS))
     if given:
         raise ConfigError(f"norm.{given[0]} is set by the trainer from the model and data; remove it from the config")
+    validate_sync(cfg.norm.get("name", "<missing>"), options)
     try:
         check_options(cfg.norm.get("name", "<missing>"), options)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from None
+    if cfg.trainer.compile:
+        validate_compile_backend(cfg.trainer.compile_backend)
+
+
+def validate_sync(name: str, options: dict) -> None:
+    """``norm.sync`` only for the layers that can synchronize their batch statistics; never dropped silently."""
+    import inspect
+
+    from .norms import NORMS
+
+    if "sync" not in options or name not in NORMS:
+        return
+    syncable = sorted(n for n, cls in NORMS.items() if "sync" in inspect.signature(cls.__init__).parameters)
+    if name not in syncable:
+        raise ConfigError(f"norm.sync is not available for norm={name}: its statistics would not be synchronized "
+                          f"across processes; norm.sync exists for {', '.join(syncable)}")
+
+
+def validate_compile_backend(backend: str) -> None:
+    """trainer.compile_backend must be one torch.compile knows."""
+    import torch._dynamo
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):  # also the debugging ones (aot_eager...)
+        usual = sorted({*torch._dynamo.list_backends(), "aot_eager", "eager"})
+        raise ConfigError(f"trainer.compile_backend={backend!r} is not a torch.compile backend; "
+                          f"choose one of: {', '.join(usual)}")
 
 
 def validate_data_split(data) -> None:

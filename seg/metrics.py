@@ -64,9 +64,19 @@ def nanmean(values: list[float]) -> float:
 
 
 def evaluate(model: torch.nn.Module, slices, num_classes: int, class_names: list[str],
-             batch_size: int = 16, domain: torch.Tensor | None = None) -> tuple[dict[str, float], torch.Tensor]:
-    """Dice of ``model`` on a SliceSet, and its predictions; the model is put in eval mode."""
+             batch_size: int = 16, domain: torch.Tensor | None = None,
+             world=None) -> tuple[dict[str, float], torch.Tensor]:
+    """Dice of ``model`` on a SliceSet, and its predictions; the model is put in eval mode.
+
+    ``domain`` (N,): each slice's domain id, for conditional normalizations. ``world``
+    (``seg.distributed.World``, data-parallel runs): each rank predicts its share of the
+    slices; the shares' counts and predictions are summed over ranks, so all get the same result.
+    """
     model.eval()
-    prediction = predict(model, slices.images, batch_size, domain)
-    counts = slice_counts(prediction, slices.labels, num_classes)
+    rows = slice(None) if world is None else world.rows(len(slices))
+    prediction = predict(model, slices.images[rows], batch_size, None if domain is None else domain[rows])
+    counts = slice_counts(prediction, slices.labels[rows], num_classes)
+    if world is not None and world.size > 1:
+        counts = world.gather_rows(counts, len(slices))
+        prediction = world.gather_rows(prediction.to(torch.uint8), len(slices))
     return summarize_counts(counts, slices.volume_index, len(slices.cases), class_names), prediction

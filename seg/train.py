@@ -1,11 +1,14 @@
 """The training loop: config -> data on the device -> U-Net -> loss -> Dice -> logs and metrics.json.
 
 ``train(cfg, output_dir)`` reads top to bottom in the order things happen; the small builders
-it uses (optimizer, schedule, loss, device) follow it in this file.
+it uses (optimizer, schedule, loss, device, precision, compilation) follow it in this file. Under
+torchrun the same loop runs in every process; ``world`` (seg/distributed.py) gives each its share
+of the data and averages what they compute; rank 0 alone logs and writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -26,33 +29,46 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, chec
                          find_resume_checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint)
 from .config import ConfigError, validate
 from .data import class_names, load_splits
+from .distributed import World, gpu_names, is_main_process, sweep_gpu
 from .metrics import evaluate
 from .norms import norm_class
 from .unet import UNet
 
 
-def train(cfg, output_dir: str | os.PathLike) -> dict:
-    """Train and test one configuration; returns (and writes to output_dir/metrics.json) its metrics."""
+def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dict:
+    """Train and test one configuration; returns (and writes to output_dir/metrics.json) its metrics.
+
+    ``job_num``: the job's number in a sweep (it picks the GPU when parallel jobs share a machine).
+    """
     started = time.perf_counter()
     validate(cfg)
-    output_dir = Path(output_dir)
+    world = World.current()  # this process among the processes of a torchrun job (one process: rank 0 of 1)
+    output_dir = world.main_decides(Path, output_dir)  # one folder for all ranks: rank 0's
     check_writable(output_dir)
-    resume_from = find_resume_checkpoint(cfg.trainer.resume, output_dir)
+    resume_from = world.main_decides(find_resume_checkpoint, cfg.trainer.resume, output_dir)
     if resume_from is not None and resume_from.parent.name == "checkpoints":
         output_dir = resume_from.parents[1]  # continue writing in the folder of the run being resumed
     seed_everything(cfg.seed)
     configure_determinism(cfg.trainer.deterministic)
-    device = resolve_device(cfg.trainer.device)
-    print(f"Device: {describe_device(device)}")
-    progress_bar = cfg.trainer.progress
+    device = resolve_device(cfg.trainer.device, world, job_num)
+    precision = resolve_precision(cfg.trainer.precision, device)
+    autocast = autocast_context(device, precision)
+    if cfg.trainer.compile:
+        check_compile(cfg.trainer.compile_backend, device)
+    print(f"Device: {describe_device(device)}; precision {precision}"
+          + (f"; compiled ({cfg.trainer.compile_backend})" if cfg.trainer.compile else "")
+          + (f"; {world.size} processes (DDP), batch {cfg.trainer.batch_size} each" if world.size > 1 else ""))
+    progress_bar = cfg.trainer.progress and world.is_main
     config = OmegaConf.to_container(cfg, resolve=True)
     norm_options = {k: v for k, v in cfg.norm.items() if k != "name"}
     metrics = {"status": "running", "norm": cfg.norm.name, "norm_options": norm_options, "lr": cfg.lr,
                "batch_size": cfg.trainer.batch_size, "seed": cfg.seed, "task": cfg.data.task, "data": cfg.data.name,
-               "epochs": cfg.trainer.epochs, "device": str(device), "output_dir": str(output_dir)}
+               "epochs": cfg.trainer.epochs, "device": str(device), "output_dir": str(output_dir),
+               "precision": precision, "compile": cfg.trainer.compile, "world_size": world.size}
 
     # ---- data: disk -> preprocessed 2D slices (cached next to the data), held on the training device
-    loaded = load_splits(cfg.data, cfg.seed, progress_bar)
+    with world.main_first():  # rank 0 generates the phantom and writes the data cache; the others read it
+        loaded = load_splits(cfg.data, cfg.seed, progress_bar)
     metrics.update(loaded.record())  # the split's patients, cases skipped as bad, the data cache used
     splits = {name: split.to(device) for name, split in loaded.items()}
     train_set, val_set, test_set = splits["train"], splits.get("val"), splits["test"]
@@ -82,6 +98,10 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
         load_weights(model, cfg.model.init_from)
     memory_format = torch.channels_last if cfg.trainer.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
+    # how the model runs: compiled (trainer.compile), and in training wrapped for data parallelism
+    # (DDP averages the gradients over the ranks); checkpoints always hold the plain model's weights
+    fast_model = torch.compile(model, backend=cfg.trainer.compile_backend) if cfg.trainer.compile else model
+    train_model = world.data_parallel(fast_model, device)
     post_step_layers = [m for m in model.modules() if hasattr(m, "after_optimizer_step")]
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.schedule.milestones),
@@ -104,20 +124,22 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
         print(f"Resuming {resume_from}: epoch {progress['epoch']}, step {progress['step']}")
 
     def checkpoint(name: str) -> None:
-        if cfg.trainer.save_checkpoints:
+        if cfg.trainer.save_checkpoints and world.is_main:
             save_checkpoint(output_dir / "checkpoints" / name, {
                 "format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_states(),
                 "progress": progress, "config": config, "domains": domains})
 
-    writer = SummaryWriter(str(output_dir), purge_step=progress["step"] + 1 if resume_from else None)
-    steps_per_epoch = math.ceil(len(train_set) / batch_size)
+    writer = (SummaryWriter(str(output_dir), purge_step=progress["step"] + 1 if resume_from else None)
+              if world.is_main else SilentWriter())  # rank 0 alone logs
+    steps_per_epoch = len(world.batches(torch.arange(len(train_set)), batch_size))
     total_steps = cfg.trainer.epochs * steps_per_epoch
     pending_losses: list[torch.Tensor] = []
 
     def flush_losses() -> float | None:
-        """Log the losses of the steps since the last flush (one device sync); a non-finite one is returned."""
-        losses = torch.stack(pending_losses).tolist() if pending_losses else []
+        """Log the losses (mean over ranks) of the steps since the last flush (one device sync); a non-finite
+        one is returned."""
+        losses = world.mean(torch.stack(pending_losses)).tolist() if pending_losses else []
         first = progress["step"] - len(losses) + 1
         pending_losses.clear()
         for offset, value in enumerate(losses):
@@ -137,16 +159,17 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
             model.train()
             if progress["order"] is None:
                 progress["order"] = torch.randperm(len(train_set), generator=generator, device=device).cpu()
-            batches = progress["order"].split(batch_size)
+            batches = world.batches(progress["order"], batch_size)  # this rank's part of each global batch
             epoch_start = time.perf_counter()
             while progress["batch"] < len(batches):
                 batch = batches[progress["batch"]].to(device)
                 images, labels = augment_batch(train_set.images[batch], train_set.labels[batch],
                                                rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
-                                               generator=generator)
-                logits, aux_logits = model(images.contiguous(memory_format=memory_format), domain_of["train"][batch],
-                                           with_aux=True)
-                loss = loss_fn(logits, labels.long())
+                                               generator=generator, shard=(world.rank, world.size))
+                with autocast:  # trainer.precision=bf16: the forward pass in bfloat16 where safe
+                    logits, aux_logits = train_model(images.contiguous(memory_format=memory_format),
+                                                     domain_of["train"][batch], with_aux=True)
+                loss = loss_fn(logits.float(), labels.long())
                 if aux_logits is not None:  # a conditioner's low-resolution head (sean's coarse regions)
                     loss = loss + cfg.model.aux_weight * auxiliary_loss(aux_logits, labels)
                 optimizer.zero_grad(set_to_none=True)
@@ -185,8 +208,10 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                     writer.add_scalar(f"norm/{layer}/{key}", value, step)
             score = float(epoch)  # without a validation set, the last epoch is the best
             if val_set is not None:
-                val, prediction = evaluate(model, val_set, num_classes, classes, cfg.trainer.eval_batch_size,
-                                              domain_of["val"])
+                world.sync_buffers(model)  # every rank evaluates (its share) with rank 0's running statistics
+                with autocast:
+                    val, prediction = evaluate(fast_model, val_set, num_classes, classes, cfg.trainer.eval_batch_size,
+                                               domain_of["val"], world=world)
                 entry.update({f"val_{k}": v for k, v in val.items()})
                 for key, value in val.items():
                     writer.add_scalar(f"val/{key}", value, step)
@@ -212,7 +237,9 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
 
     # ---- test, with the weights of the best validation epoch
     model.load_state_dict(best_state)
-    test, _ = evaluate(model, test_set, num_classes, classes, cfg.trainer.eval_batch_size, domain_of["test"])
+    with autocast:
+        test, _ = evaluate(fast_model, test_set, num_classes, classes, cfg.trainer.eval_batch_size,
+                           domain_of["test"], world=world)
     for key, value in test.items():
         writer.add_scalar(f"test/{key}", value, progress["step"])
     best = progress["best_dice"] if val_set is not None else None
@@ -221,6 +248,8 @@ def train(cfg, output_dir: str | os.PathLike) -> dict:
                    images_per_s=train_images / max(progress["train_time"], 1e-9), history=progress["history"],
                    mixing_weights=mixing_weights(model), resumed_from=str(resume_from) if resume_from else None,
                    wall_time_s=time.perf_counter() - started)
+    if cfg.trainer.compile:
+        metrics["graph_breaks"] = graph_breaks()  # 0 for every norm (a test checks)
     log_hparams(writer, metrics)
     writer.close()
     write_metrics(output_dir, metrics)
@@ -304,19 +333,91 @@ def auxiliary_loss(aux_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return F.cross_entropy(aux_logits.float(), F.adaptive_avg_pool2d(target, aux_logits.shape[-2:]))
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when present, else CPU; an unavailable device is a clear error."""
+def resolve_device(name: str, world: World | None = None, job_num: int | None = None) -> torch.device:
+    """``auto`` is CUDA when present, else CPU; an unavailable device is a clear error.
+
+    Which GPU for ``cuda``: under torchrun, each process its own (LOCAL_RANK); in a sweep, whose jobs
+    may run side by side on one machine, one that no other job holds (``sweep_gpu``); else the first.
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"trainer.device={name} but CUDA is not available on this machine (use auto or cpu)")
+    processes = world.size if world is not None else 1
+    if name == "cuda" and processes > 1:
+        return torch.device("cuda", world.local_rank)
+    if name == "cuda":
+        return torch.device("cuda", 0 if job_num is None else sweep_gpu(job_num, gpu_names()))
+    if name.startswith("cuda:") and processes > 1:
+        raise ConfigError(f"trainer.device={name} names one GPU for all {processes} processes of this torchrun job; "
+                          f"use trainer.device=auto or cuda (each process takes the GPU of its LOCAL_RANK)")
     return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` is bf16 on a GPU that supports bfloat16, else fp32; bf16 on a GPU without it is a clear error."""
+    bf16_ok = device.type != "cuda" or torch.cuda.is_bf16_supported()
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and bf16_ok else "fp32"
+    if name == "bf16" and not bf16_ok:
+        raise ConfigError(f"trainer.precision=bf16: {torch.cuda.get_device_name(device)} does not support bfloat16; "
+                          f"use trainer.precision=fp32")
+    return name
+
+
+def autocast_context(device: torch.device, precision: str):
+    """The context of the forward pass: autocast to bfloat16 (weights, norm statistics and loss stay
+    float32), or nothing for fp32. Reusable: ``with autocast:`` at every step."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def check_compile(backend: str, device: torch.device) -> None:
+    """Refuse, before any work, a setup where torch.compile cannot run: a Python that dynamo does not
+    support, inductor on CUDA without Triton, inductor on CPU without a C++ compiler."""
+    import torch._dynamo
+
+    problem = None
+    try:
+        torch._dynamo.eval_frame.check_if_dynamo_supported()
+    except RuntimeError as err:
+        problem = f"torch.compile does not run here ({err})"
+    if problem is None and backend == "inductor" and device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            problem = f"the inductor backend needs Triton on {device} (pip install triton)"
+    if problem is None and backend == "inductor" and device.type == "cpu":
+        from torch._inductor import cpp_builder, exc
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except exc.InvalidCxxCompiler:
+            problem = (f"the inductor backend needs a C++ compiler on the CPU and found none "
+                       f"(CXX={os.environ.get('CXX', 'g++')}); install g++ or set CXX")
+    if problem:
+        raise ConfigError(f"trainer.compile=true: {problem}; or use trainer.compile=false")
+
+
+def graph_breaks() -> int:
+    """How many graph breaks torch.compile met in this process (0: each model call is one graph)."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
 
 
 def describe_device(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"{device} ({torch.get_num_threads()} threads)"
+
+
+class SilentWriter:
+    """Stands in for TensorBoard's SummaryWriter on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 class TrainingFailed(RuntimeError):
@@ -341,7 +442,7 @@ def check_writable(output_dir: Path) -> None:
     """Fail before any work if the run folder cannot be written."""
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / ".write_test"
+        probe = output_dir / f".write_test.{os.getpid()}"  # one per process: ranks may share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
@@ -378,7 +479,10 @@ def nan_to_none(value: float) -> float | None:
 
 
 def write_metrics(output_dir: Path, metrics: dict) -> None:
-    """metrics.json, written atomically; NaN (an undefined Dice) becomes null."""
+    """metrics.json, written atomically (under torchrun by rank 0 only); NaN (an undefined Dice) becomes null."""
+    if not is_main_process():
+        return
+
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
             return None

@@ -17,6 +17,7 @@ from torch import nn
 from .fused import instance_affine
 from .registry import register_norm
 from .standard import check_groups
+from .sync import global_batch_stats, synchronized
 
 
 def pooled_stats(var: torch.Tensor, mean: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +111,9 @@ class BatchInstanceNorm(nn.Module):
     the IN part always uses the instance statistics.
 
     Deliberately not a ``_BatchNorm`` subclass: ``nn.SyncBatchNorm.convert_sync_batchnorm`` would
-    replace it by a plain SyncBatchNorm and silently drop rho.
+    replace it by a plain SyncBatchNorm and silently drop rho. ``sync: true`` synchronizes the BN
+    part instead: under torchrun its statistics (and running statistics) are those of the global
+    batch (``sync.global_batch_stats``), rho and the IN part unchanged.
 
     Implementation: the batch statistics are derived from the instance statistics (mean over N of
     the means; variance by the law of total variance), and the output is one fused
@@ -118,9 +121,9 @@ class BatchInstanceNorm(nn.Module):
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, rho_lr_scale: float = 10.0,
-                 rho_weight_decay: float = 0.0):
+                 rho_weight_decay: float = 0.0, sync: bool = False):
         super().__init__()
-        self.eps, self.momentum = eps, momentum
+        self.eps, self.momentum, self.sync = eps, momentum, sync
         self.rho = nn.Parameter(torch.ones(num_channels))
         self.rho.optim_group = {"lr_scale": float(rho_lr_scale), "weight_decay": float(rho_weight_decay)}
         self.weight = nn.Parameter(torch.ones(num_channels))  # gamma
@@ -138,12 +141,18 @@ class BatchInstanceNorm(nn.Module):
         """Keep the gate in [0, 1] (the clip that the ILN paper replaces by a sigmoid)."""
         self.rho.clamp_(0.0, 1.0)
 
+    def batch_statistics(self, var_in, mean_in):
+        """The BN part's (variance, mean) and sample count: of this batch, or with ``sync`` of the global batch."""
+        if self.sync and synchronized():
+            return global_batch_stats(var_in, mean_in)
+        return (*batch_stats(var_in, mean_in), var_in.shape[0])
+
     def coefficients(self, var_in, mean_in, rho, weight, bias, *running):
         """(scale, shift) per (sample, channel); ``running`` = (mean, var) in evaluation."""
         if running:
             mean_bn, var_bn = running
         else:
-            var_bn, mean_bn = batch_stats(var_in, mean_in)
+            var_bn, mean_bn, _ = self.batch_statistics(var_in, mean_in)
         inv_in = torch.rsqrt(var_in + self.eps)
         inv_bn = torch.rsqrt(var_bn + self.eps)
         scale = weight * (rho * inv_bn + (1 - rho) * inv_in)
@@ -157,9 +166,10 @@ class BatchInstanceNorm(nn.Module):
             return y
         y, var_in, mean_in = instance_affine(x, self.coefficients, self.rho, self.weight, self.bias)
         with torch.no_grad():  # the BN part's running statistics, as nn.BatchNorm2d
-            var_bn, mean_bn = batch_stats(var_in, mean_in)
-            count = x.shape[0] * x.shape[2] * x.shape[3]
-            unbiased_var = var_bn * (count / max(count - 1, 1))
+            var_bn, mean_bn, samples = self.batch_statistics(var_in, mean_in)
+            count = samples * x.shape[2] * x.shape[3]  # a tensor when synchronized
+            unbiased_var = var_bn * (count / (count - 1).clamp(min=1) if torch.is_tensor(count)
+                                     else count / max(count - 1, 1))
             self.running_mean.lerp_(mean_bn.to(self.running_mean.dtype), self.momentum)
             self.running_var.lerp_(unbiased_var.to(self.running_var.dtype), self.momentum)
             self.num_batches_tracked.add_(1)

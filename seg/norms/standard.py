@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import instance_affine
 from .registry import register_norm
+from .sync import global_batch_stats, synchronized
 
 
 def check_groups(num_channels: int, groups: int, layer: str) -> None:
@@ -50,11 +52,11 @@ class BatchNorm(nn.BatchNorm2d):
     running statistics are just 0 and 1.
 
     ``sync: true`` gives SyncBatchNorm semantics (cross-GPU BN, Peng et al., "MegDet", CVPR 2018,
-    arXiv 1711.07240): when torch.distributed is initialized with more than one process, training
-    statistics are those of the global batch, computed by the autograd function behind
-    ``torch.nn.SyncBatchNorm`` (CUDA tensors only, as there). Otherwise the layer is exactly BN.
+    arXiv 1711.07240): when torch.distributed is initialized with more than one process (torchrun),
+    training statistics, and the running statistics they update, are those of the global batch
+    (``sync.global_batch_stats``; any device, gloo or NCCL). Otherwise the layer is exactly BN.
     Convert with this option rather than ``nn.SyncBatchNorm.convert_sync_batchnorm``, which would
-    drop ``freeze``.
+    drop ``freeze`` and needs CUDA.
     """
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, freeze: bool = False,
@@ -69,25 +71,27 @@ class BatchNorm(nn.BatchNorm2d):
         if self.freeze:  # BN*: the running statistics, never updated
             return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
                                 eps=self.eps)
-        if self.sync and self.training and distributed_world_size() > 1:
+        if self.sync and self.training and synchronized():
             return self.sync_forward(x)
         return super().forward(x)
 
     def sync_forward(self, x):
-        """Training step with statistics over the global batch: torch's own SyncBatchNorm function."""
-        from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+        """Training step with statistics over the global batch of all processes."""
+        y, var_in, mean_in = instance_affine(x, self.sync_coefficients, self.weight, self.bias)
+        with torch.no_grad():  # running statistics as nn.BatchNorm2d's, of the global batch
+            var, mean, count = global_batch_stats(var_in, mean_in)
+            pixels = count * x.shape[2] * x.shape[3]
+            self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+            self.running_var.lerp_((var * pixels / (pixels - 1).clamp(min=1)).to(self.running_var.dtype),
+                                   self.momentum)
+            self.num_batches_tracked.add_(1)
+        return y
 
-        self.num_batches_tracked.add_(1)
-        world = torch.distributed.group.WORLD
-        return sync_batch_norm.apply(x, self.weight, self.bias, self.running_mean, self.running_var, self.eps,
-                                     self.momentum, world, torch.distributed.get_world_size(world))
-
-
-def distributed_world_size() -> int:
-    """Number of processes of the default group; 1 when torch.distributed is not in use."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
+    def sync_coefficients(self, var_in, mean_in, weight, bias):
+        """(scale, shift) of y = x * scale + shift from the global batch's statistics."""
+        var, mean, _ = global_batch_stats(var_in, mean_in)
+        scale = weight * torch.rsqrt(var + self.eps)
+        return scale, bias - mean * scale
 
 
 class _GroupNormLayer(nn.GroupNorm):
