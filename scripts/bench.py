@@ -22,7 +22,8 @@ CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (everything torch 
 the resident dataset included); on CPU the peak resident set size of the training process
 (DataLoader workers not included). With ``--compile`` the graph breaks that torch.compile met in our
 model are listed too. The layers that replace the convolution + norm pair (kn, wn, bkn) have no
-MONAI counterpart. Prints one Markdown table per device, ready for the README; compare figures
+MONAI counterpart, nor do the conditional ones (cin, adain, spade, sean: MONAI's networks pass no
+condition; ours get each image's domain id, 4 vendors). Prints one Markdown table per device, ready for the README; compare figures
 within one table only.
 """
 
@@ -70,9 +71,9 @@ def measure(spec: dict) -> dict:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        x, y = next_batch()
+        x, y = next_batch()  # x: the images, or (images, domain ids) for our U-Net
         with autocast:
-            logits = model(x)
+            logits = model(*x) if isinstance(x, tuple) else model(x)
         loss = torch.nn.functional.cross_entropy(logits.float(), y.long())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,9 +117,11 @@ def ours(spec, images, labels, device):
 
     images, labels = images.to(device), labels.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    model = UNet(num_classes=2, base_channels=WIDTHS[0], depth=len(WIDTHS) - 1, norm=spec["norm"])
+    model = UNet(num_classes=2, base_channels=WIDTHS[0], depth=len(WIDTHS) - 1, norm=spec["norm"], num_domains=4)
     model = model.to(device).to(memory_format=torch.channels_last)
     order, position = torch.empty(0, dtype=torch.long), 0
+
+    domains = torch.arange(len(images), device=device) % 4  # for conditional layers (cin): 4 vendors
 
     def next_batch():
         nonlocal order, position
@@ -127,7 +130,7 @@ def ours(spec, images, labels, device):
         index = order[position:position + spec["batch_size"]]
         position += spec["batch_size"]
         x, y = augment_batch(images[index], labels[index], rotate_deg=ROTATE_DEG, flip=False, generator=generator)
-        return x.contiguous(memory_format=torch.channels_last), y
+        return (x.contiguous(memory_format=torch.channels_last), domains[index]), y
 
     return model, next_batch
 
@@ -257,7 +260,7 @@ def main() -> None:
                     "steps": args.steps, "warmup": args.warmup, "samples": args.samples, "workers": args.workers,
                     "threads": args.threads}
             ours_result = run_child({**spec, "pipeline": "ours"})
-            has_monai = not hasattr(NORMS[norm], "conv_norm")
+            has_monai = not (hasattr(NORMS[norm], "conv_norm") or getattr(NORMS[norm], "condition_inputs", ()))
             monai_result = run_child({**spec, "pipeline": "monai"}) if has_monai else None
             both = all(r is not None and "error" not in r for r in (ours_result, monai_result))
             ratio = f"{ours_result['images_per_s'] / monai_result['images_per_s']:.2f}x" if both else "n/a"
