@@ -4,6 +4,7 @@
     python scripts/bench_norms.py --device cuda
     python scripts/bench_norms.py --channels-last       # the trainer's memory format
     python scripts/bench_norms.py --threads 1           # steadier on a machine shared with other jobs
+    python scripts/bench_norms.py --layers bin iln sn   # some layers only (GroupNorm is always timed)
 
 Two tables. "Layer alone": every layer that sits after a convolution, on the same input tensor,
 against ``torch.nn.GroupNorm(16, 16)``; a straightforward seed-style ILN (three separate
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="steps per round, layer alone")
     parser.add_argument("--pair-repeats", type=int, default=3, help="steps per round, conv + layer")
     parser.add_argument("--skip-pairs", action="store_true", help="only the layer-alone table")
+    parser.add_argument("--layers", nargs="+", choices=sorted(NORMS), help="only these layers (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -167,9 +169,10 @@ def main() -> None:
     gn = "GroupNorm(16, 16) (torch)"
     layers = {gn: nn.GroupNorm(16, c)}
     cond = bench_condition(x)
-    layers.update({name: build(name, make_norm, cond, c) for name in sorted(NORMS)
-                   if not hasattr(NORMS[name], "conv_norm")})
-    layers["iln, seed-style (3 separate norms)"] = SeedStyleILN(c)
+    names = sorted(args.layers or NORMS)
+    layers.update({name: build(name, make_norm, cond, c) for name in names if not hasattr(NORMS[name], "conv_norm")})
+    if "iln" in names:
+        layers["iln, seed-style (3 separate norms)"] = SeedStyleILN(c)
     layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
     same_shape = torch.randn_like(x)
     print_table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats), gn)
@@ -177,7 +180,7 @@ def main() -> None:
     if not args.skip_pairs:
         conv_gn = "conv 3x3 + GroupNorm(16, 16)"
         pairs = {conv_gn: make_conv_norm("gn", c, c, 3)}
-        pairs.update({f"conv 3x3 + {name}": build(name, make_conv_norm, cond, c, c, 3) for name in sorted(NORMS)})
+        pairs.update({f"conv 3x3 + {name}": build(name, make_conv_norm, cond, c, c, 3) for name in names})
         pairs = {name: m.to(memory_format=fmt) for name, m in pairs.items()}
         print_table("Convolution + layer (the U-Net's pair, make_conv_norm)",
                     run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats), conv_gn)

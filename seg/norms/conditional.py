@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import compute_dtype
+from .fused import compute_dtype, instance_affine
 from .registry import Condition, register_norm, required
 
 BASES = ("bn", "in")
@@ -41,6 +41,19 @@ class _InstanceNormNoAffine(nn.Module):
 
     def forward(self, x):
         return F.group_norm(x, self.num_channels, eps=self.eps)  # C groups: instance statistics
+
+
+def instance_norm_affine(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """IN(x) * gamma + beta with a (gamma, beta) per sample and channel, (N, C) each: one fused
+    ``x * scale + shift`` from the instance statistics (``fused.instance_affine``), no full-size
+    intermediate for IN(x)."""
+
+    def coefficients(var, mean, gamma, beta):
+        scale = gamma * torch.rsqrt(var + eps)
+        return scale, beta - mean * scale
+
+    y, _, _ = instance_affine(x, coefficients, gamma, beta)
+    return y
 
 
 def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
@@ -77,6 +90,7 @@ class ConditionalInstanceNorm(nn.Module):
     artistic style", ICLR 2017, arXiv 1610.07629): y = gamma_s IN(x) + beta_s with a (gamma, beta)
     row per condition s.
 
+    Computed as one fused x * scale + shift from the instance statistics (as the mixed layers).
     Here s is the image's domain id -- its vendor/scanner as recorded by the dataset (the phantom's
     and M&Ms' vendors; ``data.domain_key`` picks the field), numbered in the order of the training
     domains. The table has one row per training domain (``num_domains``, set by the trainer).
@@ -104,8 +118,7 @@ class ConditionalInstanceNorm(nn.Module):
     def forward(self, x, cond=None):
         domain = required(cond, "domain", "cin")
         gamma, beta = self.affine(domain)
-        x_hat = F.group_norm(x, self.num_channels, eps=self.eps)
-        return x_hat * gamma[:, :, None, None].to(x_hat.dtype) + beta[:, :, None, None].to(x_hat.dtype)
+        return instance_norm_affine(x, gamma, beta, self.eps)
 
 
 # ---------------------------------------------------------------------------- AdaIN
@@ -169,8 +182,7 @@ class AdaptiveInstanceNorm(nn.Module):
     def forward(self, x, cond=None):
         style = required(cond, "style", "adain")
         sigma, mu = self.to_affine(style).chunk(2, dim=1)
-        x_hat = F.group_norm(x, self.num_channels, eps=self.eps)
-        return x_hat * sigma[:, :, None, None].to(x_hat.dtype) + mu[:, :, None, None].to(x_hat.dtype)
+        return instance_norm_affine(x, sigma, mu, self.eps)
 
 
 # ---------------------------------------------------------------------------- SPADE
