@@ -101,6 +101,27 @@ def _broadcast(t: torch.Tensor) -> torch.Tensor:
     return t[..., None, None]
 
 
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``x * scale + shift`` for (N, C, H, W) ``x`` and (N, C) ``scale``, ``shift``: one pass, new tensor.
+
+    On CPU, for a large contiguous tensor, torch's batch-norm inference kernel does this faster
+    than ``addcmul`` with broadcast operands (measured 1.9 vs 2.9 ms on (8, 16, 256, 256)): on the
+    (1, N*C, H*W) view, with running mean 0, running variance 1 and eps 0 it computes exactly
+    x * weight + bias per row. Elsewhere (CUDA, channels_last, small tensors, under
+    torch.compile): ``addcmul``.
+    """
+    n, c, h, w = x.shape
+    fast = (x.device.type == "cpu" and x.numel() >= _SINGLE_PASS_MIN_NUMEL and x.is_contiguous()
+            and x.dtype in (torch.float32, torch.float64) and scale.dtype == x.dtype and shift.dtype == x.dtype
+            and not torch.compiler.is_compiling())
+    if fast:
+        zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
+        y, _, _ = torch.ops.aten.native_batch_norm(x.view(1, n * c, h * w), scale.reshape(-1), shift.reshape(-1),
+                                                   zeros, ones, False, 0.0, 0.0)
+        return y.view(n, c, h, w)
+    return torch.addcmul(_broadcast(shift), x, _broadcast(scale))
+
+
 class _InstanceAffine(torch.autograd.Function):
     """y = x * scale + shift, (scale, shift) = coefficients(var_in, mean_in, *params).
 
@@ -121,7 +142,7 @@ class _InstanceAffine(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.graph = (var_leaf, mean_leaf, param_leaves, scale, shift)
         ctx.mark_non_differentiable(var, mean)
-        y = torch.addcmul(_broadcast(shift.detach()), x, _broadcast(scale.detach()))
+        y = scale_shift(x, scale.detach(), shift.detach())
         return y, var, mean
 
     @staticmethod
@@ -140,7 +161,7 @@ class _InstanceAffine(torch.autograd.Function):
                 count = x.shape[2] * x.shape[3]
                 slope = 2 * grad_var / count  # d var / dx = 2 (x - mean) / count
                 offset = grad_mean / count - slope * mean_leaf.detach()
-                grad_x = torch.addcmul(_broadcast(offset), x, _broadcast(slope))
+                grad_x = scale_shift(x, slope, offset)
                 grad_x.addcmul_(grad_y, _broadcast(scale.detach()))
         param_grads = iter(grads[2:])
         return (grad_x, None, *(next(param_grads) if p.requires_grad else None for p in param_leaves))
