@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.norms import NORMS, Condition, make_conv_norm, make_norm  # noqa: E402
+from seg.norms import NORMS, Condition, context_options, make_conv_norm, make_norm  # noqa: E402
 
 
 class SeedStyleILN(nn.Module):
@@ -92,8 +92,7 @@ def build(name: str, make, cond: Condition, *args) -> nn.Module:
     """``make(name, *args)``, wrapped with ``cond`` if the layer is conditional (4 domains, 4 regions)."""
     if not getattr(NORMS[name], "condition_inputs", ()):
         return make(name, *args)
-    context = {"cin": {"num_domains": 4}, "sean": {"num_regions": 4}}.get(name, {})
-    return WithCondition(make(name, *args, **context), cond)
+    return WithCondition(make(name, *args, **context_options(name, num_domains=4, num_regions=4)), cond)
 
 
 def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):

@@ -1,4 +1,5 @@
-"""Shared fixtures: small real datasets on disk, the project root, a way to run train.py."""
+"""Shared fixtures: small real datasets on disk, the project root, a way to run train.py, and the
+helpers of the layer tests (single-threaded tiny tensors, float64 inputs, non-trivial parameters)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -35,3 +38,26 @@ def run_train(*overrides: str, cwd: Path = ROOT, check: bool = True) -> subproce
     if check and result.returncode != 0:
         pytest.fail(f"train.py {' '.join(overrides)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The layer tests' tensors are tiny: intra-op threads only add start-up cost (and stall when other
+    processes share the cores), so such a module runs single-threaded and the setting is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def randn(*shape, scale=1.0, shift=0.0):
+    """A float64 input that requires grad, of the given scale and shift."""
+    return (torch.randn(*shape, dtype=torch.float64) * scale + shift).requires_grad_()
+
+
+def randomize(module: nn.Module) -> nn.Module:
+    """Non-trivial values for every parameter (affine 1/0 would hide mistakes)."""
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.rand_like(param) * 0.8 + 0.6)
+    return module

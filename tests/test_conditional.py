@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_train
-from seg.config import register_configs, validate
+from conftest import ROOT, randn, randomize, run_train
+from seg.config import ConfigError, register_configs, validate
 from seg.inference import load_segmenter
 from seg.norms import NORMS, Condition, make_conv_norm, make_norm
 from seg.norms.conditional import RegionConditioner, StyleEncoder, region_codes
@@ -21,25 +21,7 @@ CONDITIONAL = ["adain", "cin", "sean", "spade"]
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 register_configs()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def randn(*shape, scale=1.0, shift=0.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale + shift).requires_grad_()
-
-
-def randomize(module):
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.rand_like(param) * 0.8 + 0.6)
-    return module
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def naive_standardize(x, dims, eps=1e-5):
@@ -305,7 +287,7 @@ def test_every_conditional_config_composes_and_validates(name):
 def test_sizes_given_by_the_data_cannot_be_set_in_the_config():
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
         cfg = compose(config_name="train", overrides=["norm=cin", "+norm.num_domains=3"])
-    with pytest.raises(Exception, match="norm.num_domains is set by the trainer"):
+    with pytest.raises(ConfigError, match="norm.num_domains is set by the trainer"):
         validate(cfg)
 
 

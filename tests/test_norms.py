@@ -19,7 +19,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, randn, randomize
 from seg.config import register_configs, validate
 from seg.norms import NORMS, make_conv_norm, make_norm, register_monai
 from seg.norms.fused import _InstanceAffine, instance_affine_reference, instance_moments, product_sums
@@ -34,31 +34,10 @@ POST_CONV = [name for name in ALL if name not in PAIR_ONLY]
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 register_configs()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tensors here are tiny: intra-op threads only add start-up cost (and stall when other
-    processes share the cores), so this module runs single-threaded and restores the setting."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def randn(*shape, scale=1.0, shift=0.0):
-    return (torch.randn(*shape, dtype=torch.float64) * scale + shift).requires_grad_()
-
-
-def randomize(module: nn.Module) -> nn.Module:
-    """Non-trivial values for every parameter (affine 1/0 would hide mistakes)."""
-    with torch.no_grad():
-        for param in module.parameters():
-            param.copy_(torch.rand_like(param) * 0.8 + 0.6)
-    return module
 
 
 def value_and_grads(fn, inputs):
