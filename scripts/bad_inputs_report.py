@@ -83,6 +83,9 @@ CONFIG_CASES = {
     "unknown precision": ["trainer.precision=fp8"],
     "unknown torch.compile backend": ["trainer.compile=true", "trainer.compile_backend=fast"],
     "norm.sync on a layer that cannot synchronize": ["norm=sn", "+norm.sync=true"],
+    "cin on data that records no vendor": ["norm=cin"],
+    "a size given by the data set in the config": ["norm=cin", "+norm.num_domains=3"],
+    "unknown base of spade": ["norm=spade", "norm.base=ln"],
 }
 # cases that need an environment: (overrides, environment variables)
 ENV_CASES = {
