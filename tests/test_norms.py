@@ -22,7 +22,8 @@ from torch import nn
 from conftest import ROOT, randn, randomize
 from seg.config import register_configs, validate
 from seg.norms import NORMS, make_conv_norm, make_norm, register_monai
-from seg.norms.fused import _InstanceAffine, instance_affine_reference, instance_moments, product_sums
+from seg.norms.fused import (_SINGLE_PASS_MIN_NUMEL, _InstanceAffine, instance_affine_reference, instance_moments,
+                             product_sums, scale_shift)
 from seg.norms.kalman import KalmanConvNorm, rectified_gaussian_moments
 from seg.train import build_optimizer
 from seg.unet import UNet
@@ -423,6 +424,24 @@ def test_product_sums(memory_format, shape):
     dot, total = product_sums(grad, x)
     torch.testing.assert_close(dot, (grad * x).sum((2, 3)), **TIGHT)
     torch.testing.assert_close(total, grad.sum((2, 3)), **TIGHT)
+
+
+@pytest.mark.parametrize("numel", [_SINGLE_PASS_MIN_NUMEL - 2 * 8 * 64, _SINGLE_PASS_MIN_NUMEL])  # below, at the threshold
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_output_and_input_gradient_are_fresh_tensors_not_views(memory_format, numel):
+    """A view returned by a custom Function cannot be modified in place (the networks' in-place ReLU)."""
+    height = numel // (2 * 8 * 64)
+    x = randn(2, 8, height, 64, scale=2, shift=1).detach().contiguous(memory_format=memory_format)
+    scale, shift = torch.rand(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    y = scale_shift(x, scale, shift)
+    assert y._base is None
+    torch.testing.assert_close(y, x * scale[..., None, None] + shift[..., None, None], **TIGHT)
+    layer = randomize(make_norm("iln", 16).double())
+    x = randn(1, 16, height, 64, scale=2, shift=1).detach().contiguous(memory_format=memory_format).requires_grad_()
+    out = layer(x)
+    assert out._base is None
+    torch.relu_(out).sum().backward()
+    assert x.grad._base is None
 
 
 def test_instance_moments_are_exact_even_with_a_large_mean():

@@ -109,6 +109,10 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     (1, N*C, H*W) view, with running mean 0, running variance 1 and eps 0 it computes exactly
     x * weight + bias per row. Elsewhere (CUDA, channels_last, small tensors, under
     torch.compile): ``addcmul``.
+
+    The result is never a view: the kernel writes (its ``out=`` form) into a fresh (N, C, H, W)
+    tensor through a view of it, and that tensor is returned. A custom autograd Function's output
+    that is a view cannot be modified in place, and the network's ReLU(inplace=True) modifies it.
     """
     n, c, h, w = x.shape
     fast = (x.device.type == "cpu" and x.numel() >= _SINGLE_PASS_MIN_NUMEL and x.is_contiguous()
@@ -116,9 +120,11 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
             and not torch.compiler.is_compiling())
     if fast:
         zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
-        y, _, _ = torch.ops.aten.native_batch_norm(x.view(1, n * c, h * w), scale.reshape(-1), shift.reshape(-1),
-                                                   zeros, ones, False, 0.0, 0.0)
-        return y.view(n, c, h, w)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        torch.ops.aten.native_batch_norm.out(x.view(1, n * c, h * w), scale.reshape(-1), shift.reshape(-1), zeros,
+                                             ones, False, 0.0, 0.0, out=y.view(1, n * c, h * w),
+                                             save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
+        return y
     return torch.addcmul(_broadcast(shift), x, _broadcast(scale))
 
 
