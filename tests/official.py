@@ -339,7 +339,8 @@ def spade(x, segmap, layer, batch_norm: BatchNorm, training):
     return normalized * (1 + gamma) + beta
 
 
-def ace(x, segmap, style_codes, layer, batch_norm: BatchNorm, training, with_noise=True, with_region_fc=True):
+def ace(x, segmap, style_codes, layer, batch_norm: BatchNorm, training, with_noise=True, with_region_fc=True,
+        noise_in_eval=True, spade_map=None):
     """ZPdesu/SEAN, models/networks/normalization.py (ACE.forward, status 'train', use_rgb):
 
     noise = (randn(N, W, H, 1) * noise_var).transpose(1, 3), added to x before the parameter-free
@@ -347,9 +348,11 @@ def ace(x, segmap, style_codes, layer, batch_norm: BatchNorm, training, with_noi
     j present in it, relu(fc_mu<j>(style_codes[i][j])) scattered into that label's pixels (zeros
     elsewhere), then conv_gamma / conv_beta (3x3); SPADE's gamma, beta from the label map; blended
     by sigmoid(blending_gamma), sigmoid(blending_beta); out = x_hat (1 + gamma) + beta.
-    ``with_noise`` / ``with_region_fc`` false leave that step out (this project's options)."""
+    ``with_noise`` / ``with_region_fc`` false leave that step out (this project's options);
+    ``noise_in_eval`` false adds the noise in training only (this project's rule); ``spade_map``: the
+    map SPADE's branch reads, if not the label map (this project conditions it on the image)."""
     n, c, h, w = x.shape
-    if with_noise:
+    if with_noise and (training or noise_in_eval):
         noise = (torch.randn(n, w, h, 1, dtype=x.dtype) * layer.noise_var).transpose(1, 3)
         x = x + noise
     ones, zeros = torch.ones(c, dtype=x.dtype), torch.zeros(c, dtype=x.dtype)
@@ -367,8 +370,8 @@ def ace(x, segmap, style_codes, layer, batch_norm: BatchNorm, training, with_noi
     gamma_avg = F.conv2d(middle, layer.style_gamma.weight, layer.style_gamma.bias, padding=1)
     beta_avg = F.conv2d(middle, layer.style_beta.weight, layer.style_beta.bias, padding=1)
     modulation = layer.modulation
-    gamma_spade, beta_spade = spade_modulation(segmap, modulation.shared[0], modulation.gamma, modulation.beta,
-                                               (h, w))
+    gamma_spade, beta_spade = spade_modulation(segmap if spade_map is None else spade_map, modulation.shared[0],
+                                               modulation.gamma, modulation.beta, (h, w))
     a_gamma, a_beta = torch.sigmoid(layer.blend_gamma), torch.sigmoid(layer.blend_beta)
     gamma = a_gamma * gamma_avg + (1 - a_gamma) * gamma_spade
     beta = a_beta * beta_avg + (1 - a_beta) * beta_spade
