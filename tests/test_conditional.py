@@ -161,8 +161,10 @@ def test_region_codes_are_masked_means():
 
 @pytest.mark.parametrize("train", [True, False])
 def test_sean_blends_spade_and_region_style_modulations(train):
+    """Without the official per-region fc and noise (region_fc, noise false): the codes broadcast as they are."""
     torch.manual_seed(0)
-    layer = make_norm("sean", 5, hidden=7, style_dim=4, base="in", image_channels=1).double().train(train)
+    layer = make_norm("sean", 5, hidden=7, style_dim=4, base="in", image_channels=1, region_fc=False,
+                      noise=False).double().train(train)
     with torch.no_grad():
         layer.blend_gamma.fill_(0.7)
         layer.blend_beta.fill_(-1.2)
@@ -181,6 +183,71 @@ def test_sean_blends_spade_and_region_style_modulations(train):
     gamma = a_gamma * gamma_s + (1 - a_gamma) * gamma_o
     beta = a_beta * beta_s + (1 - a_beta) * beta_o
     assert_same(layer, out, naive_standardize(x, (2, 3)) * (1 + gamma) + beta, [x, image, codes])
+
+
+def one_hot_regions(n, k, h, w):
+    labels = torch.randint(0, k, (n, h, w))
+    labels[0, :2] = k - 1  # every label present somewhere in the batch
+    labels[0, 2:4] = 0
+    return F.one_hot(labels, k).permute(0, 3, 1, 2).double()
+
+
+@pytest.mark.parametrize("base", ["bn", "in"])
+@pytest.mark.parametrize("train", [True, False])
+def test_sean_is_the_official_ace_block_on_a_label_map(train, base):
+    """With a hard one-hot label map as regions and as the SPADE input, the layer is ZPdesu/SEAN's ACE: noise
+    (same draw) before the norm, each present region's code through its fc_mu + ReLU scattered into its
+    pixels, 3x3 convs, SPADE, the blend -- written naively here, a loop over samples and regions."""
+    torch.manual_seed(0)
+    layer = make_norm("sean", 5, hidden=7, style_dim=4, base=base, image_channels=3, num_regions=3).double()
+    with torch.no_grad():
+        layer.noise_var.uniform_(0.5, 1.5)  # trained values (it starts at zero)
+        layer.blend_gamma.fill_(0.4)
+        layer.blend_beta.fill_(-0.8)
+    layer.train(train)
+    x = randn(2, 5, 8, 6, scale=2, shift=1)
+    segmap = one_hot_regions(2, 3, 8, 6)
+    codes = randn(2, 3, 4)
+    torch.manual_seed(7)
+    out = layer(x, Condition(image=segmap, regions=segmap, region_codes=codes))
+    torch.manual_seed(7)
+    n, c, h, w = x.shape
+    noisy = x + (torch.randn(n, w, h, 1, dtype=x.dtype) * layer.noise_var).transpose(1, 3) if train else x
+    if base == "in":
+        x_hat = naive_standardize(noisy, (2, 3))
+    elif train:
+        x_hat = naive_standardize(noisy, (0, 2, 3))
+    else:  # running statistics, untouched since initialisation
+        x_hat = noisy / (1 + 1e-5) ** 0.5
+    style_map = torch.zeros(n, 4, h, w, dtype=x.dtype)
+    for i in range(n):
+        for k in range(3):
+            mask = segmap[i, k].bool()
+            if mask.any():
+                fc = layer.region_fc[k]
+                style_map[i, :, mask] = torch.relu(codes[i, k] @ fc.weight.T + fc.bias)[:, None]
+    gamma_s = F.conv2d(style_map, layer.style_gamma.weight, layer.style_gamma.bias, padding=1)
+    beta_s = F.conv2d(style_map, layer.style_beta.weight, layer.style_beta.bias, padding=1)
+    gamma_o, beta_o = naive_modulation(layer.modulation, segmap)
+    a_gamma, a_beta = 1 / (1 + torch.exp(-layer.blend_gamma)), 1 / (1 + torch.exp(-layer.blend_beta))
+    reference = x_hat * (1 + a_gamma * gamma_s + (1 - a_gamma) * gamma_o) + a_beta * beta_s + (1 - a_beta) * beta_o
+    torch.manual_seed(7)  # the gradients re-run nothing random; the seed only keeps the draws aligned
+    assert_same(layer, out, reference, [x, codes])
+
+
+def test_sean_noise_and_region_fc_options():
+    layer = make_norm("sean", 4, num_regions=3)
+    assert torch.equal(layer.noise_var, torch.zeros(4)) and len(layer.region_fc) == 3  # noise starts at zero
+    bare = make_norm("sean", 4, num_regions=3, region_fc=False, noise=False)
+    assert bare.region_fc is None and bare.noise_var is None
+    assert not any("noise" in n or "region_fc" in n for n, _ in bare.named_parameters())
+    x = torch.randn(2, 4, 6, 6)
+    cond = Condition(image=torch.randn(2, 1, 6, 6), regions=torch.softmax(torch.randn(2, 3, 6, 6), 1),
+                     region_codes=torch.randn(2, 3, 64))
+    layer.eval()
+    with torch.no_grad():
+        layer.noise_var.fill_(1.0)
+        assert torch.equal(layer(x, cond), layer(x, cond))  # no noise in evaluation
 
 
 def test_sean_blend_weights_start_at_one_half_and_are_logged():
@@ -251,8 +318,10 @@ def test_conditional_unets_compile_to_the_same_outputs_and_gradients():
         torch.manual_seed(0)
         model = unet(name, norm_options={"hidden": 8} if name in ("spade", "sean") else None).double()
         x, domain = torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.tensor([0, -1])
+        torch.manual_seed(1)  # the same draws (sean's noise) on both sides
         eager = model(x, domain)
         eager_grads = torch.autograd.grad(eager.sum(), list(model.parameters()), allow_unused=True)
+        torch.manual_seed(1)
         compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(x, domain)
         compiled_grads = torch.autograd.grad(compiled.sum(), list(model.parameters()), allow_unused=True)
         torch.testing.assert_close(compiled, eager, rtol=1e-7, atol=1e-9, msg=name)

@@ -1,7 +1,7 @@
 """The normalization layers against independent references, forward and backward, train and eval.
 
 References: torch's own BatchNorm2d / InstanceNorm2d / GroupNorm for bn, in, ln, gn; the official
-SwitchNorm2d (transcribed below from seed 001) for sn; "KernelNorm on unfolded windows, then the
+SwitchNorm2d (tests/official.py) for sn; "KernelNorm on unfolded windows, then the
 convolution" for kn; the formulas of NORMS.md written naively here for bin, iln, pn, lcn and bkn.
 Comparisons run in float64 so that tolerances can be tight.
 """
@@ -19,11 +19,13 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
+import official
 from conftest import ROOT, randn, randomize
 from seg.config import register_configs, validate
 from seg.norms import NORMS, make_conv_norm, make_norm, register_monai
-from seg.norms.fused import _InstanceAffine, instance_affine_reference, instance_moments, product_sums
-from seg.norms.kalman import KalmanConvNorm, rectified_gaussian_moments
+from seg.norms.fused import (_SINGLE_PASS_MIN_NUMEL, _InstanceAffine, instance_affine_reference, instance_moments,
+                             product_sums, scale_shift)
+from seg.norms.kalman import PRIOR_ATTRIBUTE, KalmanConvNorm, rectified_gaussian_moments
 from seg.train import build_optimizer
 from seg.unet import UNet
 
@@ -303,57 +305,50 @@ def test_iln_matches_the_three_step_formula(train, shape):
     assert set(layer.mixing_weights()) == {"sigmoid_rho"}
 
 
+def rho_gradient(channels, groups, eps=1e-5, rho=None):
+    """Output and the gradient of rho (of a fixed random projection of the output) of one ILN layer, float64."""
+    torch.manual_seed(3)
+    layer = randomize(make_norm("iln", channels, groups=groups, eps=eps).double())
+    if rho is not None:
+        with torch.no_grad():
+            layer.rho.copy_(rho)
+    x = randn(2, channels, 9, 11, scale=2, shift=1)
+    out, (grad,) = value_and_grads(lambda: layer(x), [layer.rho])
+    return out, grad
+
+
+def test_iln_rho_has_no_effect_where_channels_equal_groups():
+    """16 channels in 16 groups: the output is IN(x) whatever rho is (exactly without eps), and rho's gradient
+    vanishes; with 32 channels (2 per group) it does not. The layer says so in ``mixing_weights_inert``."""
+    rho_a, rho_b = torch.zeros(16, dtype=torch.float64), torch.linspace(-3, 3, 16, dtype=torch.float64)
+    out_a, grad = rho_gradient(16, 16, eps=0.0, rho=rho_a)
+    out_b, _ = rho_gradient(16, 16, eps=0.0, rho=rho_b)
+    torch.testing.assert_close(out_a, out_b, rtol=0, atol=1e-12)
+    assert grad.abs().max() < 1e-10
+    _, grad_with_eps = rho_gradient(16, 16)
+    _, effective = rho_gradient(32, 16)
+    assert grad_with_eps.abs().max() < 1e-3 * effective.abs().max()
+    assert make_norm("iln", 16).mixing_weights_inert == "rho has no effect (channels = groups)"
+    assert make_norm("iln", 32).mixing_weights_inert is None
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4, 8])
+def test_iln_rho_acts_at_16_channels_with_fewer_groups(groups):
+    """groups 1, 2, 4, 8 divide every U-Net width (16 * 2^level) and leave two or more channels per group."""
+    _, grad = rho_gradient(16, groups)
+    _, effective = rho_gradient(32, 16)
+    assert grad.abs().max() > 1e-2 * effective.abs().max()
+    assert make_norm("iln", 16, groups=groups).mixing_weights_inert is None
+
+
 # ---------------------------------------------------------------------------- sn: the official code
-
-
-class OfficialSwitchNorm2d(nn.Module):
-    """The official SwitchNorm2d (switchablenorms/Switchable-Normalization, as printed in seed 001),
-    transcribed as the reference: defaults using_moving_average=True, using_bn=True, last_gamma=False.
-    One addition for the ``unbiased: false`` option: the ``unbiased`` flag of var_in."""
-
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, unbiased=True):
-        super().__init__()
-        self.eps, self.momentum, self.unbiased = eps, momentum, unbiased
-        self.weight = nn.Parameter(torch.ones(1, num_features, 1, 1))
-        self.bias = nn.Parameter(torch.zeros(1, num_features, 1, 1))
-        self.mean_weight = nn.Parameter(torch.ones(3))
-        self.var_weight = nn.Parameter(torch.ones(3))
-        self.register_buffer("running_mean", torch.zeros(1, num_features, 1))
-        self.register_buffer("running_var", torch.zeros(1, num_features, 1))
-
-    def forward(self, x):
-        N, C, H, W = x.size()
-        x = x.view(N, C, -1)
-        mean_in = x.mean(-1, keepdim=True)
-        var_in = x.var(-1, keepdim=True, unbiased=self.unbiased)
-        mean_ln = mean_in.mean(1, keepdim=True)
-        temp = var_in + mean_in ** 2
-        var_ln = temp.mean(1, keepdim=True) - mean_ln ** 2
-        if self.training:
-            mean_bn = mean_in.mean(0, keepdim=True)
-            var_bn = temp.mean(0, keepdim=True) - mean_bn ** 2
-            self.running_mean.mul_(self.momentum)
-            self.running_mean.add_((1 - self.momentum) * mean_bn.data)
-            self.running_var.mul_(self.momentum)
-            self.running_var.add_((1 - self.momentum) * var_bn.data)
-        else:
-            mean_bn = self.running_mean
-            var_bn = self.running_var
-        softmax = nn.Softmax(0)
-        mean_weight = softmax(self.mean_weight)
-        var_weight = softmax(self.var_weight)
-        mean = mean_weight[0] * mean_in + mean_weight[1] * mean_ln + mean_weight[2] * mean_bn
-        var = var_weight[0] * var_in + var_weight[1] * var_ln + var_weight[2] * var_bn
-        x = (x - mean) / (var + self.eps).sqrt()
-        x = x.view(N, C, H, W)
-        return x * self.weight + self.bias
 
 
 @pytest.mark.parametrize("unbiased", [True, False])
 @pytest.mark.parametrize("shape", [(4, 6, 7, 9), (1, 6, 7, 9)])
 def test_sn_matches_the_official_switchnorm(unbiased, shape):
     ours = make_norm("sn", 6, unbiased=unbiased).double()
-    ref = OfficialSwitchNorm2d(6, unbiased=unbiased).double()
+    ref = official.SwitchNorm2d(6, unbiased=unbiased).double()
     with torch.no_grad():
         for module in (ours, ref):
             module.weight.copy_(torch.linspace(0.5, 1.5, 6).view_as(module.weight))
@@ -408,6 +403,19 @@ def test_fused_backward_passes_gradcheck(name, train):
                 [x, *params])
 
 
+def test_fused_statistics_outputs_are_differentiable():
+    """The instance statistics that instance_affine returns carry their gradient into dx (gradcheck)."""
+    layer = randomize(make_norm("iln", 16).double())
+    x = randn(2, 16, 3, 5, scale=2, shift=1)
+    weights = torch.randn(3, 2, 16, dtype=torch.float64)
+
+    def fused(x, rho):
+        y, var, mean = _InstanceAffine.apply(x, layer.coefficients, rho, layer.weight, layer.bias)
+        return (y.sum((2, 3)) * weights[0]).sum() + (var * weights[1]).sum() + (mean * weights[2]).sum()
+
+    assert torch.autograd.gradcheck(fused, (x, layer.rho))
+
+
 @pytest.mark.parametrize("name", ["iln", "bin", "sn"])
 def test_mixed_layers_give_the_same_on_channels_last_input(name):
     layer = randomize(make_norm(name, 16).double())
@@ -423,6 +431,24 @@ def test_product_sums(memory_format, shape):
     dot, total = product_sums(grad, x)
     torch.testing.assert_close(dot, (grad * x).sum((2, 3)), **TIGHT)
     torch.testing.assert_close(total, grad.sum((2, 3)), **TIGHT)
+
+
+@pytest.mark.parametrize("numel", [_SINGLE_PASS_MIN_NUMEL - 2 * 8 * 64, _SINGLE_PASS_MIN_NUMEL])  # below, at the threshold
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fused_output_and_input_gradient_are_fresh_tensors_not_views(memory_format, numel):
+    """A view returned by a custom Function cannot be modified in place (the networks' in-place ReLU)."""
+    height = numel // (2 * 8 * 64)
+    x = randn(2, 8, height, 64, scale=2, shift=1).detach().contiguous(memory_format=memory_format)
+    scale, shift = torch.rand(2, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    y = scale_shift(x, scale, shift)
+    assert y._base is None
+    torch.testing.assert_close(y, x * scale[..., None, None] + shift[..., None, None], **TIGHT)
+    layer = randomize(make_norm("iln", 16).double())
+    x = randn(1, 16, height, 64, scale=2, shift=1).detach().contiguous(memory_format=memory_format).requires_grad_()
+    out = layer(x)
+    assert out._base is None
+    torch.relu_(out).sum().backward()
+    assert x.grad._base is None
 
 
 def test_instance_moments_are_exact_even_with_a_large_mean():
@@ -444,8 +470,9 @@ def test_pn_matches_the_formula():
     assert_same(lambda: layer(x), expected, [x, layer.weight, layer.bias])
 
 
-def lcn_naive(x, layer):
-    """Every pixel, explicitly: mean and biased variance of its channel group over its window clipped to the image."""
+def lcn_naive(x, layer, constant_statistics=False):
+    """Every pixel, explicitly: mean and biased variance of its channel group over its window clipped to the
+    image (``constant_statistics``: both without gradient)."""
     n, c, h, w = x.shape
     size, r = layer.channels_per_group, layer.window // 2
     rows = []
@@ -453,7 +480,7 @@ def lcn_naive(x, layer):
         cols = []
         for j in range(w):
             window = x[:, :, max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1].reshape(n, c // size, -1)
-            var, mean = torch.var_mean(window, dim=2, correction=0)
+            var, mean = torch.var_mean(window.detach() if constant_statistics else window, dim=2, correction=0)
             pixel = x[:, :, i, j].reshape(n, c // size, size)
             cols.append(((pixel - mean[..., None]) / torch.sqrt(var[..., None] + layer.eps)).reshape(n, c))
         rows.append(torch.stack(cols, -1))
@@ -463,6 +490,26 @@ def lcn_naive(x, layer):
 @pytest.mark.parametrize("window", [1, 3, 5])
 def test_lcn_matches_the_per_pixel_formula(window):
     layer = randomize(make_norm("lcn", 6, window=window).double())
+    x = randn(2, 6, 7, 9, scale=2, shift=1)
+    assert_same(lambda: layer(x), lambda: lcn_naive(x, layer), [x, layer.weight, layer.bias])
+
+
+@pytest.mark.parametrize("window", [3, 5])
+def test_lcn_stop_stat_grad_treats_the_local_statistics_as_constants_as_the_official_code(window):
+    """Same forward pass; the input gradient of (x - mean) / sqrt(var + eps) with mean, var held constant
+    where the window is smaller than the map (7 x 9 here), as anthonymlortiz/lcn computes them under no_grad."""
+    layer = randomize(make_norm("lcn", 6, window=window, stop_stat_grad=True).double())
+    x = randn(2, 6, 7, 9, scale=2, shift=1)
+    assert_same(lambda: layer(x), lambda: lcn_naive(x, layer, constant_statistics=True), [x, layer.weight, layer.bias])
+    full = randomize(make_norm("lcn", 6, window=window).double())
+    full.load_state_dict(layer.state_dict())
+    (grad,), (full_grad,) = (value_and_grads(lambda m=m: m(x), [x])[1] for m in (layer, full))
+    assert (grad - full_grad).abs().max() > 1e-3  # the option changes training
+
+
+def test_lcn_stop_stat_grad_keeps_the_gradient_where_the_window_is_not_smaller_than_the_map():
+    """Where the official code falls back to group norm (window >= height or width), with gradient."""
+    layer = randomize(make_norm("lcn", 6, window=7, stop_stat_grad=True).double())
     x = randn(2, 6, 7, 9, scale=2, shift=1)
     assert_same(lambda: layer(x), lambda: lcn_naive(x, layer), [x, layer.weight, layer.bias])
 
@@ -610,13 +657,13 @@ def test_rectified_gaussian_moments():
 
 
 @pytest.mark.parametrize("transpose", [False, True])
-def test_bkn_analytic_prior_agrees_with_sampling(transpose):
-    """The official code estimates the prior by sampling; the analytic moments must agree with it."""
+def test_bkn_analytic_prior_agrees_with_sampling_its_own_gaussian(transpose):
+    """``prior=analytic``: the moments of N(beta, gamma^2) through ReLU and the conv, checked by sampling."""
     torch.manual_seed(0)
-    pair = make_conv_norm("bkn", 4, 3, 2 if transpose else 3, transpose=transpose).double()
+    pair = make_conv_norm("bkn", 4, 3, 2 if transpose else 3, transpose=transpose, prior="analytic").double()
     gamma = torch.tensor([1.0, 0.5, 2.0, 1.2], dtype=torch.float64)
     beta = torch.tensor([0.0, 0.4, -1.0, 0.8], dtype=torch.float64)
-    mean, var = pair.prior(pair.conv.weight, pair.conv.bias, gamma, beta)
+    mean, var = pair.analytic_prior(gamma, beta)
     samples = F.relu(torch.randn(16, 4, 64, 64, dtype=torch.float64) * per_channel(gamma) + per_channel(beta))
     out = pair.conv(samples)
     if not transpose:
@@ -629,12 +676,53 @@ def test_bkn_analytic_prior_agrees_with_sampling(transpose):
         torch.testing.assert_close(ours, naive, rtol=1e-8, atol=1e-10)
 
 
-@pytest.mark.parametrize("transpose", [False, True])
-def test_bkn_chain_matches_the_formula_train_and_eval(transpose):
-    """conv1 -> BKN (no preceding BKN: batch statistics) -> ReLU -> conv2 -> BKN with the prior."""
-    first = make_conv_norm("bkn", 3, 4, 3).double()
-    second = make_conv_norm("bkn", 4, 5, 2 if transpose else 3, transpose=transpose).double()
+def bkn_chain(prior, transpose):
+    torch.manual_seed(0)
+    first = make_conv_norm("bkn", 3, 4, 3, prior=prior).double()
+    second = make_conv_norm("bkn", 4, 5, 2 if transpose else 3, transpose=transpose, prior=prior).double()
     randomize(first), randomize(second)
+    with torch.no_grad():
+        for pair in (first, second):
+            pair.conv.bias.mul_(0.2)  # keep the prior within 100x the batch variance: the Kalman branch
+    return first, second
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bkn_sampled_prior_is_the_official_layer_train_and_eval(transpose):
+    """conv1 -> BKN (no preceding BKN) -> ReLU -> conv2 -> BKN with the official sampled prior, against
+    tests/official.py's KalmanNorm with the same random draw: outputs, input and parameter gradients,
+    moving averages, and evaluation."""
+    first, second = bkn_chain("sampled", transpose)
+    refs = [official.KalmanNorm(4, fused_eps_floor=False), official.KalmanNorm(5)]
+    params = [p for m in (first, second) for p in m.parameters()]
+    for step in range(2):
+        x = randn(3, 3, 7, 9, scale=2, shift=1)
+        torch.manual_seed(step)
+        out, grads = value_and_grads(lambda: second(torch.relu_(first(x))), [x, *params])
+        torch.manual_seed(step)
+        hidden, reported = refs[0](first.conv(x), first.weight, first.bias)
+        prior = official.kalman_sampled_prior(second.conv, hidden.shape, *reported)
+        assert (prior[1] / second.conv(F.relu(hidden)).var((0, 2, 3), unbiased=False)).mean() < 100  # Kalman branch
+        ref_out, ref_grads = value_and_grads(
+            lambda: refs[1](second.conv(F.relu(hidden)), second.weight, second.bias, prior)[0], [x, *params])
+        torch.testing.assert_close(out, ref_out, **TIGHT)
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, **TIGHT)
+        for ours, ref in zip((first, second), refs):  # value_and_grads ran each forward once
+            torch.testing.assert_close(ours.running_mean, ref.moving_mean, **TIGHT)
+            torch.testing.assert_close(ours.running_var, ref.moving_var, **TIGHT)
+    first.eval(), second.eval()
+    x = randn(2, 3, 7, 9)
+    assert_same(lambda: second(torch.relu_(first(x))),
+                lambda: refs[1](second.conv(F.relu(refs[0](first.conv(x), first.weight, first.bias,
+                                                             training=False)[0])),
+                                second.weight, second.bias, training=False)[0], [x, *params])
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_bkn_analytic_chain_matches_the_formula_train_and_eval(transpose):
+    """``prior=analytic``: the same chain with the prior from N(beta, gamma^2) of the first layer."""
+    first, second = bkn_chain("analytic", transpose)
     params = [p for m in (first, second) for p in m.parameters()]
     x = randn(3, 3, 7, 9, scale=2, shift=1)
 
@@ -648,15 +736,15 @@ def test_bkn_chain_matches_the_formula_train_and_eval(transpose):
         return bkn_naive(second.conv(F.relu(out1)), second, prior)
 
     assert_same(ours, reference, [x, *params], rtol=1e-7, atol=1e-8)
-    # running statistics: moving averages of the (Kalman) statistics used, the batch variance unbiased
+    # running statistics: moving averages of the Kalman statistics used (biased batch variance)
     y = second.conv(F.relu(first(x))).detach()
     before = second.running_var.clone()
     second(torch.relu_(first(x)))
     relu_mean, relu_var = rectified_moments_by_quadrature(first.bias, first.weight.abs())
     prior_mean, prior_var = conv_prior_naive(second.conv, relu_mean, relu_var)
-    mean_b, var_b = y.mean((0, 2, 3)), y.var((0, 2, 3))
+    mean_b, var_b = y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
     used = 0.9 * prior_var + 0.1 * var_b + 0.09 * (mean_b - prior_mean) ** 2
-    torch.testing.assert_close(second.running_var, 0.9 * before + 0.1 * used.detach(), **TIGHT)
+    torch.testing.assert_close(second.running_var, 0.9 * before + 0.1 * used.detach(), rtol=1e-7, atol=1e-9)
     for layer in (first, second):
         layer.eval()
     x = randn(2, 3, 7, 9)
@@ -668,6 +756,24 @@ def test_bkn_chain_matches_the_formula_train_and_eval(transpose):
     assert_same(ours, lambda: evaluated(second, second.conv(F.relu(evaluated(first, first.conv(x))))), [x, *params])
 
 
+@pytest.mark.parametrize("prior", ["sampled", "analytic"])
+def test_bkn_drops_a_prior_whose_variance_is_100_times_the_batch_variance(prior):
+    """The official guard: mean over channels of prior var / batch var >= 100 -> batch statistics."""
+    pair = make_conv_norm("bkn", 4, 5, 3, prior=prior).double()
+    y = randn(3, 5, 6, 6)
+    var_in, mean_in = torch.var_mean(y, dim=(2, 3), correction=0)
+    batch_var, batch_mean = y.var((0, 2, 3), unbiased=False), y.mean((0, 2, 3))
+    for factor, trusted in ((99.0, True), (101.0, False)):
+        prior_var = batch_var * factor
+        mean, var = pair.statistics(var_in, mean_in, batch_mean + 1, prior_var)
+        assert torch.allclose(var, batch_var) != trusted and torch.allclose(mean, batch_mean) != trusted
+
+
+def test_bkn_refuses_an_unknown_prior():
+    with pytest.raises(ValueError, match="bkn: prior='mc' is not valid; choose one of: sampled, analytic"):
+        make_conv_norm("bkn", 4, 4, 3, prior="mc")
+
+
 def test_bkn_prior_follows_the_data_path_in_the_unet():
     """Pairs fed by the in-place ReLU of a BKN pair use a prior; after max-pool or the skip concat, none."""
     model = UNet(norm="bkn", base_channels=16, depth=2)
@@ -675,7 +781,7 @@ def test_bkn_prior_follows_the_data_path_in_the_unet():
     for name, module in model.named_modules():
         if isinstance(module, KalmanConvNorm):
             module.register_forward_pre_hook(
-                lambda m, args, name=name: used.__setitem__(name, hasattr(args[0], "_bkn_output_affine")))
+                lambda m, args, name=name: used.__setitem__(name, hasattr(args[0], PRIOR_ATTRIBUTE)))
     model(torch.randn(2, 1, 16, 16))
     assert not used["down.0.first.conv_norm"] and not used["down.1.first.conv_norm"]  # image / after max-pool
     assert not used["up.0.first.conv_norm"]  # after the skip concatenation

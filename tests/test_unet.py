@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from seg.norms import NORMS, make_norm
+from seg.norms import NORMS, make_norm, register_monai
+from seg.norms.fused import _SINGLE_PASS_MIN_NUMEL
 from seg.unet import ConvNormAct, UNet
 
 
@@ -80,3 +81,69 @@ def test_norm_options_reach_every_layer():
     assert {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)} == {4}
     with pytest.raises(ValueError, match="32 channels cannot be split into 12 groups"):
         make_norm("gn", 32, groups=12)
+
+
+# ---------------------------------------------------------------------------- every layer before an in-place activation
+#
+# The fused layers (seg/norms/fused.py) take a faster CPU route for contiguous tensors of at least
+# _SINGLE_PASS_MIN_NUMEL elements. Both U-Nets below are sized so that their first level (16
+# channels, full resolution) is at or above that threshold and their deepest level below it: one
+# training step crosses both routes, each output then modified in place by the network's own
+# activation (the U-Net's ReLU(inplace=True), BasicUNet's LeakyReLU(inplace=True)).
+
+FUSED_PATH_MIN_NUMEL = _SINGLE_PASS_MIN_NUMEL  # 2**16 today
+MEMORY_FORMATS = [torch.contiguous_format, torch.channels_last]
+
+
+def smallest_side(batch: int, channels: int, multiple: int) -> int:
+    """The smallest image side, a multiple of ``multiple``, with batch * channels * side**2 >= the threshold."""
+    side = multiple
+    while batch * channels * side * side < FUSED_PATH_MIN_NUMEL:
+        side += multiple
+    return side
+
+
+def train_step(model, x, *args):
+    out = model(x, *args)
+    out.float().square().mean().backward()
+    assert torch.isfinite(out).all()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("name", sorted(NORMS))
+def test_every_layer_trains_before_the_unets_in_place_relu_on_both_cpu_routes(name, memory_format, one_thread):
+    batch, base, depth = 2, 16, 1
+    side = smallest_side(batch, base, 2**depth)
+    assert batch * base * side**2 >= FUSED_PATH_MIN_NUMEL > batch * 2 * base * (side // 2)**2
+    torch.manual_seed(0)
+    options = {"hidden": 16} if name in ("spade", "sean") else None  # the modulation's width does not matter here
+    model = UNet(norm=name, base_channels=base, depth=depth, num_domains=2, norm_options=options)
+    assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
+    model = model.to(memory_format=memory_format)
+    x = torch.randn(batch, 1, side, side).contiguous(memory_format=memory_format)
+    train_step(model, x, torch.tensor([0, 1]))  # domain ids: read by cin, ignored by the rest
+
+
+@pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last"])
+def test_monai_basic_unet_trains_with_every_bridged_layer_on_both_cpu_routes(memory_format, one_thread):
+    from monai.networks.nets import BasicUNet
+
+    features = (16, 16, 32, 32, 64, 16)
+    batch, levels = 2, 4  # BasicUNet pools 4 times
+    side = smallest_side(batch, features[0], 2**levels)
+    assert batch * features[0] * side**2 >= FUSED_PATH_MIN_NUMEL > batch * features[4] * (side // 2**levels)**2
+    registered = register_monai()
+    assert registered == sorted(n for n, cls in NORMS.items()
+                                if not hasattr(cls, "conv_norm") and not getattr(cls, "condition_inputs", ()))
+    for name in registered:
+        torch.manual_seed(0)
+        net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=features, norm=name)
+        assert any(isinstance(m, nn.LeakyReLU) and m.inplace for m in net.modules())
+        net = net.to(memory_format=memory_format)
+        x = torch.randn(batch, 1, side, side).contiguous(memory_format=memory_format)
+        try:
+            train_step(net, x)
+        except RuntimeError as error:
+            pytest.fail(f"BasicUNet(norm={name!r}), {memory_format}: {error}")

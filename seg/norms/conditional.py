@@ -87,8 +87,9 @@ def resize_to(m: torch.Tensor, x: torch.Tensor, mode: str = "nearest") -> torch.
 @register_norm("cin")
 class ConditionalInstanceNorm(nn.Module):
     """Conditional instance normalization (Dumoulin, Shlens & Kudlur, "A learned representation for
-    artistic style", ICLR 2017, arXiv 1610.07629): y = gamma_s IN(x) + beta_s with a (gamma, beta)
-    row per condition s.
+    artistic style", ICLR 2017, arXiv 1610.07629; official code magenta/magenta,
+    ``magenta/models/image_stylization/ops.py``, which it matches for seen domains):
+    y = gamma_s IN(x) + beta_s with a (gamma, beta) row per condition s.
 
     Computed as one fused x * scale + shift from the instance statistics (as the mixed layers).
     Here s is the image's domain id -- its vendor/scanner as recorded by the dataset (the phantom's
@@ -154,8 +155,10 @@ class StyleConditioner(nn.Module):
 
 @register_norm("adain")
 class AdaptiveInstanceNorm(nn.Module):
-    """Adaptive instance normalization (Huang & Belongie, ICCV 2017, arXiv 1703.06868):
-    AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y), no learned affine of its own.
+    """Adaptive instance normalization (Huang & Belongie, ICCV 2017, arXiv 1703.06868; official code
+    xunhuang1995/AdaIN-style, ``lib/AdaptiveInstanceNormalization.lua``, which it matches given the
+    same sigma(y), mu(y)): AdaIN(x, y) = sigma(y) (x - mu(x)) / sigma(x) + mu(y), no learned affine
+    of its own.
 
     In the paper sigma(y), mu(y) are the statistics of a style image's features. Here the style
     is the input image itself, the way the network sees its appearance: a shared encoder
@@ -191,7 +194,8 @@ class AdaptiveInstanceNorm(nn.Module):
 @register_norm("spade")
 class SPADE(nn.Module):
     """Spatially-adaptive denormalization (Park et al., "Semantic image synthesis with
-    spatially-adaptive normalization", CVPR 2019, arXiv 1903.07291):
+    spatially-adaptive normalization", CVPR 2019, arXiv 1903.07291; official code NVlabs/SPADE,
+    ``models/networks/normalization.py``, which it matches given the same map):
     y = x_hat (1 + gamma(m)) + beta(m), x_hat a parameter-free normalization of x (BN by default,
     ``base: in`` for IN), m the conditioning map resized (nearest) to x, and gamma, beta 3x3 convs
     from a shared 3x3 conv with ``hidden`` (128) channels and ReLU.
@@ -253,33 +257,54 @@ def region_codes(regions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
 
 @register_norm("sean")
 class SEAN(nn.Module):
-    """Semantic region-adaptive normalization (Zhu et al., "SEAN: image synthesis with semantic
-    region-adaptive normalization", CVPR 2020, arXiv 1911.12861).
+    """Semantic region-adaptive normalization (Zhu, Abdal, Qin & Wonka, "SEAN: image synthesis with
+    semantic region-adaptive normalization", CVPR 2020, arXiv 1911.12861; official code ZPdesu/SEAN,
+    ``models/networks/normalization.py``, class ACE).
 
-    Two modulations of a parameter-free normalization x_hat (BN by default): SPADE's (gamma_o,
-    beta_o) from the conditioning map, and (gamma_s, beta_s) from a style map -- each region's
-    style code broadcast into its region mask, then 3x3 convs; blended by learned weights
-    a_gamma = sigmoid(w_gamma), a_beta = sigmoid(w_beta), initialised at 0.5:
-    y = x_hat (1 + a_gamma gamma_s + (1 - a_gamma) gamma_o) + a_beta beta_s + (1 - a_beta) beta_o.
+    As the official ACE block:
+    * a learned per-channel noise (``noise``, initialised to zero) is added before the
+      normalization: x + z * noise_var with one standard normal z per sample and pixel, shared by
+      the channels;
+    * x_hat = a parameter-free normalization of it (BN by default);
+    * each region k's style code passes through its own fully connected layer and ReLU
+      (``region_fc``; the official ``fc_mu<k>``) and is broadcast into the region's mask: the style
+      map; 3x3 convs of it give (gamma_s, beta_s);
+    * SPADE's modulation gives (gamma_o, beta_o) from the conditioning map;
+    * they are blended by learned weights a_gamma = sigmoid(w_gamma), a_beta = sigmoid(w_beta),
+      initialised at 0.5:
+      y = x_hat (1 + a_gamma gamma_s + (1 - a_gamma) gamma_o) + a_beta beta_s + (1 - a_beta) beta_o.
+    ``region_fc: false`` broadcasts the codes as they are, ``noise: false`` adds no noise (the
+    layer as this project had it before following the official code).
 
-    Departures: the paper's regions are a given label map and its codes come from a style image.
-    Here the regions are the network's own coarse prediction of the classes (a low-resolution
-    auxiliary head, ``RegionConditioner``, trained with its own loss; soft masks upsampled
-    bilinearly), the codes are pooled from the input image's features inside those regions, and
-    the SPADE branch is conditioned on the input image (as in ``spade``). The blend weights are
-    one scalar pair per layer (the paper's are per layer too); they are logged as mixing weights.
+    Departures (each measured in docs/layers.md by tests/test_fidelity.py):
+    * Conditioning: the paper's regions are a given label map and its codes come from a style
+      image. A segmentation network has neither at test time: here the regions are the network's
+      own coarse prediction of the classes (a low-resolution auxiliary head, ``RegionConditioner``,
+      trained with its own loss; soft masks, upsampled bilinearly where the official code resizes
+      a hard label map with nearest neighbours), the codes are pooled from the input image's
+      features inside those regions, and the SPADE branch is conditioned on the input image (as
+      in ``spade``). With a hard one-hot map at the layer's size the style map is the official one.
+    * The noise is added in training only: the official code adds it in evaluation too, which
+      makes inference random (with noise weights around 1 its evaluation output moves by up to 1.9).
+    * Measured with a one-hot map at half the layer's size, the bilinear resize of the masks moves
+      the output by up to 0.16 in training (0.35 in evaluation) from the official nearest resize.
+    * Sizes: ``style_dim`` (64) where the official code has 512, one fc per class where it has 19.
     """
 
     condition_inputs = ("image", "regions", "region_codes")
 
     def __init__(self, num_channels: int, hidden: int = 128, style_dim: int = 64, base: str = "bn",
-                 eps: float = 1e-5, momentum: float = 0.1, region_scale: int = 4, image_channels: int = 1,
-                 num_regions: int = 2):
+                 eps: float = 1e-5, momentum: float = 0.1, region_scale: int = 4, region_fc: bool = True,
+                 noise: bool = True, image_channels: int = 1, num_regions: int = 2):
         super().__init__()
         if region_scale < 1:
             raise ValueError(f"sean: region_scale must be at least 1, got {region_scale}")
         self.norm = parameter_free_norm(base, num_channels, eps, momentum, "sean")
         self.modulation = Modulation(image_channels, hidden, num_channels)
+        # fc_mu<k> of the official code: one per region
+        self.region_fc = (nn.ModuleList(nn.Linear(style_dim, style_dim) for _ in range(num_regions))
+                          if region_fc else None)
+        self.noise_var = nn.Parameter(torch.zeros(num_channels)) if noise else None
         self.style_gamma = conv3x3(style_dim, num_channels)
         self.style_beta = conv3x3(style_dim, num_channels)
         self.blend_gamma = nn.Parameter(torch.zeros(()))  # sigmoid(0) = 0.5
@@ -290,16 +315,33 @@ class SEAN(nn.Module):
                     **_) -> nn.Module:
         return RegionConditioner(image_channels, num_classes, style_dim, scale=region_scale)
 
+    def add_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """x + z * noise_var, z ~ N(0, 1) per sample and pixel (drawn in the official code's (N, W, H)
+        order, so that a seeded run draws the official noise), in training only."""
+        if self.noise_var is None or not self.training:
+            return x
+        n, _, h, w = x.shape
+        z = torch.randn(n, w, h, 1, dtype=self.noise_var.dtype, device=x.device).transpose(1, 3)  # (N, 1, H, W)
+        return x + z * self.noise_var[:, None, None]
+
+    def style_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Each region's code through its own fc + ReLU (N, K, D), or unchanged without ``region_fc``."""
+        if self.region_fc is None:
+            return codes
+        return torch.stack([torch.relu(fc(codes[:, k])) for k, fc in enumerate(self.region_fc)], dim=1)
+
     def forward(self, x, cond=None):
         image = required(cond, "image", "sean")
         regions, codes = required(cond, "regions", "sean"), required(cond, "region_codes", "sean")
+        normalized = self.norm(self.add_noise(x))
         gamma_o, beta_o = self.modulation(resize_to(image, x).to(x.dtype))
+        codes = self.style_codes(codes)
         style_map = torch.einsum("nkhw,nkd->ndhw", resize_to(regions, x, "bilinear"), codes).to(x.dtype)
         gamma_s, beta_s = self.style_gamma(style_map), self.style_beta(style_map)
         a_gamma, a_beta = torch.sigmoid(self.blend_gamma), torch.sigmoid(self.blend_beta)
         gamma = a_gamma * gamma_s + (1 - a_gamma) * gamma_o
         beta = a_beta * beta_s + (1 - a_beta) * beta_o
-        return self.norm(x) * (1 + gamma) + beta
+        return normalized * (1 + gamma) + beta
 
     def mixing_weights(self) -> dict[str, torch.Tensor]:
         """The share of the region-style branch in gamma and in beta (0.5 at the start)."""

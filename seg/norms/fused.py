@@ -16,6 +16,10 @@ x, ``product_sums``) and two elementwise passes that write only ``dx``:
     d var, d mean, d params  = autograd through the small coefficient graph only
     dx = g * scale + (2 * d var * (x - mean) + d mean) / (H W)
 
+The instance statistics are returned too, differentiable: a caller that builds more on them
+(batch Kalman norm hands its statistics to the next layer) gets their gradient added to dx by the
+same elementwise pass (d var / dx = 2 (x - mean) / (H W), d mean / dx = 1 / (H W)).
+
 It is used when a gradient is needed and the code runs eagerly; under ``torch.compile`` (which fuses
 the plain formulation by itself) and without gradients the plain formulation is used. The two are
 tested against each other (gradcheck in float64).
@@ -109,6 +113,10 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     (1, N*C, H*W) view, with running mean 0, running variance 1 and eps 0 it computes exactly
     x * weight + bias per row. Elsewhere (CUDA, channels_last, small tensors, under
     torch.compile): ``addcmul``.
+
+    The result is never a view: the kernel writes (its ``out=`` form) into a fresh (N, C, H, W)
+    tensor through a view of it, and that tensor is returned. A custom autograd Function's output
+    that is a view cannot be modified in place, and the network's ReLU(inplace=True) modifies it.
     """
     n, c, h, w = x.shape
     fast = (x.device.type == "cpu" and x.numel() >= _SINGLE_PASS_MIN_NUMEL and x.is_contiguous()
@@ -116,9 +124,11 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
             and not torch.compiler.is_compiling())
     if fast:
         zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
-        y, _, _ = torch.ops.aten.native_batch_norm(x.view(1, n * c, h * w), scale.reshape(-1), shift.reshape(-1),
-                                                   zeros, ones, False, 0.0, 0.0)
-        return y.view(n, c, h, w)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        torch.ops.aten.native_batch_norm.out(x.view(1, n * c, h * w), scale.reshape(-1), shift.reshape(-1), zeros,
+                                             ones, False, 0.0, 0.0, out=y.view(1, n * c, h * w),
+                                             save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
+        return y
     return torch.addcmul(_broadcast(shift), x, _broadcast(scale))
 
 
@@ -126,7 +136,7 @@ class _InstanceAffine(torch.autograd.Function):
     """y = x * scale + shift, (scale, shift) = coefficients(var_in, mean_in, *params).
 
     Returns (y, var_in, mean_in); the statistics are returned for the caller's bookkeeping
-    (running averages) and are not differentiable outputs.
+    (running averages, Kalman priors) and are differentiable outputs too.
     """
 
     @staticmethod
@@ -141,13 +151,12 @@ class _InstanceAffine(torch.autograd.Function):
             scale, shift = (t.expand_as(var_leaf) for t in coefficients(var_leaf, mean_leaf, *param_leaves))
         ctx.save_for_backward(x)
         ctx.graph = (var_leaf, mean_leaf, param_leaves, scale, shift)
-        ctx.mark_non_differentiable(var, mean)
         y = scale_shift(x, scale.detach(), shift.detach())
         return y, var, mean
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_y, _grad_var, _grad_mean):
+    def backward(ctx, grad_y, grad_var_out, grad_mean_out):
         (x,) = ctx.saved_tensors
         var_leaf, mean_leaf, param_leaves, scale, shift = ctx.graph
         with full_precision(x):
@@ -156,6 +165,8 @@ class _InstanceAffine(torch.autograd.Function):
             grads = torch.autograd.grad((scale, shift), wanted, (grad_scale, grad_shift), allow_unused=True,
                                         retain_graph=True)
             grad_var, grad_mean = (g if g is not None else torch.zeros_like(var_leaf) for g in grads[:2])
+            # gradients that reach the returned statistics directly (zeros when unused)
+            grad_var, grad_mean = grad_var + grad_var_out, grad_mean + grad_mean_out
             grad_x = None
             if ctx.needs_input_grad[0]:
                 count = x.shape[2] * x.shape[3]
@@ -171,16 +182,16 @@ def instance_affine_reference(x: torch.Tensor, coefficients: Coefficients, *para
     """The plain autograd formulation of ``instance_affine`` (under torch.compile, without gradients)."""
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     scale, shift = coefficients(var, mean, *params)
-    return torch.addcmul(_broadcast(shift), x, _broadcast(scale)), var.detach(), mean.detach()
+    return torch.addcmul(_broadcast(shift), x, _broadcast(scale)), var, mean
 
 
 def instance_affine(x: torch.Tensor, coefficients: Coefficients, *params: torch.Tensor):
     """``(x * scale + shift, var_in, mean_in)`` with ``(scale, shift) = coefficients(var_in, mean_in, *params)``.
 
     ``x`` is (N, C, H, W); ``var_in``, ``mean_in`` are its biased instance statistics, (N, C), in at
-    least float32; ``coefficients`` returns ``scale`` and ``shift`` of shape (N, C) or broadcastable
-    to it. The statistics are computed once, from x alone: no pass and no full-size tensor per
-    ingredient.
+    least float32 (differentiable); ``coefficients`` returns ``scale`` and ``shift`` of shape (N, C)
+    or broadcastable to it. The statistics are computed once, from x alone: no pass and no
+    full-size tensor per ingredient.
     """
     x = compute_dtype(x)
     with full_precision(x):

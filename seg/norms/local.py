@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,8 +22,14 @@ class PositionalNorm(nn.Module):
     NeurIPS 2019, arXiv 1907.04312).
 
     Parameter-free normalization over the channels at each (n, h, w) (biased variance), then a
-    per-channel affine y = gamma * x_hat + beta (NORMS.md). The paper's "moment shortcut" (feeding
-    the removed mean and std to a later layer) is not part of this layer.
+    per-channel affine y = gamma * x_hat + beta. The paper's "moment shortcut" (feeding the removed
+    mean and std to a later layer) is not part of this layer.
+
+    Departures from the official code (Boyiliee/Positional-Normalization, ``pono_ms_torch.py``),
+    measured in docs/layers.md by tests/test_fidelity.py: the variance over the channels is the
+    biased one, as everywhere in this project (the official PONO uses torch's unbiased default; at 16
+    channels the outputs differ by up to 0.13); and the affine is per channel (the official PONO has
+    none, or one per position, which would fix the input size).
 
     Implementation: that is exactly layer norm over the last axis of the (N, H, W, C) view, so
     torch's fused layer-norm kernel does it (free view for channels_last input, one copy otherwise).
@@ -87,8 +95,9 @@ def window_counts(height: int, width: int, window: int, device=None) -> torch.Te
 
 @register_norm("lcn")
 class LocalContextNorm(nn.Module):
-    """Local Context Normalization (Ortiz et al., "Local Context Normalization: Revisiting Local
-    Normalization", CVPR 2020, arXiv 1912.05845; official code anthonymlortiz/lcn).
+    """Local Context Normalization (Ortiz, Robinson, Morris, Hicks, Christian & Schlosser, "Local
+    Context Normalization: Revisiting Local Normalization", CVPR 2020, arXiv 1912.05845; official
+    code anthonymlortiz/lcn, ``local_context_norm.py``).
 
     Every value is normalized by the mean and biased variance of its channel group
     (``channels_per_group`` channels) over a ``window`` x ``window`` neighbourhood centred on it;
@@ -100,19 +109,39 @@ class LocalContextNorm(nn.Module):
     once it spans the whole map (window >= 2 * max(H, W) - 1) the layer is group norm with
     C / channels_per_group groups; a smaller window (e.g. 7 or 31) makes it local everywhere.
 
-    Border handling (deliberate departure): each pixel's window is clipped to the image and the
-    statistics are those of the pixels inside it (as avg_pool2d with count_include_pad=False).
-    The official code instead uses only windows that fit entirely, copies their statistics to the
-    border pixels (replicate padding), and falls back to group norm with the unbiased variance when
-    the window exceeds the map. The window must be odd (centred).
+    Departures from the official code, each measured in docs/layers.md by tests/test_fidelity.py
+    (float64, a 256 x 256 map, window 227, inputs N(1, 4): largest differences of output / input
+    gradient):
+    * Gradient through the statistics (default ``stop_stat_grad: false``): the official layer
+      computes the local mean and variance without gradient wherever the window is smaller than
+      the map, so its backward treats them as constants; this layer differentiates through them,
+      which is the gradient of its forward pass. ``stop_stat_grad: true`` gives the official
+      behaviour: the statistics are constants for the backward wherever the window is smaller
+      than the map in both directions (where the official code switches to group norm, the
+      gradient flows there too). The forward pass is the same either way; the input gradient
+      differs by up to 1.4e-2 (2.3e-2 in evaluation): training differs at the 256-px level.
+    * Window positions: the official code sums its windows from an integral image without a zero
+      first row and column, so every window is shifted one pixel down and right of its centre and
+      row and column 0 never enter any statistic. That is a bug and is not copied: windows here
+      are centred (effect of the shift: 4.9e-3 / 2.4e-3).
+    * Borders: each pixel's window is clipped to the image and the statistics are those of the
+      pixels inside it (as avg_pool2d with count_include_pad=False). The official code uses only
+      the windows that fit entirely and copies their statistics outwards to the border pixels
+      (replicate padding; effect 3.1e-2 / 1.4e-2); where the window is not smaller than the map it
+      falls back to group norm with the unbiased variance (this layer stays local until the window
+      spans the map from every pixel, then equals group norm with the biased variance; at 128 px:
+      1.1e-2 / 1.2e-2).
+    The window must be odd (centred).
     """
 
-    def __init__(self, num_channels: int, channels_per_group: int = 2, window: int = 227, eps: float = 1e-5):
+    def __init__(self, num_channels: int, channels_per_group: int = 2, window: int = 227, eps: float = 1e-5,
+                 stop_stat_grad: bool = False):
         super().__init__()
         check_channels_per_group(num_channels, channels_per_group, "lcn")
         if window < 1 or window % 2 == 0:
             raise ValueError(f"lcn: the window must be a positive odd number of pixels, got {window}")
         self.channels_per_group, self.window, self.eps = channels_per_group, window, eps
+        self.stop_stat_grad = stop_stat_grad
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
@@ -124,9 +153,11 @@ class LocalContextNorm(nn.Module):
             # centring on the group's global mean m keeps E[x^2] - E[x]^2 well conditioned; the
             # local variance does not depend on m, and (x - m) - local_mean(x - m) = x - local_mean(x)
             centred = grouped - grouped.mean(dim=(2, 3, 4), keepdim=True).detach()
-            count = window_counts(h, w, self.window, x.device) * self.channels_per_group
-            mean = window_sums(centred.sum(2), self.window) / count
-            mean_sq = window_sums(centred.square().sum(2), self.window) / count
-            var = (mean_sq - mean.square()).clamp_min(0)
+            constant = self.stop_stat_grad and self.window < h and self.window < w  # the official rule
+            with torch.no_grad() if constant else contextlib.nullcontext():
+                count = window_counts(h, w, self.window, x.device) * self.channels_per_group
+                mean = window_sums(centred.sum(2), self.window) / count
+                mean_sq = window_sums(centred.square().sum(2), self.window) / count
+                var = (mean_sq - mean.square()).clamp_min(0)
             normalized = (centred - mean.unsqueeze(2)) * torch.rsqrt(var + self.eps).unsqueeze(2)
             return _affine(normalized.view(n, c, h, w), self.weight, self.bias)

@@ -42,17 +42,31 @@ def batch_stats(var: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, to
 
 @register_norm("iln")
 class InstanceLayerNorm(nn.Module):
-    """Instance-Layer Normalization (Zhou et al., "U-Net Training with Instance-Layer
-    Normalization", MMMI 2019, arXiv 1908.08466).
+    """Instance-Layer Normalization (Zhou, Li, Wang & Yang, "U-Net Training with Instance-Layer
+    Normalization", MMMI 2019, arXiv 1908.08466; no official code is published: the reference is
+    the paper's formulas).
 
     F_IL = s * IN(x) + (1 - s) * LN(x) with s = sigmoid(rho) per channel (IN and LN
-    parameter-free), then F_ILN = GN_G(F_IL) parameter-free with G = ``groups`` = 16, and
-    y = alpha * F_ILN + beta. The sigmoid replaces BIN's clip of the mixing weight; the cascaded
-    group norm restores a normalized distribution after the mix.
+    parameter-free), then F_ILN = GN_G(F_IL) parameter-free with G = ``groups`` = 16 (the paper's
+    groups g = 1..16), and y = alpha * F_ILN + beta. The sigmoid replaces BIN's clip of the mixing
+    weight; the cascaded group norm restores a normalized distribution after the mix.
 
-    Decisions where the paper is open (see NORMS.md): rho is per channel and initialised to 0 so
-    that the mixing weight s starts at 0.5 (the paper's "rho initialised to 0.5" read as the
-    weight); eps = 1e-5 in each of the three normalizations. Not U-GAT-IT's "ILN" (clip, no GN).
+    Decisions where the paper is open: rho is per channel and initialised to 0 so that the mixing
+    weight s starts at 0.5 (the paper's "rho initialised to 0.5" read as the weight); eps = 1e-5 in
+    each of the three normalizations. Not U-GAT-IT's "ILN" (clip, no GN).
+
+    Where channels == groups, rho has no effect. Then every group of the cascaded group norm is
+    one channel. Per sample and channel c, IN(x) = (x - m_c) / sqrt(v_c + eps) and
+    LN(x) = (x - m) / sqrt(v + eps) are both affine maps of x_c, so their mix is one too:
+    F_IL = a_c x_c + b_c with a_c = s / sqrt(v_c + eps) + (1 - s) / sqrt(v + eps) > 0. The
+    single-channel group norm of an affine map removes it:
+        GN(F_IL)_c = a_c (x_c - m_c) / sqrt(a_c^2 v_c + eps) = (x_c - m_c) / sqrt(v_c + eps / a_c^2),
+    which is IN(x) up to the eps term: s (and rho) only moves eps / a_c^2, a relative change of
+    the order of eps / v_c. Its gradient is that small too, so rho does not learn there and stays
+    near its initial value: ``mixing_weights_inert`` then names the reason, for whoever reports
+    the weights. In this U-Net (widths 16 * 2^level) ``groups`` in 1, 2, 4, 8 keeps rho effective
+    at every width (16 to 256 channels); the paper's 16 groups make it inert at every 16-channel
+    layer.
 
     Implementation: every step is affine per (sample, channel), so the layer is computed as
     x * scale + shift from the instance statistics alone (LN and GN statistics of the mix are
@@ -66,9 +80,12 @@ class InstanceLayerNorm(nn.Module):
         self.rho = nn.Parameter(torch.full((num_channels,), float(rho_init)))
         self.weight = nn.Parameter(torch.ones(num_channels))  # alpha
         self.bias = nn.Parameter(torch.zeros(num_channels))  # beta
+        # why the mixing weights have no effect in this layer, or None where they act
+        self.mixing_weights_inert = "rho has no effect (channels = groups)" if num_channels == groups else None
 
     def mixing_weights(self) -> dict[str, torch.Tensor]:
-        """The learned choice, logged per layer: s = sigmoid(rho), the weight of IN in the mix."""
+        """The learned choice, logged per layer: s = sigmoid(rho), the weight of IN in the mix
+        (meaningless where ``mixing_weights_inert`` is set)."""
         return {"sigmoid_rho": torch.sigmoid(self.rho)}
 
     def coefficients(self, var_in, mean_in, rho, weight, bias):

@@ -17,6 +17,8 @@ registered here follows one small protocol so that the U-Net needs no special ca
   U-Net fills in, not the user;
 * optionally ``mixing_weights() -> dict[str, Tensor]``: the layer's learned choice between
   normalizations (BIN's rho, ILN's sigmoid(rho), SN's weights), logged per layer every epoch;
+  and an attribute ``mixing_weights_inert``: None, or a short reason why this layer's mixing
+  weights cannot act (ILN where channels == groups), to show instead of reading them as a choice;
 * optionally ``after_optimizer_step()``: called after every optimizer step (BIN clips rho);
 * optionally a classmethod ``conv_norm(in_channels, out_channels, kernel_size, *, transpose,
   **options)`` for layers that replace the *pair* convolution + normalization (kernel
