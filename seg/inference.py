@@ -188,7 +188,7 @@ def fit_values(state: dict) -> dict:
     """The values of ``FIT_KEYS`` of one checkpoint."""
     config = state["config"]
     values = {key: config[key.split(".")[0]].get(key.split(".")[1]) for key in FIT_KEYS if "." in key}
-    values["labels"] = dataset_label_values(config["data"])
+    values["labels"] = dict(sorted(dataset_label_values(config["data"]).items()))
     return {key: values[key] for key in FIT_KEYS}
 
 
