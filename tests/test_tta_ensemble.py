@@ -30,12 +30,20 @@ def network_input(segmenter, acdc_root, patient="patient002"):
     return segmenter.prepare(image, spacing)
 
 
-def test_tta_is_the_mean_softmax_over_the_four_in_plane_mirrorings(runs, acdc_root):
+@pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
+def test_tta_is_the_mean_softmax_over_the_four_in_plane_mirrorings(memory_format, runs, acdc_root, tmp_path):
     """nnU-Net's 2D test-time mirroring: no flip, flip x, flip y, flip both; each output flipped back;
-    the softmax probabilities averaged with equal weights."""
+    the softmax probabilities averaged with equal weights. In both memory formats a run may have
+    trained in (predict.py runs a model in its run's format)."""
     assert MIRRORINGS == ((), (2,), (3,), (2, 3))
-    plain = load_segmenter(checkpoint(runs["a"]), device="cpu")
-    tta = load_segmenter(checkpoint(runs["a"]), device="cpu", tta=True)
+    state = torch.load(checkpoint(runs["a"]), weights_only=True)
+    state["config"]["trainer"]["channels_last"] = memory_format == "channels_last"
+    path = tmp_path / f"{memory_format}.pt"
+    torch.save(state, path)
+    plain = load_segmenter(path, device="cpu")
+    tta = load_segmenter(path, device="cpu", tta=True)
+    assert tta.members[0].memory_format == getattr(torch, "channels_last" if memory_format == "channels_last"
+                                                   else "contiguous_format")
     x = network_input(plain, acdc_root)
     explicit = torch.stack([plain.probabilities(x.flip(dims)).flip(dims) if dims else plain.probabilities(x)
                             for dims in MIRRORINGS]).mean(0)
