@@ -449,6 +449,11 @@ def plan_outputs(source: str | os.PathLike, output: str | os.PathLike, overwrite
     inputs, left_out = scan_inputs(source)
     if output.exists() and not output.is_dir():
         raise OptionError(f"output={given}: is a file, not a folder")
+    existing = next(folder for folder in [output, *output.absolute().parents] if folder.exists())
+    if not existing.is_dir():
+        raise OptionError(f"output={given}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"output={given}: {existing} is not writable")
     out, src = output.resolve(), source.resolve()
     if source.is_dir():
         if out == src:
@@ -555,7 +560,11 @@ def predict_files(segmenter: Segmenter, source: str | os.PathLike | Plan, output
             warn(f"skipped: {err}")  # the message names the file
             skipped.append({"input": str(path), "reason": str(err)})
             continue
-        write_labels(target, labels, like)
+        try:
+            write_labels(target, labels, like)
+        except OSError as err:  # a full disk, a folder made read-only meanwhile: the files so far stay
+            raise DataError(f"{target}: cannot be written ({err.strerror or err}); {len(written)} file(s) "
+                            f"written before it are kept") from None
         written.append(target)
         log(f"{path} -> {target}")
     task = segmenter.data["task"]
@@ -572,7 +581,8 @@ def predict_files(segmenter: Segmenter, source: str | os.PathLike | Plan, output
 
 def parse_key_values(argv: list[str], defaults: dict, usage: str) -> dict:
     """Hydra-style ``key=value`` arguments over ``defaults`` (None: required); an unknown, repeated or
-    missing key ends the program with one line naming it (exit code 1) and ``usage``."""
+    missing key (a required one given empty counts as missing) ends the program with one line naming
+    it (exit code 1) and ``usage``."""
     values, seen = dict(defaults), set()
     for argument in argv:
         key, sep, value = argument.partition("=")
@@ -582,7 +592,7 @@ def parse_key_values(argv: list[str], defaults: dict, usage: str) -> dict:
             raise SystemExit(f"error: {key}= is given twice\n{usage}")
         seen.add(key)
         values[key] = value
-    missing = [key for key, value in values.items() if value is None]
+    missing = [key for key, value in values.items() if defaults[key] is None and not value]
     if missing:
         raise SystemExit(f"error: missing {', '.join(f'{k}=...' for k in missing)}\n{usage}")
     return values

@@ -33,6 +33,7 @@ PREDICT_CASES = [
     (["input={tmp}/missing"], "error: input={tmp}/missing: no such file or folder"),
     (["input={tmp}/empty"], "error: input={tmp}/empty: no NIfTI image"),
     (["output={tmp}/notes.txt"], "error: output={tmp}/notes.txt: is a file, not a folder"),
+    (["output={tmp}/notes.txt/pred"], "error: output={tmp}/notes.txt/pred: {tmp}/notes.txt is a file, not a folder"),
     (["domain=Siemens"], "error: domain=Siemens: the model (norm=bn) takes no domain"),
 ]
 
@@ -121,6 +122,12 @@ def test_predict_refuses_cuda_where_there_is_none(setting, tmp_path):
                     "device=cuda")
     assert_refused(result, "error: device=cuda: CUDA is not available on this machine (use auto or cpu)",
                    tmp_path, ("out",))
+
+
+def test_predict_takes_an_empty_required_value_as_missing(setting, tmp_path):
+    """``input=`` (say, an unset shell variable) is not the working directory."""
+    result = script("predict.py", f"ckpt={setting['ckpt']}", "input=", f"output={tmp_path}/out")
+    assert_refused(result, "error: missing input=...", tmp_path, ("out",))
 
 
 @pytest.mark.parametrize("case, message", EVALUATE_CASES, ids=[" ".join(c) for c, _ in EVALUATE_CASES])
