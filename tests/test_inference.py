@@ -82,6 +82,7 @@ def test_evaluation_conventions(tmp_path):
 # ---------------------------------------------------------------------------- predict -> evaluate
 
 
+@pytest.mark.slow
 def test_predict_then_evaluate_returns_the_trainers_test_dice(acdc_root, tmp_path):
     """Train on the ACDC-layout tree at its own spacing (1.5 mm: the input grid is the training grid,
     padded), predict the test patients' volumes, evaluate against their _gt files: the same Dice."""
@@ -122,6 +123,7 @@ def test_predict_then_evaluate_returns_the_trainers_test_dice(acdc_root, tmp_pat
         assert evaluation.mean("dice", name) == pytest.approx(metrics[f"dice_{name}"], abs=1e-3, nan_ok=True)
 
 
+@pytest.mark.slow
 def test_predict_writes_task_labels_in_dataset_values(acdc_root, tmp_path):
     """A single volume with a one-class model: its class is written as the dataset's value (lv -> 3)."""
     run = tmp_path / "run"
@@ -138,6 +140,7 @@ def test_predict_writes_task_labels_in_dataset_values(acdc_root, tmp_path):
 # ---------------------------------------------------------------------------- orientation
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["flipped_x", "slices_first", "swapped_flipped_y", "flipped_slices"])
 def test_another_orientation_gives_the_same_labels_in_world_space(kind, acdc_root, tmp_path_factory, tmp_path):
     """A volume stored in another voxel order (its affine saying so) is the same image: predict.py
@@ -169,6 +172,7 @@ def test_another_orientation_gives_the_same_labels_in_world_space(kind, acdc_roo
     assert by_case["moved"] == pytest.approx(by_case["original"], nan_ok=True)
 
 
+@pytest.mark.slow
 def test_orientation_is_refused_when_unknown_and_can_be_given(acdc_root, tmp_path_factory, tmp_path):
     """A checkpoint whose training data is gone and that does not record its orientation: refused
     at start, naming orientation=; given explicitly, it is used."""
@@ -221,6 +225,7 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(where, ac
     assert digest(tmp_path / "data") == before  # nothing written, nothing overwritten
 
 
+@pytest.mark.slow
 def test_existing_files_are_kept_unless_overwrite_true(acdc_root, tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, acdc_root, "data.task=multi")
     volume = acdc_root / "database" / "training" / "patient004" / "patient004_frame01.nii.gz"
@@ -241,6 +246,7 @@ def test_existing_files_are_kept_unless_overwrite_true(acdc_root, tmp_path_facto
 # ---------------------------------------------------------------------------- nothing drops out silently
 
 
+@pytest.mark.slow
 def test_a_skipped_input_makes_predict_fail_and_evaluate_refuse_its_missing_prediction(acdc_root, tmp_path_factory,
                                                                                         tmp_path):
     """predict.py over a folder with an unreadable file: the others are written, the bad one named on
@@ -279,6 +285,7 @@ def test_a_skipped_input_makes_predict_fail_and_evaluate_refuse_its_missing_pred
     assert evaluation.mean("dice", "lv") == pytest.approx(found.dice["lv"] / 2)
 
 
+@pytest.mark.slow
 def test_acdc_cine_and_label_files_are_left_out_of_a_folder_by_name(acdc_root, tmp_path_factory, tmp_path):
     """An ACDC patient folder: the _gt label maps and the _4d cine are not inputs (exit 0), the frames are."""
     run = trained_run(tmp_path_factory, acdc_root, "data.task=multi")

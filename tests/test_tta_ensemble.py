@@ -61,6 +61,7 @@ def test_with_tta_a_mirrored_input_gives_the_mirrored_probabilities(dims, runs, 
     assert not torch.allclose(plain.probabilities(x.flip(dims)), plain.probabilities(x).flip(dims), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_predict_tta_labels_a_mirrored_volume_as_the_mirrored_labels(runs, acdc_root, tmp_path):
     """predict.py tta=true on a volume and on its mirror image (the array mirrored in-plane, the same
     affine: another image, not another orientation): the labels are mirrored, voxel for voxel."""
@@ -80,6 +81,7 @@ def test_predict_tta_labels_a_mirrored_volume_as_the_mirrored_labels(runs, acdc_
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["tta"] is True
 
 
+@pytest.mark.slow
 def test_an_ensemble_averages_the_softmax_of_its_checkpoints(runs, acdc_root):
     a = load_segmenter(checkpoint(runs["a"]), device="cpu")
     b = load_segmenter(checkpoint(runs["b"]), device="cpu")
@@ -94,6 +96,7 @@ def test_an_ensemble_averages_the_softmax_of_its_checkpoints(runs, acdc_root):
     assert torch.allclose(both_tta.probabilities(x), (a_tta.probabilities(x) + b_tta.probabilities(x)) / 2, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_predict_with_an_ensemble_writes_the_ensembles_labels(runs, acdc_root, tmp_path):
     volume = acdc_root / "database" / "training" / "patient003" / "patient003_frame01.nii.gz"
     pair = [checkpoint(runs["a"]), checkpoint(runs["b"])]
