@@ -3,10 +3,14 @@
     python scripts/evaluate.py pred=pred/ gt=/path/to/ACDC/database/testing
     python scripts/evaluate.py pred=pred/ gt=labelsTr/ labels=rv:1,myo:2,lv:3 out=scores.csv
 
-Pairs ``<case>.nii.gz`` in pred with ``<case>_gt.nii.gz`` (or ``<case>.nii.gz``) anywhere below gt;
-prints a Markdown table (one row per case, then the mean) and writes it as CSV (default
-``<pred>/evaluation.csv``). The classes are those predict.py recorded, unless labels= is given.
+Every ground truth below gt (``<case>_gt.nii.gz``; in a folder without _gt files every
+``<case>.nii.gz``) is a case, paired with ``<case>.nii.gz`` in pred. A ground truth without
+prediction is an error naming it, unless ``missing=zero``: then it is scored as an empty prediction
+(Dice 0 for each class it holds) and listed. Prints a Markdown table (one row per case, then the
+mean) and writes it as CSV (default ``<pred>/evaluation.csv``; an existing file is replaced only with
+``overwrite=true``). The classes are those predict.py recorded, unless labels= is given.
 Definitions (empty classes, spacing, means): seg/evaluation.py. HD95 needs scipy (the study extra).
+Every option is checked at start; a bad one ends with one line naming it, exit code 1.
 """
 
 from __future__ import annotations
@@ -17,21 +21,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-USAGE = "usage: python scripts/evaluate.py pred=<folder> gt=<folder> [labels=rv:1,lv:3] [out=<file.csv>]"
+USAGE = ("usage: python scripts/evaluate.py pred=<folder> gt=<folder> [labels=rv:1,lv:3] [missing=error|zero] "
+         "[out=<file.csv>] [overwrite=true]")
+DEFAULTS = {"pred": None, "gt": None, "labels": "", "missing": "error", "out": "", "overwrite": "false"}
 
 
 def main(argv: list[str]) -> int:
     from seg.data import DataError
-    from seg.evaluation import evaluate_folders, parse_labels
-    from seg.inference import parse_key_values
+    from seg.evaluation import MISSING, evaluate_folders, parse_labels
+    from seg.inference import OptionError, parse_bool, parse_key_values
 
-    args = parse_key_values(argv, {"pred": None, "gt": None, "labels": "", "out": ""}, USAGE)
+    args = parse_key_values(argv, DEFAULTS, USAGE)
     try:
-        evaluation = evaluate_folders(args["pred"], args["gt"], parse_labels(args["labels"]) or None)
-    except (DataError, ValueError) as err:
+        overwrite = parse_bool("overwrite", args["overwrite"])
+        if args["missing"] not in MISSING:
+            raise OptionError(f"missing={args['missing']}: choose {' or '.join(MISSING)}")
+        labels = parse_labels(args["labels"]) if args["labels"] else None
+        pred, gt = Path(args["pred"]), Path(args["gt"])
+        for key, folder in (("pred", pred), ("gt", gt)):
+            if not folder.is_dir():
+                raise OptionError(f"{key}={folder}: no such folder")
+        if pred.resolve() == gt.resolve():
+            raise OptionError(f"gt={args['gt']}: the same folder as pred=; the predictions would be their own truth")
+        out = Path(args["out"]) if args["out"] else pred / "evaluation.csv"
+        if out.suffix != ".csv":
+            raise OptionError(f"out={args['out']}: must end in .csv")
+        if not out.parent.is_dir():
+            raise OptionError(f"out={out}: folder {out.parent} does not exist")
+        if (out.exists() or out.is_symlink()) and not overwrite:
+            raise OptionError(f"out={out}: exists (pass overwrite=true to replace it)")
+        evaluation = evaluate_folders(pred, gt, labels, missing=args["missing"])
+    except (OptionError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    out = Path(args["out"] or Path(args["pred"]) / "evaluation.csv")
     evaluation.write_csv(out)
     print(evaluation.markdown())
     print(f"\nWritten: {out}")

@@ -1,15 +1,27 @@
-"""Segment NIfTI volumes with a trained run's checkpoint, writing label volumes on the input's grid.
+"""Segment NIfTI volumes with a trained run's checkpoint (or an ensemble), writing label volumes on the input's grid.
 
     python scripts/predict.py ckpt=outputs/<run>/checkpoints/best.pt input=patient001_frame01.nii.gz output=pred/
     python scripts/predict.py ckpt=<run>/checkpoints/best.pt input=/path/to/ACDC/database/testing output=pred/
+    python scripts/predict.py ckpt=[fold0/best.pt,fold1/best.pt] input=... output=... tta=true
 
-input: one 3D volume, or a folder searched recursively (``*_gt`` label files are left out, 4D
-files skipped with a notice). Each output ``<name>.nii.gz`` has the input's affine and header
-and the dataset's own label values (ACDC: rv 1, myo 2, lv 3); preprocessing is the training
-run's own (from the checkpoint). Options: device=auto|cpu|cuda, batch_size=16,
-interpolation=nearest|linear (how class scores return to the input grid; see seg/inference.py),
-domain=<vendor> (for norm=cin: the vendor of the inputs; unset or unseen in training: the mean of
-the learned per-vendor (gamma, beta)).
+input: one 3D volume, or a folder searched recursively (ACDC's ``*_gt`` label maps and ``*_4d`` cine
+series are left out by name). Each output ``<name>.nii.gz`` has the input's affine and header and the
+dataset's own label values (ACDC: rv 1, myo 2, lv 3); preprocessing is the training run's own (from
+the checkpoint), and every input is first reoriented by its affine to the orientation of the training
+images, the labels mapped back. Options (docs/inference.md):
+
+    ckpt=<best.pt> or [a.pt,b.pt]     one checkpoint, or an ensemble (softmax averaged); must fit together
+    device=auto|cpu|cuda|cuda:<n>     batch_size=16
+    interpolation=nearest|linear      how class scores return to the input grid (seg/inference.py)
+    tta=false|true                    nnU-Net's test-time mirroring over the in-plane axes
+    orientation=auto|<axis codes>     the training orientation (auto: from the checkpoint or its data)
+    domain=<vendor>                   for norm=cin: the vendor of the inputs (unset or unseen: mean row)
+    overwrite=false|true              replace existing files in output
+
+Refused at start, one line, exit code 1: a bad option value, an output folder that is, contains or
+lies inside an input, an existing file in output (without overwrite=true), checkpoints that do not
+fit together. An input of a folder that cannot be read is skipped and named on one line; the others
+are written and the exit code is 2.
 """
 
 from __future__ import annotations
@@ -20,24 +32,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-USAGE = "usage: python scripts/predict.py ckpt=<best.pt> input=<volume.nii.gz or folder> output=<folder>"
+USAGE = ("usage: python scripts/predict.py ckpt=<best.pt or [a.pt,b.pt]> input=<volume.nii.gz or folder> "
+         "output=<folder> [tta=true] [overwrite=true] ...")
+DEFAULTS = {"ckpt": None, "input": None, "output": None, "device": "auto", "batch_size": "16",
+            "interpolation": "nearest", "tta": "false", "orientation": "auto", "domain": "", "overwrite": "false"}
+SKIPPED_EXIT_CODE = 2
 
 
 def main(argv: list[str]) -> int:
     from seg.checkpoint import CheckpointError
     from seg.data import DataError
-    from seg.inference import load_segmenter, parse_key_values, predict_files
+    from seg.inference import (OptionError, check_orientation, load_segmenter, parse_bool, parse_checkpoints,
+                               parse_key_values, parse_positive_int, plan_outputs, predict_files)
+    from seg.runtime import DeviceError, resolve_device
 
-    args = parse_key_values(argv, {"ckpt": None, "input": None, "output": None, "device": "auto",
-                                   "batch_size": "16", "interpolation": "nearest", "domain": ""}, USAGE)
+    args = parse_key_values(argv, DEFAULTS, USAGE)
     try:
-        segmenter = load_segmenter(args["ckpt"], device=args["device"], interpolation=args["interpolation"],
-                                   batch_size=int(args["batch_size"]), domain=args["domain"] or None)
-        written = predict_files(segmenter, args["input"], args["output"])
-    except (CheckpointError, DataError, ValueError) as err:
+        batch_size = parse_positive_int("batch_size", args["batch_size"])
+        tta, overwrite = parse_bool("tta", args["tta"]), parse_bool("overwrite", args["overwrite"])
+        checkpoints = parse_checkpoints(args["ckpt"])
+        if args["interpolation"] not in ("nearest", "linear"):
+            raise OptionError(f"interpolation={args['interpolation']}: choose nearest or linear")
+        check_orientation(args["orientation"])
+        resolve_device(args["device"], key="device")
+        plan = plan_outputs(args["input"], args["output"], overwrite)
+        segmenter = load_segmenter(checkpoints, device=args["device"], interpolation=args["interpolation"],
+                                   batch_size=batch_size, domain=args["domain"] or None, tta=tta,
+                                   orientation=args["orientation"])
+        if segmenter.domain and not any(segmenter.domain in m.domains for m in segmenter.members):
+            print(f"note: domain={segmenter.domain} was not a training domain ({', '.join(segmenter.domains)}); "
+                  f"cin uses the mean of its per-domain (gamma, beta)")
+        prediction = predict_files(segmenter, plan)
+    except (OptionError, DeviceError, CheckpointError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"{len(written)} label volume(s) written to {args['output']} (task {segmenter.data['task']})")
+    written, skipped = prediction.written, prediction.skipped
+    print(f"{len(written)} label volume(s) written to {args['output']} (task {segmenter.data['task']}"
+          f"{', ensemble of ' + str(len(segmenter.members)) if len(segmenter.members) > 1 else ''}"
+          f"{', test-time mirroring' if tta else ''})")
+    if skipped:
+        print(f"error: {len(skipped)} of {len(written) + len(skipped)} input(s) skipped (listed above, and in "
+              f"{prediction.plan.record})", file=sys.stderr)
+        return SKIPPED_EXIT_CODE
     return 0
 
 

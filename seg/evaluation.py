@@ -13,8 +13,11 @@ equals the trainer's test ``dice`` on the same cases:
 - **Means**: per class, over the cases where it is defined; ``mean`` is the mean of the classes'
   means (the trainer's ``dice``).
 
-Predictions and ground truth are paired by name: ``X.nii.gz`` with ``X_gt.nii.gz`` or ``X.nii.gz``
-anywhere below the ground-truth folder (ACDC, M&Ms and nnU-Net's labelsTr all fit).
+Predictions and ground truth are paired by name: ``X.nii.gz`` with ``X_gt.nii.gz`` anywhere below the
+ground-truth folder (ACDC, M&Ms) or, in a folder without ``_gt`` files, with ``X.nii.gz`` (nnU-Net's
+labelsTr). Every ground truth is a case: one without a prediction is an error naming it, or, with
+``missing="zero"``, scored as an empty prediction (Dice 0 for each class it holds) and listed. A
+prediction without ground truth is an error.
 """
 
 from __future__ import annotations
@@ -31,36 +34,77 @@ import numpy as np
 import torch
 
 from .data.volumes import LABELS, DataError, read_nifti
-from .inference import NIFTI_SUFFIXES, case_name, is_label_file
+from .inference import NIFTI_SUFFIXES, OptionError, case_name, is_label_file
+
+
+MISSING = ("error", "zero")  # what a ground truth without prediction does
 
 
 @dataclass
 class CaseResult:
-    """One case's scores: {class name: value}, NaN where undefined; ``hd95`` None when not computed."""
+    """One case's scores: {class name: value}, NaN where undefined; ``hd95`` None when not computed;
+    ``missing``: no prediction was found, scored as an empty one (``missing="zero"``)."""
 
     case: str
     dice: dict[str, float]
     hd95: dict[str, float] | None
+    missing: bool = False
 
 
-def match_cases(pred_dir: Path, gt_dir: Path) -> list[tuple[str, Path, Path]]:
-    """(case, prediction, ground truth) for every prediction in ``pred_dir``; a missing truth is an error."""
-    predictions = {case_name(p): p for p in sorted(pred_dir.iterdir()) if p.name.endswith(NIFTI_SUFFIXES)}
-    if not predictions:
-        raise DataError(f"{pred_dir}: no predicted NIfTI files (*.nii.gz, *.nii)")
-    truths: dict[str, Path] = {}
-    for path in sorted(gt_dir.rglob("*")):
-        if not path.name.endswith(NIFTI_SUFFIXES):
+def nifti_files(folder: Path, recursive: bool = True, exclude: Path | None = None) -> list[Path]:
+    """The NIfTI files in (or below) ``folder``, hidden ones and those below ``exclude`` left out."""
+    found = []
+    for path in sorted(folder.rglob("*") if recursive else folder.iterdir()):
+        if not path.name.endswith(NIFTI_SUFFIXES) or any(p.startswith(".") for p in path.relative_to(folder).parts):
             continue
-        name = case_name(path)
-        case = name[:-3] if is_label_file(path) else name
-        if case in predictions and (case not in truths or is_label_file(path)):  # X_gt wins over the image X
-            truths[case] = path
-    missing = sorted(set(predictions) - set(truths))
-    if missing:
-        raise DataError(f"{gt_dir}: no ground truth (<case>_gt.nii.gz or <case>.nii.gz) for {len(missing)} "
-                        f"prediction(s): {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    return [(case, predictions[case], truths[case]) for case in sorted(predictions)]
+        where = path.parent.resolve()  # the folder the file lies in (a link to it lies where the link is)
+        if exclude is not None and (where == exclude or exclude in where.parents):
+            continue
+        found.append(path)
+    return found
+
+
+def ground_truths(gt_dir: Path, exclude: Path | None = None) -> dict[str, Path]:
+    """{case: ground-truth file} below ``gt_dir``: the ``_gt`` files when there are any, else every NIfTI
+    file; two files for one case is an error naming both."""
+    files = nifti_files(gt_dir, exclude=exclude)
+    labelled = [path for path in files if is_label_file(path)]
+    truths: dict[str, Path] = {}
+    for path in labelled or files:
+        case = case_name(path)[:-3] if labelled else case_name(path)
+        if case in truths:
+            raise DataError(f"gt={gt_dir}: two ground truths for case {case}: {truths[case]} and {path}")
+        truths[case] = path
+    if not truths:
+        raise DataError(f"gt={gt_dir}: no ground truth NIfTI file (*_gt.nii.gz, *.nii.gz, *.nii) below it")
+    return truths
+
+
+def match_cases(pred_dir: Path, gt_dir: Path, missing: str = "error") -> list[tuple[str, Path | None, Path]]:
+    """(case, prediction or None when missing, ground truth) for every ground truth below ``gt_dir``.
+
+    A prediction without ground truth is an error; a ground truth without prediction is an error unless
+    ``missing="zero"``. Files below ``pred_dir`` are never taken as ground truth (a prediction folder
+    inside the ground-truth folder)."""
+    if missing not in MISSING:
+        raise OptionError(f"missing={missing}: choose {' or '.join(MISSING)}")
+    predictions = {case_name(p): p for p in nifti_files(pred_dir, recursive=False)}
+    if not predictions:
+        raise DataError(f"pred={pred_dir}: no predicted NIfTI files (*.nii.gz, *.nii)")
+    truths = ground_truths(gt_dir, exclude=pred_dir.resolve())
+    unmatched = sorted(set(predictions) - set(truths))
+    if unmatched:
+        raise DataError(f"gt={gt_dir}: no ground truth (<case>_gt.nii.gz, or <case>.nii.gz in a folder without _gt "
+                        f"files) for {len(unmatched)} prediction(s): {listing(unmatched)}")
+    absent = sorted(set(truths) - set(predictions))
+    if absent and missing == "error":
+        raise DataError(f"no prediction for {len(absent)} ground truth(s): {listing(absent)} (in pred={pred_dir}; "
+                        f"missing=zero counts each as Dice 0)")
+    return [(case, predictions.get(case), truths[case]) for case in sorted(truths)]
+
+
+def listing(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (f" ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def one_hot(labels: np.ndarray, values: list[int]) -> torch.Tensor:
@@ -128,21 +172,31 @@ class Evaluation:
         metrics = ("dice", "hd95") if self.has_hd95 else ("dice",)
         return [(metric, name) for name in self.classes for metric in metrics]
 
+    @property
+    def missing(self) -> list[str]:
+        """The cases without prediction, scored as empty predictions."""
+        return [case.case for case in self.cases if case.missing]
+
     def rows(self) -> list[dict]:
-        """One row per case, then the mean row: {"case", "dice_<class>", "hd95_<class>"}."""
+        """One row per case, then the mean row: {"case", "dice_<class>", "hd95_<class>", "missing"}."""
         rows = [{"case": case.case, **{f"{metric}_{name}": getattr(case, metric)[name]
-                                       for metric, name in self.columns()}} for case in self.cases]
+                                       for metric, name in self.columns()},
+                 "missing": "yes" if case.missing else "no"} for case in self.cases]
         rows.append({"case": "mean",
-                     **{f"{metric}_{name}": self.mean(metric, name) for metric, name in self.columns()}})
+                     **{f"{metric}_{name}": self.mean(metric, name) for metric, name in self.columns()},
+                     "missing": str(len(self.missing))})
         return rows
 
     def markdown(self) -> str:
         header = ["case", *(f"{metric}_{name}" for metric, name in self.columns())]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows():
-            lines.append("| " + " | ".join([row["case"], *(format_score(row[key]) for key in header[1:])]) + " |")
+            case = row["case"] + (" (missing)" if row["missing"] == "yes" else "")
+            lines.append("| " + " | ".join([case, *(format_score(row[key]) for key in header[1:])]) + " |")
         lines += ["", f"Mean Dice over classes: {self.dice:.4f} ({len(self.cases)} cases). "
                   "— : undefined (Dice: class absent from prediction and truth; HD95: absent from either)."]
+        if self.missing:
+            lines.append(f"Missing predictions, counted as Dice 0: {', '.join(self.missing)}")
         if not self.has_hd95:
             lines.append("HD95 not computed: MONAI's Hausdorff distance needs scipy (pip install -e '.[study]').")
         return "\n".join(lines)
@@ -160,7 +214,7 @@ def format_score(value: float) -> str:
     return "—" if value is None or math.isnan(value) else f"{value:.4f}" if value <= 1 else f"{value:.2f}"
 
 
-def labels_to_evaluate(pred_dir: Path, pairs: list[tuple[str, Path, Path]]) -> dict[str, int]:
+def labels_to_evaluate(pred_dir: Path, pairs: list[tuple[str, Path | None, Path]]) -> dict[str, int]:
     """{class name: label value}: from the predictions' record (predict.py writes it), else every
     non-zero value of the ground truth, named as in ACDC when it is one of ACDC's."""
     record = pred_dir / "predictions.json"
@@ -172,29 +226,45 @@ def labels_to_evaluate(pred_dir: Path, pairs: list[tuple[str, Path, Path]]) -> d
 
 
 def parse_labels(text: str) -> dict[str, int]:
-    """``rv:1,lv:3`` or ``1,3`` -> {name: value}."""
-    labels = {}
-    for item in filter(None, text.split(",")):
-        name, _, value = item.rpartition(":")
-        labels[name or f"label{value}"] = int(value)
+    """``rv:1,lv:3`` or ``1,3`` -> {name: value}; values 1-255, each name and value once."""
+    labels: dict[str, int] = {}
+    usage = f"labels={text}: give name:value pairs with values 1-255, e.g. rv:1,myo:2,lv:3"
+    for item in text.split(","):
+        name, _, value = item.strip().rpartition(":")
+        try:
+            number = int(value)
+        except ValueError:
+            raise OptionError(usage) from None
+        if not 1 <= number <= 255:
+            raise OptionError(usage)
+        name = name or f"label{number}"
+        if name in labels:
+            raise OptionError(f"labels={text}: name {name} is given twice")
+        if number in labels.values():
+            raise OptionError(f"labels={text}: value {number} is given twice")
+        labels[name] = number
     return labels
 
 
 def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
-                     labels: dict[str, int] | None = None) -> Evaluation:
-    """Score every prediction in ``pred_dir`` against its ground truth below ``gt_dir``."""
+                     labels: dict[str, int] | None = None, missing: str = "error") -> Evaluation:
+    """Score every ground truth below ``gt_dir`` against its prediction in ``pred_dir`` (``missing``:
+    what a ground truth without prediction does -- ``error`` or ``zero``, see the module's docstring)."""
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
-    pairs = match_cases(pred_dir, gt_dir)
+    pairs = match_cases(pred_dir, gt_dir, missing)
     labels = labels or labels_to_evaluate(pred_dir, pairs)
     with_hd95 = hausdorff_available()
     results = []
     for case, pred_path, truth_path in pairs:
-        prediction, _, pred_affine = read_nifti(pred_path)
         truth, spacing, truth_affine = read_nifti(truth_path)
+        if pred_path is None:  # missing="zero": an empty prediction
+            prediction, pred_affine = np.zeros_like(truth), truth_affine
+        else:
+            prediction, _, pred_affine = read_nifti(pred_path)
         if prediction.shape != truth.shape or not np.allclose(pred_affine, truth_affine, atol=1e-3):
             raise DataError(f"{pred_path}: shape {prediction.shape} or affine differs from the ground truth "
                             f"{truth_path} {truth.shape}")
         dice, hd95 = evaluate_case(np.rint(prediction).astype(np.int64), np.rint(truth).astype(np.int64), labels,
                                    spacing, with_hd95)
-        results.append(CaseResult(case, dice, hd95))
+        results.append(CaseResult(case, dice, hd95, missing=pred_path is None))
     return Evaluation(results, list(labels))

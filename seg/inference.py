@@ -1,15 +1,30 @@
-"""Segment whole NIfTI volumes with a trained checkpoint, slice by slice, back on the input's grid.
+"""Segment whole NIfTI volumes with trained checkpoints, slice by slice, back on the input's grid.
 
 The path of one volume (``Segmenter.segment``):
 
-    file -> read_nifti: (X, Y, S) array and spacing
+    file -> read_nifti: (X, Y, S) array, spacing and affine
+         -> reoriented by its affine to the training orientation (seg/orientation.py): the voxel order
+            the training files had -- a volume stored slice axis first or mirrored is the same image
          -> the training preprocessing, from the checkpoint's own config (``prepare_volume``: clip to
             percentiles, z-score, resample in-plane to data.spacing, centre crop/pad to data.image_size)
-         -> U-Net on batches of slices -> class probabilities (S, C, size, size) on the training grid
+         -> U-Net on batches of slices -> class probabilities (S, C, size, size) on the training grid:
+            the softmax, averaged over the models of an ensemble and, with ``tta``, over the in-plane
+            mirrorings (``Segmenter.probabilities``)
          -> back on the input grid (``to_input_grid``): the crop/pad undone (outside the network's
             field of view is background), resampled to the input's in-plane size (nearest by default)
          -> arg-max class -> the dataset's own label value (ACDC: rv 1, myo 2, lv 3)
-         -> a NIfTI with the input's affine and header (``predict_files``).
+         -> back in the input's voxel order -> a NIfTI with the input's affine and header.
+
+``predict_files`` does it for a file or a folder: it refuses, before any work, an output folder that is,
+contains or lies inside an input and any existing file it would replace (unless ``overwrite``), and
+writes each file atomically; an input it cannot read is skipped, named and recorded.
+
+Test-time mirroring (``tta``) follows nnU-Net's 2D inference (Isensee et al., Nature Methods 2021;
+nnU-Net v1's ``_internal_maybe_mirror_and_pred_2D``): the network runs on the slice and on its mirror
+images along each in-plane axis and both (4 passes), each output is mirrored back, and the softmax
+probabilities are averaged with equal weights. nnU-Net v2 averages the logits instead and applies the
+softmax once; this project keeps the average of probabilities, which is also how an ensemble of
+checkpoints is combined (nnU-Net's ensembling of folds).
 
 ``python scripts/predict.py ckpt=... input=... output=...`` is the command-line face of this module.
 """
@@ -18,7 +33,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,58 +43,122 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, load_checkpoint
 from .data.slices import TASKS, class_names, prepare_volume
 from .data.volumes import LABELS, DataError, Volume, read_nifti, slices_first
+from .norms import norm_class
+from .orientation import axis_codes, from_orientation, orientation_of_files, to_orientation, valid_axis_codes
+from .runtime import resolve_device
 from .unet import UNet
 
 INTERPOLATIONS = {"nearest": "nearest-exact", "linear": "bilinear"}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# nnU-Net's mirror axes of a 2D configuration: x and y; the passes are no mirroring and every
+# non-empty combination of them, as dimensions of an (N, C, H, W) batch
+MIRRORINGS: tuple[tuple[int, ...], ...] = ((), (2,), (3,), (2, 3))
+# what the models of an ensemble must share: the task and its label values, the preprocessing, the input
+FIT_KEYS = ("data.task", "labels", "data.image_size", "data.spacing", "data.clip_percentiles", "data.normalize",
+            "model.in_channels")
+# files of a folder that are not inputs, by name: ACDC's (and M&Ms') label maps and ACDC's 4D cine series
+LEFT_OUT_BY_NAME = {"_gt": "label map(s) (*_gt)", "_4d": "cine series (*_4d)"}
+
+
+class OptionError(ValueError):
+    """An option value refused at start; the message names the key."""
+
+
+@dataclass
+class Member:
+    """One trained model of a Segmenter (an ensemble has several)."""
+
+    model: torch.nn.Module
+    path: Path
+    config: dict  # the run's resolved configuration, as stored in its checkpoint
+    domains: tuple[str, ...] = ()  # the training domains (vendors) of a conditional norm (cin)
+    memory_format: torch.memory_format = torch.contiguous_format
+
+    def takes_domain(self) -> bool:
+        return "domain" in getattr(norm_class(self.config["norm"]["name"]), "condition_inputs", ())
 
 
 @dataclass
 class Segmenter:
-    """A trained U-Net with the preprocessing and label values of the run that trained it."""
+    """Trained U-Net(s) with the preprocessing, orientation and label values of the runs that trained them."""
 
-    model: torch.nn.Module
-    config: dict  # the run's resolved configuration, as stored in its checkpoint
+    members: list[Member]
     device: torch.device
     label_values: np.ndarray  # class index -> label value written to the output
+    orientation: str = ""  # axis codes of the training orientation; "" keeps every input as stored
     interpolation: str = "nearest"  # how class scores return to the input grid: nearest or linear
     batch_size: int = 16
-    domains: tuple[str, ...] = ()  # the training domains (vendors) of a conditional norm (cin)
     domain: str | None = None  # the vendor of the images to segment; None or unseen: cin's mean (gamma, beta)
+    tta: bool = False  # average over the in-plane mirrorings (nnU-Net's test-time mirroring)
+    orientation_source: str = ""  # where the orientation came from, in words
+
+    @property
+    def config(self) -> dict:
+        return self.members[0].config
 
     @property
     def data(self) -> dict:
         return self.config["data"]
 
-    @torch.no_grad()
-    def segment(self, image: np.ndarray, spacing) -> np.ndarray:
-        """Label volume (X, Y, S) uint8, in the dataset's label values, of an image volume (X, Y, S)."""
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.members[0].model
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        return self.members[0].domains
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return [str(member.path) for member in self.members]
+
+    def prepare(self, image: np.ndarray, spacing) -> torch.Tensor:
+        """The network input (S, 1, size, size) of an image volume (X, Y, S) in the training orientation."""
         stack = slices_first(image)  # (S, X, Y), as the readers give it; no label (an empty one)
         volume = Volume(image=stack, label=np.zeros(stack.shape, np.uint8), spacing=tuple(spacing), patient="input")
-        prepared = prepare_volume(volume, image_size=self.data["image_size"], spacing=self.data["spacing"],
-                                  clip_percentiles=self.data["clip_percentiles"], normalize=self.data["normalize"])
-        memory_format = torch.channels_last if self.config["trainer"].get("channels_last") else torch.contiguous_format
-        domain_id = self.domains.index(self.domain) if self.domain in self.domains else -1
-        scores = torch.cat([
-            torch.softmax(self.model(batch.to(self.device).contiguous(memory_format=memory_format),
-                                     torch.full((len(batch),), domain_id, device=self.device)).float(), 1).cpu()
-            for batch in prepared.image.split(self.batch_size)])
-        scores = to_input_grid(scores, volume.image.shape[1:], volume.spacing, self.data["spacing"],
-                               self.interpolation)
+        return prepare_volume(volume, image_size=self.data["image_size"], spacing=self.data["spacing"],
+                              clip_percentiles=self.data["clip_percentiles"], normalize=self.data["normalize"]).image
+
+    @torch.no_grad()
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """Class probabilities (N, C, H, W) float32 on the CPU of network inputs (N, 1, H, W): the softmax,
+        averaged with equal weights over the members and, with ``tta``, over ``MIRRORINGS``."""
+        mirrorings = MIRRORINGS if self.tta else ((),)
+        out = []
+        for batch in images.split(self.batch_size):
+            batch = batch.to(self.device)
+            total = None
+            for member in self.members:
+                domain_id = member.domains.index(self.domain) if self.domain in member.domains else -1
+                domains = torch.full((len(batch),), domain_id, device=self.device)
+                for dims in mirrorings:
+                    x = batch.flip(dims) if dims else batch
+                    logits = member.model(x.contiguous(memory_format=member.memory_format), domains)
+                    p = torch.softmax(logits.float(), 1)
+                    p = p.flip(dims) if dims else p
+                    total = p if total is None else total + p
+            out.append((total / (len(self.members) * len(mirrorings))).cpu())
+        return torch.cat(out)
+
+    def segment(self, image: np.ndarray, spacing, affine: np.ndarray | None = None) -> np.ndarray:
+        """Label volume, uint8 in the dataset's label values, of an image volume (X, Y, S) on its own grid.
+
+        With ``affine`` the volume is first put into the training orientation (and the labels back
+        into its own); without, it is taken as stored.
+        """
+        if affine is not None and self.orientation:
+            image, spacing, _ = to_orientation(image, affine, spacing, self.orientation)
+        scores = self.probabilities(self.prepare(image, spacing))
+        scores = to_input_grid(scores, image.shape[:2], spacing, self.data["spacing"], self.interpolation)
         classes = scores.argmax(1).numpy()  # (S, X, Y)
-        return np.ascontiguousarray(np.moveaxis(self.label_values[classes], 0, -1))
+        labels = np.moveaxis(self.label_values[classes], 0, -1)
+        if affine is not None and self.orientation:
+            labels = from_orientation(labels, affine, self.orientation)
+        return np.ascontiguousarray(labels)
 
 
-def load_segmenter(checkpoint: str | os.PathLike, device: str = "auto", interpolation: str = "nearest",
-                   batch_size: int = 16, domain: str | None = None) -> Segmenter:
-    """The model of a run's checkpoint (best.pt or last.pt), rebuilt from the config stored in it."""
-    from .train import resolve_device
-
-    if interpolation not in INTERPOLATIONS:
-        raise ValueError(f"interpolation={interpolation!r}; choose one of: {', '.join(INTERPOLATIONS)}")
-    state = load_checkpoint(checkpoint)
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{checkpoint}: not a training checkpoint of this project (no model and config)")
+def build_model(state: dict) -> torch.nn.Module:
+    """The U-Net of a training checkpoint, its weights loaded, on the CPU in eval mode."""
     config = state["config"]
     model_cfg, norm_cfg, task = config["model"], dict(config["norm"]), config["data"]["task"]
     model = UNet(in_channels=model_cfg["in_channels"], num_classes=len(TASKS[task]) + 1,
@@ -87,13 +166,130 @@ def load_segmenter(checkpoint: str | os.PathLike, device: str = "auto", interpol
                  norm_options=norm_cfg, init=model_cfg["init"], bias_init=model_cfg["bias_init"],
                  num_domains=max(len(state.get("domains", [])), 1))
     model.load_state_dict(state["model"])
-    target = resolve_device(device)
-    memory_format = torch.channels_last if config["trainer"].get("channels_last") else torch.contiguous_format
-    model = model.to(target, memory_format=memory_format).eval()
-    values = dataset_label_values(config["data"])
-    label_values = np.array([0] + [values[project] for project in TASKS[task]], np.uint8)
-    return Segmenter(model, config, target, label_values, interpolation, batch_size,
-                     tuple(state.get("domains", ())), domain)
+    return model.eval()
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint of this project, or a one-line error naming ``ckpt=``."""
+    path = Path(path)
+    if not path.is_file():
+        raise OptionError(f"ckpt={path}: no such file")
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as err:
+        raise CheckpointError(f"ckpt={path}: not a checkpoint of this project, or damaged "
+                              f"({str(err).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"ckpt={path}: not a checkpoint of this project (no model and config)")
+    return state
+
+
+def fit_values(state: dict) -> dict:
+    """The values of ``FIT_KEYS`` of one checkpoint."""
+    config = state["config"]
+    values = {key: config[key.split(".")[0]].get(key.split(".")[1]) for key in FIT_KEYS if "." in key}
+    values["labels"] = dict(sorted(dataset_label_values(config["data"]).items()))
+    return {key: values[key] for key in FIT_KEYS}
+
+
+def training_orientation(state: dict) -> tuple[str, str] | None:
+    """(axis codes, where they come from) of the images a checkpoint was trained on, or None.
+
+    The checkpoint's own record (key ``orientation``) when it has one; else the orientation of the
+    NIfTI files of its training data (``data.root``, relative to the working directory), when they
+    are still there -- the most common one if they differ.
+    """
+    recorded = state.get("orientation")
+    if isinstance(recorded, str) and valid_axis_codes(recorded):
+        return recorded, "recorded in the checkpoint"
+    root = state["config"]["data"].get("root")
+    counts = orientation_of_files(root) if root else None
+    if not counts:
+        return None
+    codes, count = counts.most_common(1)[0]
+    if len(counts) == 1:
+        return codes, f"of the training data ({count} NIfTI file(s) under {root})"
+    mixed = ", ".join(f"{c} {n}" for c, n in counts.most_common())
+    return codes, f"the most common of the training data's NIfTI files under {root} ({mixed})"
+
+
+def check_orientation(orientation: str) -> None:
+    """``auto``, ``""`` (inputs as stored) or valid axis codes, else an OptionError naming ``orientation=``."""
+    if orientation not in ("auto", "") and not valid_axis_codes(orientation):
+        raise OptionError(f"orientation={orientation}: give auto or three axis codes, one of L/R, P/A and I/S "
+                          f"each (e.g. RAS), as nibabel.aff2axcodes writes them")
+
+
+def parse_checkpoints(text: str) -> list[str]:
+    """``a.pt`` or ``[a.pt,b.pt]`` (Hydra's list syntax) -> the paths."""
+    text = text.strip()
+    items = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else [text]
+    paths = [item.strip() for item in items if item.strip()]
+    if not paths:
+        raise OptionError(f"ckpt={text}: names no checkpoint")
+    for path in paths:
+        if paths.count(path) > 1:
+            raise OptionError(f"ckpt={text}: names {path} twice")
+    return paths
+
+
+def load_segmenter(checkpoint: str | os.PathLike | list, device: str = "auto", interpolation: str = "nearest",
+                   batch_size: int = 16, domain: str | None = None, tta: bool = False,
+                   orientation: str = "auto") -> Segmenter:
+    """The model of a run's checkpoint (best.pt or last.pt), or an ensemble of several (a list),
+    rebuilt from the config stored in each; every option is checked first.
+
+    ``orientation``: ``auto`` (the training orientation, from the checkpoint or its training data;
+    refused when neither tells), axis codes such as ``RAS``, or ``""`` to take every input as stored.
+    """
+    if interpolation not in INTERPOLATIONS:
+        raise OptionError(f"interpolation={interpolation}: choose {' or '.join(INTERPOLATIONS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise OptionError(f"batch_size={batch_size}: must be an integer >= 1")
+    check_orientation(orientation)
+    target = resolve_device(device, key="device")
+    paths = [Path(p) for p in (checkpoint if isinstance(checkpoint, (list, tuple)) else [checkpoint])]
+    states = [read_checkpoint(path) for path in paths]
+    first = fit_values(states[0])
+    for path, state in zip(paths[1:], states[1:]):
+        values = fit_values(state)
+        for key in FIT_KEYS:
+            if values[key] != first[key]:
+                raise CheckpointError(
+                    f"ckpt: {path} does not fit {paths[0]} in one ensemble: {key} is {first[key]} there, "
+                    f"{values[key]} here (the models of an ensemble share task, label values and preprocessing)")
+
+    members = []
+    for path, state in zip(paths, states):
+        config = state["config"]
+        memory_format = torch.channels_last if config["trainer"].get("channels_last") else torch.contiguous_format
+        members.append(Member(build_model(state).to(target, memory_format=memory_format), path, config,
+                              tuple(state.get("domains", ())), memory_format))
+    if domain and not any(member.takes_domain() for member in members):
+        norms = ", ".join(sorted({member.config["norm"]["name"] for member in members}))
+        raise OptionError(f"domain={domain}: the model (norm={norms}) takes no domain")
+
+    source = "given" if orientation else "none: every input taken as stored"
+    if orientation == "auto":
+        found = [training_orientation(state) for state in states]
+        for path, orient in zip(paths, found):
+            if orient is None:
+                raise OptionError(
+                    f"orientation=auto: {path} does not record the orientation of its training images, and no "
+                    f"NIfTI file of its training data is found under data.root="
+                    f"{states[paths.index(path)]['config']['data'].get('root')}; give it, e.g. orientation=RAS "
+                    f"(the axis codes of the training images: nibabel.aff2axcodes of their affine)")
+        codes = {orient[0] for orient in found}
+        if len(codes) > 1:
+            raise CheckpointError(f"ckpt: the models were trained on images of different orientations "
+                                  f"({', '.join(f'{p}: {o[0]}' for p, o in zip(paths, found))}); predict with each "
+                                  f"alone, or give orientation=")
+        orientation, source = found[0]
+    values = dataset_label_values(states[0]["config"]["data"])
+    label_values = np.array([0] + [values[project] for project in TASKS[states[0]["config"]["data"]["task"]]],
+                            np.uint8)
+    return Segmenter(members, target, label_values, orientation, interpolation, batch_size, domain or None, tta,
+                     source)
 
 
 # ---------------------------------------------------------------------------- geometry
@@ -195,71 +391,225 @@ def output_name(path: Path) -> str:
     return (name[:-5] if name.endswith("_0000") else name) + ".nii.gz"
 
 
-def find_volumes(source: Path) -> list[Path]:
-    """The input NIfTI file, or every NIfTI file below a folder that is not a ``_gt`` label file."""
+def left_out_by_name(path: Path) -> str | None:
+    """The ``LEFT_OUT_BY_NAME`` suffix of a file that is not an input when found in a folder, else None."""
+    name = case_name(path)
+    return next((suffix for suffix in LEFT_OUT_BY_NAME if name.endswith(suffix)), None)
+
+
+def scan_inputs(source: Path, key: str = "input") -> tuple[list[Path], dict[str, int]]:
+    """(the input NIfTI file, or every NIfTI file below that folder except label maps and cine series,
+    {suffix: how many files were left out by name})."""
     if source.is_file():
-        return [source]
+        return [source], {}
     if not source.is_dir():
-        raise DataError(f"{source}: no such file or folder")
-    found = sorted(p for p in source.rglob("*") if p.name.endswith(NIFTI_SUFFIXES) and not is_label_file(p)
-                   and not any(part.startswith(".") for part in p.relative_to(source).parts))
+        raise OptionError(f"{key}={source}: no such file or folder")
+    found, left_out = [], {}
+    for path in sorted(source.rglob("*")):
+        hidden = any(part.startswith(".") for part in path.relative_to(source).parts)
+        if hidden or not path.name.endswith(NIFTI_SUFFIXES):
+            continue
+        suffix = left_out_by_name(path)
+        if suffix:
+            left_out[suffix] = left_out.get(suffix, 0) + 1
+        else:
+            found.append(path)
     if not found:
-        raise DataError(f"{source}: no NIfTI image (*.nii.gz, *.nii) found")
-    return found
+        raise OptionError(f"{key}={source}: no NIfTI image (*.nii.gz, *.nii) found"
+                          + (" other than label maps and cine series" if left_out else ""))
+    return found, left_out
+
+
+def find_volumes(source: Path) -> list[Path]:
+    """The input NIfTI file, or every NIfTI file below a folder that is not a ``_gt`` or ``_4d`` file."""
+    return scan_inputs(Path(source))[0]
+
+
+@dataclass
+class Plan:
+    """What predict_files will read and write, checked before any work."""
+
+    source: Path
+    output: Path
+    inputs: list[Path]
+    targets: list[Path]
+    left_out: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def record(self) -> Path:
+        return self.output / "predictions.json"
+
+
+def plan_outputs(source: str | os.PathLike, output: str | os.PathLike, overwrite: bool = False) -> Plan:
+    """The inputs and the files to write, refusing (naming ``output=``) an output folder that is, contains
+    or lies inside an input -- also through symbolic links -- and, unless ``overwrite``, any existing file
+    it would replace. Nothing is written here."""
+    source, given = Path(source), str(output)
+    output = Path(output)
+    inputs, left_out = scan_inputs(source)
+    if output.exists() and not output.is_dir():
+        raise OptionError(f"output={given}: is a file, not a folder")
+    existing = next(folder for folder in [output, *output.absolute().parents] if folder.exists())
+    if not existing.is_dir():
+        raise OptionError(f"output={given}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OptionError(f"output={given}: {existing} is not writable")
+    out, src = output.resolve(), source.resolve()
+    if source.is_dir():
+        if out == src:
+            raise OptionError(f"output={given}: is the input folder; the label maps would replace the images")
+        if src in out.parents:
+            raise OptionError(f"output={given}: lies inside the input folder {source}; give a folder outside it")
+        if out in src.parents:
+            raise OptionError(f"output={given}: contains the input folder {source}; give a folder outside it")
+    for path in inputs:
+        real = path.resolve()
+        if out == real.parent or out in real.parents:
+            linked = f" (a link to {real})" if real != path.absolute() else ""
+            raise OptionError(f"output={given}: contains the input {path}{linked}; give a folder outside it")
+    targets, origin = [], {}
+    for path in inputs:
+        target = output / output_name(path)
+        if target in origin:
+            raise OptionError(f"input={source}: {origin[target]} and {path} would both be written as {target.name}")
+        origin[target] = path
+        targets.append(target)
+    plan = Plan(source, output, inputs, targets, left_out)
+    existing = [t for t in [*targets, plan.record] if t.exists() or t.is_symlink()]
+    if existing and not overwrite:
+        names = ", ".join(t.name for t in existing[:5]) + (" ..." if len(existing) > 5 else "")
+        raise OptionError(f"output={given}: would overwrite {len(existing)} existing file(s): {names} "
+                          f"(pass overwrite=true to replace them)")
+    return plan
 
 
 def write_labels(path: Path, labels: np.ndarray, like) -> None:
-    """Save ``labels`` with the affine and header of the nibabel image ``like``, as uint8 without scaling."""
+    """Save ``labels`` with the affine and header of the nibabel image ``like``, as uint8 without scaling;
+    written to a temporary file and renamed, so an interrupted run never leaves half a file."""
     header = like.header.copy()
     header.set_data_dtype(np.uint8)
     image = type(like)(labels.reshape(like.shape).astype(np.uint8), like.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
-    image.to_filename(str(path))
+    temporary = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp-{os.getpid()}.nii.gz")
+    try:
+        image.to_filename(str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
-def predict_files(segmenter: Segmenter, source: str | os.PathLike, output: str | os.PathLike,
-                  log=print) -> list[Path]:
-    """Segment the volume ``source`` (or each volume below that folder) into ``output``; returns the
-    files written. A folder's 4D files (e.g. ACDC's _4d cine) are skipped with a notice.
+def write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        temporary.write_text(text)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
-    ``output/predictions.json`` records the checkpoint's task and label values (evaluate.py reads it).
-    """
+
+@dataclass
+class Prediction:
+    """What predict_files did: the files written and the inputs skipped, each with its reason."""
+
+    written: list[Path]
+    skipped: list[dict]
+    plan: Plan
+
+
+def segment_file(segmenter: Segmenter, path: Path):
+    """(label volume, nibabel image of the input) of one NIfTI file; DataError names the file."""
     import nibabel as nib
 
-    source, output = Path(source), Path(output)
-    inputs = find_volumes(source)
-    output.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in inputs:
-        target = output / output_name(path)
-        if target in written:
-            raise DataError(f"{path}: a prediction named {target.name} was already written from another input")
+    image, spacing, affine = read_nifti(path)
+    if not all(np.isfinite(s) and s > 0 for s in spacing[:2]):
+        raise DataError(f"{path}: voxel spacing {spacing} is not positive")
+    if segmenter.orientation:
         try:
-            image, spacing, _ = read_nifti(path)
+            axis_codes(affine)
+        except Exception as err:  # a singular affine: no direction to reorient by
+            raise DataError(f"{path}: its affine gives no orientation ({err})") from None
+    return segmenter.segment(image, spacing, affine), nib.load(str(path))
+
+
+def predict_files(segmenter: Segmenter, source: str | os.PathLike | Plan, output: str | os.PathLike | None = None,
+                  log=print, warn=None, overwrite: bool = False) -> Prediction:
+    """Segment the volume ``source`` (or each volume below that folder) into ``output``.
+
+    ``source`` may be a ``Plan`` (from ``plan_outputs``, already checked). A folder's input that cannot
+    be read is skipped: named through ``warn`` (default: stderr) and listed in the result and in
+    ``output/predictions.json``, which also records the checkpoints, task, label values, orientation
+    and options (evaluate.py reads the labels). A single input file that cannot be read is an error.
+    """
+    import sys
+
+    warn = warn or (lambda message: print(message, file=sys.stderr))
+    plan = source if isinstance(source, Plan) else plan_outputs(source, output, overwrite)
+    if plan.left_out:
+        log("left out by name: " + ", ".join(f"{plan.left_out[suffix]} {what}"
+                                             for suffix, what in LEFT_OUT_BY_NAME.items() if suffix in plan.left_out))
+    if segmenter.orientation:
+        log(f"orientation: inputs reoriented to {segmenter.orientation} ({segmenter.orientation_source})")
+    plan.output.mkdir(parents=True, exist_ok=True)
+    written, skipped = [], []
+    for path, target in zip(plan.inputs, plan.targets):
+        try:
+            labels, like = segment_file(segmenter, path)
         except DataError as err:
-            if source.is_file():
+            if plan.source.is_file():
                 raise
-            log(f"skipped: {err}")  # the message names the file
+            warn(f"skipped: {err}")  # the message names the file
+            skipped.append({"input": str(path), "reason": str(err)})
             continue
-        write_labels(target, segmenter.segment(image, spacing), nib.load(str(path)))
+        try:
+            write_labels(target, labels, like)
+        except OSError as err:  # a full disk, a folder made read-only meanwhile: the files so far stay
+            raise DataError(f"{target}: cannot be written ({err.strerror or err}); {len(written)} file(s) "
+                            f"written before it are kept") from None
         written.append(target)
         log(f"{path} -> {target}")
     task = segmenter.data["task"]
     record = {"task": task, "labels": dict(zip(class_names(task), segmenter.label_values[1:].tolist())),
-              "interpolation": segmenter.interpolation, "cases": [p.name for p in written]}
-    (output / "predictions.json").write_text(json.dumps(record, indent=2))
-    return written
+              "checkpoints": segmenter.checkpoints, "tta": segmenter.tta, "interpolation": segmenter.interpolation,
+              "orientation": segmenter.orientation, "orientation_source": segmenter.orientation_source,
+              "domain": segmenter.domain, "cases": [p.name for p in written], "skipped": skipped}
+    write_text_atomic(plan.record, json.dumps(record, indent=2))
+    return Prediction(written, skipped, plan)
+
+
+# ---------------------------------------------------------------------------- command-line options
 
 
 def parse_key_values(argv: list[str], defaults: dict, usage: str) -> dict:
-    """Hydra-style ``key=value`` arguments over ``defaults`` (None: required); a bad one ends with ``usage``."""
-    values = dict(defaults)
+    """Hydra-style ``key=value`` arguments over ``defaults`` (None: required); an unknown, repeated or
+    missing key (a required one given empty counts as missing) ends the program with one line naming
+    it (exit code 1) and ``usage``."""
+    values, seen = dict(defaults), set()
     for argument in argv:
         key, sep, value = argument.partition("=")
         if not sep or key not in defaults:
             raise SystemExit(f"error: unexpected argument {argument!r} (known: {', '.join(defaults)})\n{usage}")
+        if key in seen:
+            raise SystemExit(f"error: {key}= is given twice\n{usage}")
+        seen.add(key)
         values[key] = value
-    missing = [key for key, value in values.items() if value is None]
+    missing = [key for key, value in values.items() if defaults[key] is None and not value]
     if missing:
         raise SystemExit(f"error: missing {', '.join(f'{k}=...' for k in missing)}\n{usage}")
     return values
+
+
+def parse_bool(key: str, value: str) -> bool:
+    """``true`` or ``false`` (any case), else an OptionError naming ``key``."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise OptionError(f"{key}={value}: must be true or false")
+
+
+def parse_positive_int(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise OptionError(f"{key}={value}: must be an integer >= 1")
+    return number
