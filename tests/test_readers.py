@@ -575,3 +575,23 @@ def test_rvsc_slice_step_comes_from_slice_location_and_test_sets_are_unlabeled(t
     assert summary(splits) == {"TrainingSet": (3, 0, 0), "Test1Set": (1, 0, 0), "Test2Set": (0, 1, 0)}
     with pytest.raises(DataError, match=r"Test2Set: no labelled patient \(1 found without ground truth"):
         read_rvsc(root / "Test2Set", progress=False)
+
+
+def test_a_killed_runs_cache_temporary_is_removed_and_a_live_ones_kept(tmp_path, capsys):
+    import subprocess
+
+    from seg.data.temporaries import host_name
+
+    root = make_acdc_tree(tmp_path / "acdc", num_patients=3, shape=(16, 16, 2))
+    load_splits(tiny_acdc(root), seed=0, progress=False)
+    folder = root / ".seg-cache"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()  # the pid of a process that has ended
+    dead = folder / f".acdc-0123456789ab-0123456789ab.pt.tmp-{host_name()}-{gone}-0badc0de"
+    alive = folder / f".acdc-0123456789ab-0123456789ab.pt.tmp-{host_name()}-{os.getpid()}-0badc0de"
+    elsewhere = folder / f".acdc-0123456789ab-0123456789ab.pt.tmp-another-host-{gone}-0badc0de"
+    for path in (dead, alive, elsewhere):
+        path.write_bytes(b"half a cache")
+    load_splits(tiny_acdc(root), seed=0, progress=False)
+    assert not dead.exists() and alive.exists() and elsewhere.exists()
+    assert f"Removed {dead}: a temporary left by process {gone}, which is gone" in capsys.readouterr().out

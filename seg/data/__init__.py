@@ -70,7 +70,7 @@ def ensure_phantom(root: Path, num_patients: int, seed: int, progress: bool = Tr
         raise DataError(f"{where}: {blocker} is a file, not a folder; set paths.data_dir to a folder where the "
                         f"built-in phantom can be generated")
     if root.parent.is_dir():
-        remove_stale(root.parent, stem=root.name)
+        remove_stale(root.parent)  # of any phantom configuration: a killed n40 run's folder goes when n100 starts
     print(f"Generating the built-in phantom ({num_patients} patients, seed {seed}) in {root} (once)")
     try:
         generate_phantom(root, num_patients=num_patients, seed=seed, progress=progress)
