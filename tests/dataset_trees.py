@@ -42,7 +42,8 @@ MNMS_XLSX = "M&Ms Dataset Information.xlsx"
 
 def write_mnms1_case(folder: Path, code: str, ed: int, es: int, rng, shape=(32, 28), num_slices=3, num_frames=5,
                      labelled: bool = True) -> None:
-    """``<code>_sa.nii.gz`` (4D cine) and ``<code>_sa_gt.nii.gz`` (labels at ED and ES only; all zero if not labelled)."""
+    """``<code>_sa.nii.gz`` (4D cine) and ``<code>_sa_gt.nii.gz`` (labels at ED and ES only; all zero if not
+    labelled)."""
     folder.mkdir(parents=True, exist_ok=True)
     image = np.zeros((*shape, num_slices, num_frames))
     truth = np.zeros((*shape, num_slices, num_frames), np.uint8)

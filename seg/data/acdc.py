@@ -67,8 +67,8 @@ def find_patients(root: str | Path) -> list[Patient]:
     for folder in find_patient_folders(root):
         subset = subset_name(root, folder.parent)
         if (folder / "Info.cfg").is_file() and not any(folder.glob("*_gt.nii.gz")):
-            patients.append(Patient(folder.name, subset=subset, unlabeled="no _gt files (ACDC 2017's testing set "
-                                                                           "has no ground truth)"))
+            patients.append(Patient(folder.name, subset=subset, unlabeled="no _gt files: ACDC 2017's testing set "
+                                                                           "has no ground truth"))
         else:
             patients.append(Patient(folder.name, partial(read_patient, folder), subset=subset))
     return some_labelled(patients, root, "training folder")

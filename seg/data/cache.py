@@ -17,7 +17,8 @@ The task, the split (fold, seed, split file, vendors) and ``max_slices_per_volum
 after loading, so changing them never invalidates the cache.
 
 The file is written to a temporary name and renamed, so a crash never leaves half a cache (and
-the temporary of a killed run is removed by the next one: ``temporaries``); it is read with ``torch.load(weights_only=True)`` (plain tensors, strings and numbers only). An
+the temporary of a killed run is removed by the next one: ``temporaries``); it is read with
+``torch.load(weights_only=True)`` (plain tensors, strings and numbers only). An
 unwritable root gives a warning and a run without cache. Clear it by deleting the folder, or
 ``python scripts/prepare_data.py <overrides> --clear``.
 """

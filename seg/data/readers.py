@@ -77,7 +77,7 @@ def summarize(patients: list[Patient], read: set[str], skipped: list[dict], unre
             entry["read"] += 1
         elif patient.id in unread:
             entry["unread"] += 1
-    return list(entries.values())
+    return sorted(entries.values(), key=lambda entry: entry["subset"])
 
 
 def summary_line(entry: dict) -> str:

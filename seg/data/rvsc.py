@@ -51,8 +51,8 @@ def find_patients(root: str | Path) -> list[Patient]:
         contours, images = contour_folders.get(number), image_folders.get(number)
         subset = subset_name(root, (images or contours).parent.parent)
         if contours is None or not any(contours.glob("*contour-manual.txt")):
-            patients.append(Patient(patient, subset=subset, unlabeled="no contour files (RVSC's test sets ship "
-                                                                       "images and lists only)"))
+            patients.append(Patient(patient, subset=subset, unlabeled="no contour files: RVSC's test sets ship "
+                                                                       "images and lists only"))
             continue
         folders = [contours.parent] + ([images.parent] if images is not None else [])
         list_file = next((path for folder in folders for path in sorted(folder.glob(f"{patient}list.txt"))), None)
