@@ -487,7 +487,10 @@ def test_acdc_2017_release_skips_the_testing_patients_as_unlabeled(tmp_path):
 
 
 def test_nnunet_v1_and_v2_mnms_conversions_group_cases_into_patients(tmp_path):
-    v1 = make_nnunet_mnms_tree(tmp_path / "v1", version=1)  # A0S9V9_0000_A_1 ...: modality, inverted labels
+    # as nnU-Net v1 keeps it: nnUNet_raw_data_base/nnUNet_raw_data/Task114_heart_mnms (modality, inverted labels)
+    base = tmp_path / "nnUNet_raw_data_base"
+    v1 = make_nnunet_mnms_tree(base / "nnUNet_raw_data", version=1)  # A0S9V9_0000_A_1 ...
+    assert len(read_nnunet(base, progress=False)) == 2 * len(MNMS1_CASES)  # data.root may be the base folder
     volumes = read_nnunet(v1, progress=False)
     assert sorted({v.patient for v in volumes}) == sorted(code for code, *_ in MNMS1_CASES)
     first = volumes[0]

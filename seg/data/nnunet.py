@@ -132,12 +132,15 @@ def read_nnunet(root: str | Path, *, label_map: dict[str, str] | None = None, pa
 
 
 def dataset_folder(root: Path) -> Path:
-    """``root`` itself if it holds dataset.json, else its single DatasetXXX_* subfolder."""
+    """``root`` itself if it holds dataset.json, else its single DatasetXXX_* subfolder (or v1's
+    ``nnUNet_raw_data/TaskXXX_*`` below ``nnUNet_raw_data_base``)."""
     if not root.is_dir():
         raise DataError(f"{root}: data folder does not exist (expected the {EXPECTED_LAYOUT})")
     if (root / "dataset.json").is_file():
         return root
     found = sorted(path.parent for path in root.glob("*/dataset.json"))
+    if not found:  # nnU-Net v1's nnUNet_raw_data_base/nnUNet_raw_data/TaskXXX_Name
+        found = sorted(path.parent for path in root.glob("nnUNet_raw_data/*/dataset.json"))
     if len(found) == 1:
         return found[0]
     if found:
