@@ -19,8 +19,12 @@ from omegaconf import MISSING, OmegaConf
 
 @dataclass
 class PhantomConfig:
-    num_patients: int = 40
-    seed: int = 0
+    """The built-in phantom (configs/data/phantom.yaml sets all three); left unset by every real dataset,
+    so that a leftover ``data.phantom.*`` override on one is refused instead of silently ignored."""
+
+    generate: bool = False  # generate the phantom at data.root (once) before reading it
+    num_patients: Optional[int] = None
+    seed: Optional[int] = None
 
 
 @dataclass
@@ -43,11 +47,12 @@ class DataConfig:
     test_fraction: float = 0.2
     max_patients: Optional[int] = None
     max_slices_per_volume: Optional[int] = None
-    phantom: Optional[PhantomConfig] = None
+    phantom: Optional[PhantomConfig] = field(default_factory=PhantomConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # reading (see data/README.md)
     on_error: str = "raise"  # raise | skip: a bad patient ends the run, or is skipped and listed in metrics.json
     label_map: Dict[str, str] = field(default_factory=dict)  # nnunet: dataset label name -> background|rv|myo|lv
+    patient_regex: Optional[str] = None  # nnunet: regex with (?P<patient>...) grouping case ids into patients
     # the prepared-data cache (seg/data/cache.py)
     cache: bool = True
     cache_dir: Optional[str] = None  # null: <root>/.seg-cache
@@ -194,6 +199,8 @@ def validate(cfg) -> None:
     """Check choice-valued keys, ranges and the norm name/options before any work starts."""
     from omegaconf import OmegaConf
 
+    from .data import DataError
+    from .data import check_options as check_data_options
     from .norms import CONTEXT_OPTIONS, check_options
 
     for key, allowed in choices().items():
@@ -209,7 +216,10 @@ def validate(cfg) -> None:
             raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
-    validate_data_split(cfg.data)
+    try:
+        check_data_options(cfg.data)  # the data package range-checks its own options
+    except DataError as err:
+        raise ConfigError(str(err)) from None
     multiple = 2 ** cfg.model.depth
     if cfg.data.image_size % multiple:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 2**model.depth={multiple}")
@@ -250,20 +260,3 @@ def validate_compile_backend(backend: str) -> None:
         usual = sorted({*torch._dynamo.list_backends(), "aot_eager", "eager"})
         raise ConfigError(f"trainer.compile_backend={backend!r} is not a torch.compile backend; "
                           f"choose one of: {', '.join(usual)}")
-
-
-def validate_data_split(data) -> None:
-    """One way of splitting at a time, a fold inside the folds, label_map targets in the label set."""
-    from .data import LABELS, DataError, split_mode
-
-    try:
-        split_mode(data)
-    except DataError as err:
-        raise ConfigError(str(err)) from None
-    if data.num_folds < 2:
-        raise ConfigError(f"data.num_folds must be at least 2, got {data.num_folds}")
-    if data.fold is not None and not data.split_file and not 0 <= data.fold < data.num_folds:
-        raise ConfigError(f"data.fold={data.fold} must be between 0 and data.num_folds-1 = {data.num_folds - 1}")
-    for name, target in (data.label_map or {}).items():
-        if target not in LABELS:
-            raise ConfigError(f"data.label_map: {name} -> {target!r} is not valid; choose one of: {', '.join(LABELS)}")

@@ -47,3 +47,33 @@ def make_acdc_tree(root: Path, num_patients: int = 3, shape=(48, 40, 4), spacing
             frames[frame] = image
         write_volume(folder / f"patient{p:03d}_4d.nii.gz", np.stack([frames[ed], frames[es]], -1), spacing)
     return root
+
+
+def make_acdc_2017_tree(root: Path, num_training: int = 4, num_testing: int = 2, shape=(32, 28, 3),
+                        seed: int = 0) -> Path:
+    """The 2017 release as downloaded: ``root/ACDC/training/patient001...`` (labelled) and
+    ``root/ACDC/testing/testing/patient101...`` whose folders hold Info.cfg, the ED/ES frames and the 4D cine
+    but **no** ``_gt`` files. Returns ``root/ACDC``."""
+    acdc = root / "ACDC"
+    make_acdc_tree(root / "tmp-training", num_patients=num_training, shape=shape, seed=seed)
+    (acdc / "training").parent.mkdir(parents=True, exist_ok=True)
+    (root / "tmp-training" / "database" / "training").rename(acdc / "training")
+    for folder in (root / "tmp-training" / "database", root / "tmp-training"):
+        folder.rmdir()
+    make_acdc_tree(root / "tmp-testing", num_patients=num_testing, shape=shape, seed=seed + 1)
+    testing = acdc / "testing" / "testing"
+    testing.mkdir(parents=True)
+    for number, folder in enumerate(sorted((root / "tmp-testing" / "database" / "training").iterdir()), start=101):
+        name = f"patient{number:03d}"
+        target = testing / name
+        target.mkdir()
+        for path in folder.iterdir():
+            if path.name.endswith("_gt.nii.gz"):
+                path.unlink()  # the 2017 testing set has no ground truth
+                continue
+            path.rename(target / path.name.replace(folder.name, name))
+        folder.rmdir()
+    for folder in (root / "tmp-testing" / "database" / "training", root / "tmp-testing" / "database",
+                   root / "tmp-testing"):
+        folder.rmdir()
+    return acdc

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from acdc_tree import make_acdc_tree, write_volume
+from conftest import run_train
 from seg.augment import augment_batch
 from seg.data import DataError, class_names, load_splits
 from seg.data.acdc import read_acdc
@@ -162,3 +163,124 @@ def test_empty_or_wrong_root_says_what_was_expected(tmp_path):
         read_acdc(tmp_path / "empty", progress=False)
     with pytest.raises(DataError, match="does not exist"):
         read_acdc(tmp_path / "nowhere", progress=False)
+
+
+# ---- issue 13: a run refuses, at start and in one line naming the key, what would mean nothing
+
+
+def run_refused(*overrides, cwd=None):
+    """``python train.py`` that must end at start: exit code 1, one ``error:`` line, no traceback."""
+    result = run_train(*overrides, "trainer.progress=false", check=False, **({"cwd": cwd} if cwd else {}))
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr + result.stdout, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def compose_train(*overrides):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+    from seg.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+# (overrides, the message's start): every data value is range-checked by validate() before any work
+BAD_DATA_VALUES = [
+    (["data.max_patients=-1"], "data.max_patients=-1 must be at least 1 (null: all)"),
+    (["data.max_slices_per_volume=0"], "data.max_slices_per_volume=0 must be at least 1"),
+    (["data.spacing=-1"], "data.spacing=-1.0 must be a positive size in mm"),
+    (["data.spacing=0"], "data.spacing=0.0 must be a positive size in mm"),
+    (["data.clip_percentiles=[99,1]"], "data.clip_percentiles=[99, 1] must satisfy 0 <= low < high <= 100"),
+    (["data.clip_percentiles=[0.5,150]"], "data.clip_percentiles=[0.5, 150] must satisfy"),
+    (["data.clip_percentiles=[1]"], "data.clip_percentiles=[1.0] must be two numbers"),
+    (["data.val_fraction=1.0"], "data.val_fraction=1.0 must be at least 0 and below 1"),
+    (["data.test_fraction=-0.1"], "data.test_fraction=-0.1 must be at least 0 and below 1"),
+    (["data.val_fraction=0.5", "data.test_fraction=0.5"], "data.val_fraction + data.test_fraction = 1 leaves no"),
+    (["data.phantom.num_patients=0"], "data.phantom.num_patients=0 must be at least 1"),
+    (["data.phantom.seed=-2"], "data.phantom.seed=-2 must be a non-negative integer"),
+    (["data.split_seed=-1"], "data.split_seed=-1 must be between 0 and 2**32-1"),
+    (["data.augment.rotate_deg=-5"], "data.augment.rotate_deg=-5.0 must be between 0 and 180"),
+    (["data=acdc", "data.root=/nowhere", "data.phantom.num_patients=3"],
+     "data.phantom.num_patients=3 is set, but data=acdc reads /nowhere: data.phantom.* applies to the built-in "
+     "phantom (data=phantom) only"),
+    (["data=nnunet", "data.root=/nowhere", "data.patient_regex='(\\w+)_t'"],
+     "data.patient_regex='(\\\\w+)_t' has no (?P<patient>...) group"),
+    (["data=acdc", "data.root=/nowhere", "data.patient_regex='(?P<patient>x)'"],
+     "data.patient_regex applies to data.format=nnunet"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_DATA_VALUES, ids=[" ".join(o) for o, _ in BAD_DATA_VALUES])
+def test_bad_data_values_are_refused_by_validate(overrides, message):
+    from seg.config import ConfigError, validate
+
+    with pytest.raises(ConfigError) as refused:
+        validate(compose_train(*overrides))
+    assert str(refused.value).startswith(message), str(refused.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("overrides, message", [case for case in BAD_DATA_VALUES if case[0] in (
+    ["data.val_fraction=1.0"], ["data.test_fraction=-0.1"], ["data.phantom.num_patients=0"],
+    ["data.max_slices_per_volume=0"], ["data.max_patients=-1"], ["data=acdc", "data.root=/nowhere",
+                                                                 "data.phantom.num_patients=3"])])
+def test_bad_data_values_end_a_real_run_with_one_line(overrides, message, tmp_path):
+    line = run_refused("experiment=smoke", *overrides, f"paths.data_dir={tmp_path / 'data'}",
+                       f"hydra.run.dir={tmp_path / 'run'}")
+    assert line == f"error: {message}" or line.startswith(f"error: {message}"), line
+    assert not (tmp_path / "data").exists()  # refused before any phantom was generated
+
+
+@pytest.mark.slow
+def test_a_phantom_where_it_cannot_be_written_is_refused_naming_paths_data_dir(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    line = run_refused("experiment=smoke", f"paths.data_dir={blocker / 'data'}", f"hydra.run.dir={tmp_path / 'r1'}")
+    assert line.startswith(f"error: paths.data_dir={blocker / 'data'}: {blocker} is a file, not a folder"), line
+    line = run_refused("experiment=smoke", "paths.data_dir=/proc/seg-data", f"hydra.run.dir={tmp_path / 'r2'}")
+    assert line.startswith("error: paths.data_dir=/proc/seg-data: cannot generate the built-in phantom in "), line
+    assert "set paths.data_dir to a writable folder" in line
+
+
+def acdc_run(root, tmp_path, *overrides, name="run"):
+    return ["experiment=smoke", "data=acdc", f"data.root={root}", "data.image_size=48", "data.spacing=null",
+            "data.max_patients=null",
+            f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / name}", *overrides]
+
+
+@pytest.mark.slow
+def test_a_patient_folder_without_info_cfg_is_an_error_or_skipped_and_listed(tmp_path):
+    import json
+
+    root = make_acdc_tree(tmp_path / "acdc", num_patients=6, shape=(48, 40, 3))
+    (root / "database" / "training" / "patient003" / "Info.cfg").unlink()
+    line = run_refused(*acdc_run(root, tmp_path, name="raise"))
+    assert line.startswith("error: ") and "patient003: no Info.cfg (it names the ED and ES frames)" in line, line
+    result = run_train(*acdc_run(root, tmp_path, "data.on_error=skip", "trainer.progress=false", name="skip"))
+    assert "warning: skipping patient patient003 (data.on_error=skip): " in result.stderr
+    metrics = json.loads((tmp_path / "skip" / "metrics.json").read_text())
+    assert [case["patient"] for case in metrics["skipped_cases"]] == ["patient003"]
+    assert "no Info.cfg" in metrics["skipped_cases"][0]["error"]
+    assert metrics["data_summary"] == [{"subset": "database/training", "read": 5, "unlabeled": 0, "bad": 1,
+                                        "unread": 0, "unlabeled_because": []}]
+    assert "Data subset database/training: 5 patients read, 0 skipped as unlabeled, 1 skipped as bad" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_task_whose_class_no_training_slice_holds_is_refused(tmp_path):
+    import nibabel as nib
+
+    root = make_acdc_tree(tmp_path / "acdc", num_patients=6, shape=(48, 40, 3))
+    for path in root.rglob("*_gt.nii.gz"):  # a dataset whose experts never drew the RV
+        image = nib.load(str(path))
+        label = np.asarray(image.dataobj)
+        write_volume(path, np.where(label == 1, 0, label), (1.5, 1.5, 8.0), np.uint8)
+    line = run_refused(*acdc_run(root, tmp_path, "data.task=rv"))
+    assert line == "error: data.task=rv: no training slice contains class rv", line
+    line = run_refused(*acdc_run(root, tmp_path, "data.task=multi", name="multi"))
+    assert line == "error: data.task=multi: no training slice contains class rv", line

@@ -253,3 +253,63 @@ def test_bad_arguments_are_refused(tmp_path, kwargs):
     with pytest.raises(ValueError):
         generate_phantom(tmp_path / "phantom", **{"num_patients": 1, "seed": 0, **kwargs}, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A generator killed by SIGTERM: its temporary is removed by the next run, a live one's never
+# ---------------------------------------------------------------------------------------------
+
+GENERATE = ("import sys; from pathlib import Path; from seg.data import ensure_phantom; "
+            "ensure_phantom(Path(sys.argv[1]), int(sys.argv[2]), 0, progress=False)")
+
+
+def start_generator(root: Path, num_patients: int):
+    """A real ``ensure_phantom`` in its own process; returns it once its temporary folder holds a patient."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    process = subprocess.Popen([sys.executable, "-c", GENERATE, str(root), str(num_patients)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    for _ in range(1200):  # up to 2 minutes on a busy machine
+        found = [t for t in root.parent.glob(f"{root.name}.tmp-*-{process.pid}-*")
+                 if any((t / "database" / "training").glob("patient*/*_gt.nii.gz"))]
+        if found:
+            return process, found[0]
+        if process.poll() is not None:
+            raise AssertionError(f"the generator ended first: {process.stderr.read().decode()}")
+        time.sleep(0.1)
+    process.kill()
+    raise AssertionError("the generator wrote no patient in 2 minutes")
+
+
+@pytest.mark.slow
+def test_a_generator_killed_by_sigterm_leaves_a_temporary_the_next_run_removes(tmp_path, capsys):
+    import signal
+
+    from seg.data import ensure_phantom
+
+    killed_root, live_root = tmp_path / "phantom-n300-seed0", tmp_path / "phantom-n301-seed0"
+    killed, killed_tmp = start_generator(killed_root, 300)
+    killed.send_signal(signal.SIGTERM)  # Slurm's preemption, scancel, kill
+    assert killed.wait(timeout=60) == -signal.SIGTERM
+    assert killed_tmp.is_dir() and not killed_root.exists()  # what a killed generator leaves
+    ensure_phantom(killed_root, 1, 0, progress=False)  # the next run
+    assert (killed_root / "phantom.json").is_file() and not killed_tmp.exists()
+    assert f"Removed {killed_tmp}: a temporary left by process {killed.pid}, which is gone" in capsys.readouterr().out
+
+    live, live_tmp = start_generator(live_root, 301)
+    live.send_signal(signal.SIGSTOP)  # alive, mid-generation, while another run starts beside it
+    try:
+        ensure_phantom(tmp_path / "phantom-n2-seed0", 1, 0, progress=False)
+        assert live_tmp.is_dir()  # the running generator's folder is untouched
+        assert "Removed" not in capsys.readouterr().out
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.send_signal(signal.SIGCONT)
+        live.wait(timeout=60)
+    assert live_tmp.is_dir()  # killed now: removed by the next run, of any phantom configuration
+    ensure_phantom(tmp_path / "phantom-n3-seed0", 1, 0, progress=False)
+    assert not live_tmp.exists() and [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []

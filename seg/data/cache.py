@@ -16,8 +16,9 @@ opens no image; a changed file or setting prepares again (and removes the file i
 The task, the split (fold, seed, split file, vendors) and ``max_slices_per_volume`` are applied
 after loading, so changing them never invalidates the cache.
 
-The file is written to a temporary name and renamed, so a crash never leaves half a cache; it
-is read with ``torch.load(weights_only=True)`` (plain tensors, strings and numbers only). An
+The file is written to a temporary name and renamed, so a crash never leaves half a cache (and
+the temporary of a killed run is removed by the next one: ``temporaries``); it is read with
+``torch.load(weights_only=True)`` (plain tensors, strings and numbers only). An
 unwritable root gives a warning and a run without cache. Clear it by deleting the folder, or
 ``python scripts/prepare_data.py <overrides> --clear``.
 """
@@ -27,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +35,12 @@ from pathlib import Path
 import torch
 
 from .formats import READERS, reader_options
-from .readers import iter_volumes, warn
+from .readers import iter_volumes, summarize, summary_line, warn
 from .slices import PreparedVolume, prepare_volume
+from .temporaries import remove_stale, temporary_path
 from .volumes import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: nnU-Net case ids kept and cases grouped by the conversion's naming
 CACHE_FOLDER = ".seg-cache"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -50,12 +51,16 @@ class Prepared:
 
     volumes: list[PreparedVolume]
     skipped: list[dict] = field(default_factory=list)
-    patients: list[str] = field(default_factory=list)  # every patient the reader found
+    patients: list[str] = field(default_factory=list)  # every labelled patient the reader found
     cache_path: Path | None = None
     from_cache: bool = False
+    summary: list[dict] = field(default_factory=list)  # per subset: read, unlabeled, bad (readers.summarize)
 
     def record(self) -> dict:
         return {"path": str(self.cache_path) if self.cache_path else None, "hit": self.from_cache}
+
+    def summary_lines(self) -> list[str]:
+        return [summary_line(entry) for entry in self.summary]
 
 
 def preprocessing_settings(cfg) -> dict:
@@ -108,11 +113,19 @@ def cache_folder(cfg, root: Path) -> Path | None:
 def prepare_dataset(cfg, root: Path, progress: bool = True) -> Prepared:
     """The prepared volumes of the dataset at ``root``: from the cache when valid, else read and cached."""
     patients = READERS[str(cfg.format)](root, **reader_options(cfg))
-    found = [patient.id for patient in patients]
-    selected = patients[: cfg.max_patients]
+    labelled = [patient for patient in patients if not patient.unlabeled]
+    found = [patient.id for patient in labelled]
+    selected = labelled[: cfg.max_patients]
+
+    def finish(prepared: Prepared) -> Prepared:
+        read = {volume.case["patient"] for volume in prepared.volumes}
+        prepared.summary = summarize(patients, read, prepared.skipped, {p.id for p in labelled[len(selected):]})
+        return prepared
+
     folder = cache_folder(cfg, root)
     if folder is None:
-        return Prepared(*read_and_prepare(selected, cfg, progress), patients=found)
+        return finish(Prepared(*read_and_prepare(selected, cfg, progress), patients=found))
+    remove_stale(folder)  # temporaries of runs killed while writing this cache
 
     files = files_digest(root, skip=folder)
     settings = cache_settings(cfg, root, cfg.max_patients)
@@ -130,14 +143,14 @@ def prepare_dataset(cfg, root: Path, progress: bool = True) -> Prepared:
         for entry in skipped:
             warn(f"skipping patient {entry['patient']} (data.on_error=skip; cached): {entry['error']}")
         print(f"Data: {len(volumes)} prepared volumes loaded from the cache {path}")
-        return Prepared(volumes, skipped, found, path, from_cache=True)
+        return finish(Prepared(volumes, skipped, found, path, from_cache=True))
 
     started = time.perf_counter()
     volumes, skipped = read_and_prepare(selected, cfg, progress)
     written = save_cache(path, volumes, skipped, settings, root)
     print(f"Data: prepared {len(volumes)} volumes in {time.perf_counter() - started:.1f} s"
           + (f"; cached in {path}" if written else ""))
-    return Prepared(volumes, skipped, found, path if written else None)
+    return finish(Prepared(volumes, skipped, found, path if written else None))
 
 
 def read_and_prepare(patients, cfg, progress: bool) -> tuple[list[PreparedVolume], list[dict]]:
@@ -192,10 +205,10 @@ def save_cache(path: Path, volumes: list[PreparedVolume], skipped: list[dict], s
         text = json.dumps(description, indent=2).encode()
         writers = ((path, lambda f: torch.save(payload, f)), (path.with_suffix(".json"), lambda f: f.write(text)))
         for target, write in writers:
-            handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.", suffix=".tmp")
+            temporary = temporary_path(target.with_name(f".{target.name}"))  # names its host and pid
+            handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask)
             with os.fdopen(handle, "wb") as file:
                 write(file)
-            os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; a shared dataset's cache is not
             os.replace(temporary, target)
             temporary = None
     except OSError as err:

@@ -16,5 +16,8 @@ READERS = {
 def reader_options(data_cfg) -> dict:
     """The ``data.`` settings a format's reader takes (they change what is read, so they key the cache)."""
     if data_cfg.format == "nnunet":
-        return {"label_map": {str(k): str(v) for k, v in (data_cfg.label_map or {}).items()}}
+        options = {"label_map": {str(k): str(v) for k, v in (data_cfg.label_map or {}).items()}}
+        if data_cfg.get("patient_regex"):
+            options["patient_regex"] = str(data_cfg.patient_regex)
+        return options
     return {}

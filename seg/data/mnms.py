@@ -1,22 +1,34 @@
 """Reader for the M&Ms challenges: M&Ms-1 (MICCAI 2020) and M&Ms-2 (STACOM 2021), told apart by their files.
 
-M&Ms-1 (the ``OpenDataset`` folder):
+M&Ms-1, the current download (the ``OpenDataset`` folder):
 
     <root>/Training/Labeled/A0S9V9/A0S9V9_sa.nii.gz       4D cine, H x W x slices x time
     <root>/Training/Labeled/A0S9V9/A0S9V9_sa_gt.nii.gz    4D, labelled at the ED and ES frames only
-    <root>/Validation/..., <root>/Testing/...              same per-case folders (read too when labelled)
+    <root>/Training/Unlabeled/<code>/...                  the unlabelled subset (see below)
+    <root>/Validation/<code>/..., <root>/Testing/<code>/...  labelled, read too
     <root>/211230_M&Ms_Dataset_information_diagnosis_opendataset.csv
-        columns ``External code``, ``ED``, ``ES`` (0-based time indices), ``Vendor`` (A-D), ``Centre``
+        an unnamed index column, ``External code``, VendorName, ``Vendor`` (A-D), ``Centre``, ``ED``,
+        ``ES`` (0-based time indices), Age, Pathology, Sex, Height, Weight
+
+M&Ms-1, the 2020 release: ``<root>/Training-corrected/{Labeled,Unlabeled}/<code>/`` and the sheet
+``M&Ms Dataset Information.xlsx`` (External code, Vendor, Centre, ED, ES) in ``Training-corrected/``
+(also found beside it), read with openpyxl (the optional ``xlsx`` extra).
+
+``Training/Unlabeled`` (``Training-corrected/Unlabeled``) is left out **by its folder**, whatever
+files it holds: its folders do hold ``_sa_gt`` files and the CSV gives its 25 cases ED = ES = 0,
+but it is not labelled training data. It is counted in the run's data summary.
 
 M&Ms-2 (the ``MnM2`` folder):
 
     <root>/dataset/001/001_SA_ED.nii.gz, 001_SA_ED_gt.nii.gz, 001_SA_ES.nii.gz, 001_SA_ES_gt.nii.gz
-    (the long-axis ``_LA_`` files are not used), <root>/dataset_information.csv (``SUBJECT_CODE``,
-    ``VENDOR``, ``DISEASE``, ...; optional here)
+    (the long-axis ``_LA_`` files and ``_SA_CINE`` are not used), <root>/dataset_information.csv
+    (``SUBJECT_CODE`` unpadded -- ``1`` for folder ``001`` --, DISEASE, ``VENDOR`` with the
+    manufacturer's string: SIEMENS, Philips Medical Systems, GE MEDICAL SYSTEMS; SCANNER, FIELD;
+    empty padding rows at the end). Codes are matched as numbers; vendor splits name those strings
+    (any case). A table that matches no case is an error, not a silent loss of the metadata.
 
 **Both label the LV first**: 1 LV cavity, 2 LV myocardium, 3 RV -- the reverse of ACDC. They are
 mapped to the project's set (1 RV, 2 MYO, 3 LV) here, so nothing downstream knows the difference.
-Unlabelled cases (``Training/Unlabeled``, no ``_gt`` file) are not listed.
 """
 
 from __future__ import annotations
@@ -24,7 +36,7 @@ from __future__ import annotations
 from functools import partial
 from pathlib import Path
 
-from .readers import Patient, read_all, read_table, table_columns
+from .readers import Patient, read_all, read_table, read_xlsx, some_labelled, subset_name, table_columns
 from .volumes import LABELS, DataError, Volume, check_pair, map_labels, read_nifti, slices_first
 
 # M&Ms value -> project value
@@ -39,20 +51,21 @@ SUBSETS = {"training": "training", "validation": "validation", "testing": "testi
 
 
 def find_patients(root: str | Path) -> list[Patient]:
-    """The M&Ms reader: every labelled case below ``root``, M&Ms-1 or M&Ms-2 detected from the file names."""
-    root = Path(root).resolve()  # absolute: the CSV may lie in a folder above it
+    """The M&Ms reader: every case below ``root`` (unlabelled ones counted apart), M&Ms-1 or -2 from the file names."""
+    root = Path(root).resolve()  # absolute: the information table may lie in a folder above it
     if not root.is_dir():
         raise DataError(f"{root}: data folder does not exist (expected the {EXPECTED_LAYOUT})")
-    mnms1 = sorted(root.rglob("*_sa_gt.nii.gz"))
-    mnms2 = sorted(root.rglob("*_SA_ED_gt.nii.gz"))
+    mnms1 = sorted({*root.rglob("*_sa.nii.gz"), *(p.with_name(p.name.replace("_sa_gt", "_sa"))
+                                                  for p in root.rglob("*_sa_gt.nii.gz"))})
+    mnms2 = sorted(root.rglob("*_SA_ED.nii.gz"))
     if mnms1 and mnms2:
-        raise DataError(f"{root}: holds both M&Ms-1 (*_sa_gt.nii.gz) and M&Ms-2 (*_SA_ED_gt.nii.gz) cases; "
+        raise DataError(f"{root}: holds both M&Ms-1 (*_sa.nii.gz) and M&Ms-2 (*_SA_ED.nii.gz) cases; "
                         f"point data.root at one of the two datasets")
     if mnms1:
-        return find_mnms1(root, mnms1)
+        return some_labelled(find_mnms1(root, mnms1), root, "Training/Labeled, Validation or Testing folder")
     if mnms2:
-        return find_mnms2(root, mnms2)
-    raise DataError(f"{root}: no labelled M&Ms case found (expected the {EXPECTED_LAYOUT})")
+        return some_labelled(find_mnms2(root, mnms2), root, "dataset folder")
+    raise DataError(f"{root}: no M&Ms case found (expected the {EXPECTED_LAYOUT})")
 
 
 def read_mnms(root: str | Path, *, max_patients: int | None = None, progress: bool = True) -> list[Volume]:
@@ -63,52 +76,82 @@ def read_mnms(root: str | Path, *, max_patients: int | None = None, progress: bo
 # ---------------------------------------------------------------------------- M&Ms-1
 
 
-def find_mnms1(root: Path, label_files: list[Path]) -> list[Patient]:
-    rows, tables = case_table(root)
-    patients = []
-    for label_path in label_files:
-        code = label_path.name[: -len("_sa_gt.nii.gz")]
-        image_path = label_path.with_name(f"{code}_sa.nii.gz")
-        patients.append(Patient(code, partial(read_mnms1_case, code, image_path, label_path, rows.get(code),
-                                              tables, subset_of(root, label_path))))
-    return sorted(patients, key=lambda p: p.id)
+def find_mnms1(root: Path, image_files: list[Path]) -> list[Patient]:
+    patients, labelled = [], []
+    for image_path in image_files:
+        code = image_path.name[: -len("_sa.nii.gz")]
+        label_path = image_path.with_name(f"{code}_sa_gt.nii.gz")
+        subset = subset_name(root, image_path.parent.parent)
+        if image_path.parent.parent.name.lower() == "unlabeled":
+            patients.append(Patient(code, subset=subset, unlabeled="the Unlabeled subset of M&Ms-1, left out by its "
+                                                                    "folder"))
+        elif not label_path.is_file():
+            patients.append(Patient(code, subset=subset, unlabeled="no _sa_gt file"))
+        else:
+            labelled.append((code, image_path, label_path, subset))
+    if labelled:
+        rows, tables = case_table(root)
+        for code, image_path, label_path, subset in labelled:
+            patients.append(Patient(code, partial(read_mnms1_case, code, image_path, label_path, rows.get(code),
+                                                  tables, subset_of(root, label_path)), subset=subset))
+    return patients
 
 
 def case_table(root: Path) -> tuple[dict[str, dict], list[Path]]:
-    """The M&Ms-1 information CSV(s) in or above ``root``: {External code: row} and the files read.
+    """The M&Ms-1 information table(s) in or above ``root``: {External code: row} and the files read.
 
-    The CSV sits in ``OpenDataset/`` while ``data.root`` may point below it, so the folders above
-    ``root`` are searched too. Several versions of the CSV may lie side by side; they are merged,
-    and one that disagrees with another on a case's ED or ES frame is refused.
+    The 211230 CSV sits in ``OpenDataset/``, the 2020 release's .xlsx in ``Training-corrected/``,
+    while ``data.root`` may point above or below them, so the folders above ``root`` are searched
+    too. Several versions may lie side by side; they are merged, and one that disagrees with
+    another on a case's ED or ES frame is refused.
     """
-    tables = [path for path in csv_files(root, levels_up=3) if set(MNMS1_COLUMNS) <= table_columns(path)]
-    if not tables:
-        raise DataError(f"{root}: no M&Ms dataset information CSV found in or above this folder (expected a .csv "
-                        f"with columns {', '.join(MNMS1_COLUMNS)}, Vendor, Centre, e.g. "
-                        f"211230_M&Ms_Dataset_information_diagnosis_opendataset.csv)")
+    candidates = table_files(root, levels_up=3)
+    tables = [path for path in candidates if path.suffix.lower() == ".csv"
+              and set(MNMS1_COLUMNS) <= table_columns(path)]
+    tables += [path for path in candidates if path.suffix.lower() == ".xlsx"]
     rows: dict[str, dict] = {}
+    used = []
     for path in tables:
-        for row in read_table(path):
+        table = read_xlsx(path, MNMS1_COLUMNS) if path.suffix.lower() == ".xlsx" else read_table(path)
+        if table:
+            used.append(path)
+        for row in table:
             code = row["External code"]
+            if not code:
+                continue
             previous = rows.get(code)
             if previous and (previous["ED"], previous["ES"]) != (row["ED"], row["ES"]):
                 raise DataError(f"{path}: case {code} has ED {row['ED']}, ES {row['ES']} but {previous['_table']} "
-                                f"says ED {previous['ED']}, ES {previous['ES']}; keep one version of the CSV")
+                                f"says ED {previous['ED']}, ES {previous['ES']}; keep one version of the table")
             rows.setdefault(code, {**row, "_table": str(path)})
-    return rows, tables
+    if not used:
+        raise DataError(f"{root}: no M&Ms dataset information table found in or above this folder (expected a .csv "
+                        f"with columns {', '.join(MNMS1_COLUMNS)}, Vendor, Centre, e.g. "
+                        f"211230_M&Ms_Dataset_information_diagnosis_opendataset.csv, or the 2020 release's "
+                        f"'M&Ms Dataset Information.xlsx')")
+    return rows, used
+
+
+def table_files(root: Path, levels_up: int) -> list[Path]:
+    """CSV and .xlsx files anywhere below ``root`` and directly in its ``levels_up`` parent folders."""
+    found = []
+    for pattern in ("*.csv", "*.xlsx"):
+        above = [path for parent in list(root.parents)[:levels_up] for path in sorted(parent.glob(pattern))]
+        found += sorted(p for p in root.rglob(pattern) if not p.name.startswith((".", "~$"))) + above
+    return found
 
 
 def csv_files(root: Path, levels_up: int) -> list[Path]:
     """CSV files anywhere below ``root`` and directly in its ``levels_up`` parent folders."""
-    above = [path for parent in list(root.parents)[:levels_up] for path in sorted(parent.glob("*.csv"))]
-    return sorted(root.rglob("*.csv")) + above
+    return [path for path in table_files(root, levels_up) if path.suffix.lower() == ".csv"]
 
 
 def subset_of(root: Path, path: Path) -> str:
     """``training``, ``validation`` or ``testing`` from the folder a case lies in ('' if none)."""
-    for part in path.relative_to(root).parts[:-1]:
-        if part.lower() in SUBSETS:
-            return SUBSETS[part.lower()]
+    for part in (*path.relative_to(root).parts[:-1], root.name):  # below root first, then root itself
+        for prefix, subset in SUBSETS.items():
+            if part.lower().startswith(prefix):  # Training, Training-corrected
+                return subset
     return ""
 
 
@@ -124,7 +167,7 @@ def read_mnms1_case(code: str, image_path: Path, label_path: Path, row: dict | N
                     subset: str) -> list[Volume]:
     """The ED and ES frames of one M&Ms-1 cine, at the CSV's 0-based time indices."""
     if row is None:
-        raise DataError(f"{label_path}: case {code} has no row in the dataset information CSV "
+        raise DataError(f"{label_path}: case {code} has no row in the dataset information table "
                         f"({', '.join(str(t) for t in tables)})")
     image, spacing, affine = read_nifti(image_path, ndim=4)
     label, _, label_affine = read_nifti(label_path, ndim=4)
@@ -153,21 +196,43 @@ def read_mnms1_case(code: str, image_path: Path, label_path: Path, row: dict | N
 # ---------------------------------------------------------------------------- M&Ms-2
 
 
-def find_mnms2(root: Path, ed_label_files: list[Path]) -> list[Patient]:
-    rows = {}
-    for path in csv_files(root, levels_up=2):  # dataset_information.csv (optional: vendor, disease)
+def subject_key(code: str) -> str:
+    """M&Ms-2 subject codes compared as numbers: folder ``001`` and SUBJECT_CODE ``1`` are one subject."""
+    code = code.strip()
+    return str(int(code)) if code.isdigit() else code
+
+
+def find_mnms2(root: Path, ed_image_files: list[Path]) -> list[Patient]:
+    codes = {path.name[: -len("_SA_ED.nii.gz")]: path.parent for path in ed_image_files}
+    rows, tables = {}, []
+    for path in csv_files(root, levels_up=2):  # dataset_information.csv (vendor, disease)
         if MNMS2_ID_COLUMN in table_columns(path):
-            for row in read_table(path):
-                rows.setdefault(row[MNMS2_ID_COLUMN], row)
+            tables.append(path)
+            table = {subject_key(row[MNMS2_ID_COLUMN]): row for row in read_table(path) if row[MNMS2_ID_COLUMN]}
+            if table and not set(table) & {subject_key(code) for code in codes}:
+                shown = ", ".join(sorted(table, key=lambda k: (len(k), k))[:5])
+                raise DataError(f"{path}: its SUBJECT_CODEs ({shown}{' ...' if len(table) > 5 else ''}) match none "
+                                f"of the {len(codes)} cases in {root} (folders such as {min(codes)}); is it the "
+                                f"table of another dataset?")
+            for key, row in table.items():
+                rows.setdefault(key, row)
     patients = []
-    for label_path in ed_label_files:
-        code = label_path.name[: -len("_SA_ED_gt.nii.gz")]
-        patients.append(Patient(code, partial(read_mnms2_case, code, label_path.parent, rows.get(code, {}))))
-    return sorted(patients, key=lambda p: p.id)
+    for code, folder in sorted(codes.items()):
+        subset = subset_name(root, folder.parent)
+        if not (folder / f"{code}_SA_ED_gt.nii.gz").is_file() and not (folder / f"{code}_SA_ES_gt.nii.gz").is_file():
+            patients.append(Patient(code, subset=subset, unlabeled="no _SA_ED_gt / _SA_ES_gt files"))
+            continue
+        row = rows.get(subject_key(code))
+        patients.append(Patient(code, partial(read_mnms2_case, code, folder, row, tables), subset=subset))
+    return patients
 
 
-def read_mnms2_case(code: str, folder: Path, row: dict) -> list[Volume]:
+def read_mnms2_case(code: str, folder: Path, row: dict | None, tables: list[Path]) -> list[Volume]:
     """The ED and ES short-axis volumes of one M&Ms-2 subject (long-axis files ignored)."""
+    if row is None and tables:
+        raise DataError(f"{folder}: subject {code} has no row (SUBJECT_CODE {subject_key(code)}) in "
+                        f"{', '.join(str(t) for t in tables)}")
+    row = row or {}
     meta = {key: row[column] for key, column in (("vendor", "VENDOR"), ("scanner", "SCANNER"),
                                                  ("field", "FIELD"), ("group", "DISEASE")) if row.get(column)}
     volumes = []

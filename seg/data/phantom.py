@@ -41,7 +41,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import shutil
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -49,6 +48,8 @@ from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from .temporaries import temporary_path
 
 __all__ = ["GROUPS", "VENDORS", "generate_phantom"]
 
@@ -128,7 +129,9 @@ def generate_phantom(root: str | os.PathLike, num_patients: int = 100, seed: int
     ED and ES files. ``root/phantom.json`` marks the tree complete.
 
     The tree is written to a temporary sibling folder and renamed to ``root`` at the end, so an
-    interrupted run never leaves a half tree at ``root``. If a complete tree appeared at ``root``
+    interrupted run never leaves a half tree at ``root``; one killed outright (SIGTERM, SIGKILL)
+    leaves the temporary, ``<root>.tmp-<host>-<pid>-<token>``, which the next run removes
+    (``seg.data.temporaries``). If a complete tree appeared at ``root``
     meanwhile (another process finished first), it is kept and this copy discarded.
     """
     if isinstance(num_patients, bool) or not isinstance(num_patients, (int, np.integer)) or num_patients < 1:
@@ -137,8 +140,9 @@ def generate_phantom(root: str | os.PathLike, num_patients: int = 100, seed: int
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     root = Path(root).expanduser()
     root.parent.mkdir(parents=True, exist_ok=True)
-    # A unique sibling (same file system, so the final rename is atomic), with the usual permissions.
-    tmp = root.parent / f"{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    # A unique sibling (same file system, so the final rename is atomic), with the usual permissions; its
+    # name carries this host and pid, so that a later run can remove it if this process is killed.
+    tmp = temporary_path(root)
     tmp.mkdir()
     try:
         training = tmp / "database" / "training"

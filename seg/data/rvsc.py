@@ -5,9 +5,13 @@
     <root>/TrainingSet/patient01/P01contours-manual/P01-0080-ocontour-manual.txt   RV epicardium
     <root>/TrainingSet/patient01/P01list.txt                                       the contour files
 
-The test sets keep their contours apart (``Test1Set/patient17/P17dicom/`` and
-``Test1SetContours/P17contours-manual/``): image and contour folders are found anywhere below
-``root`` and paired by patient number; image folders without contours are not listed.
+The test sets (``Test1Set/patient17/{P17dicom, P17list.txt}``, ``Test2Set/...``) ship images and
+list files but no contours: such a patient is unlabeled (counted in the data summary, not read).
+Contours released later apart from the images (``Test1SetContours/P17contours-manual/``) are
+paired by patient number: image and contour folders are found anywhere below ``root``.
+
+The slice spacing is the step between slices from SliceLocation (8.4 mm), as the challenge's
+evaluation computes volumes -- not SliceThickness (7 mm).
 
 Contour NNNN belongs to image ``PNN-NNNN.dcm`` (numbered from 0). Inside the endocardium -> RV
 cavity (1); the epicardium is not used (the project has no RV-wall class). When ``PNNlist.txt``
@@ -24,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .contours import AnnotatedImage, PatientImages, polygon_mask, read_contour, read_dicom
-from .readers import Patient, read_all, read_text
+from .readers import Patient, read_all, read_text, some_labelled, subset_name
 from .volumes import LABELS, DataError, Volume, annotation_bit
 
 EXPECTED_LAYOUT = ("RVSC layout: patientNN/PNNdicom/PNN-NNNN.dcm images and "
@@ -33,21 +37,27 @@ CONTOUR_NAME = re.compile(r"^P(\d+)-(\d{4})-([io])contour-manual\.txt$")
 
 
 def find_patients(root: str | Path) -> list[Patient]:
-    """The RVSC reader: every patient with a contour folder below ``root``."""
+    """The RVSC reader: every patient below ``root``; those without any contour file are unlabeled."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data folder does not exist (expected the {EXPECTED_LAYOUT})")
     contour_folders = numbered_folders(root, r"P(\d+)contours-manual")
     image_folders = numbered_folders(root, r"P(\d+)dicom")
-    if not contour_folders:
-        raise DataError(f"{root}: no PNNcontours-manual folders found (expected the {EXPECTED_LAYOUT})")
+    if not contour_folders and not image_folders:
+        raise DataError(f"{root}: no PNNcontours-manual or PNNdicom folders found (expected the {EXPECTED_LAYOUT})")
     patients = []
-    for number, contours in sorted(contour_folders.items()):
+    for number in sorted(set(contour_folders) | set(image_folders)):
         patient = f"P{number}"
-        list_file = next(iter(sorted(contours.parent.glob(f"{patient}list.txt"))), None)
-        patients.append(Patient(patient, partial(read_patient, patient, contours, image_folders.get(number),
-                                                 list_file)))
-    return patients
+        contours, images = contour_folders.get(number), image_folders.get(number)
+        subset = subset_name(root, (images or contours).parent.parent)
+        if contours is None or not any(contours.glob("*contour-manual.txt")):
+            patients.append(Patient(patient, subset=subset, unlabeled="no contour files: RVSC's test sets ship "
+                                                                       "images and lists only"))
+            continue
+        folders = [contours.parent] + ([images.parent] if images is not None else [])
+        list_file = next((path for folder in folders for path in sorted(folder.glob(f"{patient}list.txt"))), None)
+        patients.append(Patient(patient, partial(read_patient, patient, contours, images, list_file), subset=subset))
+    return some_labelled(patients, root, "TrainingSet folder")
 
 
 def read_rvsc(root: str | Path, *, max_patients: int | None = None, progress: bool = True) -> list[Volume]:

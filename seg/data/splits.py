@@ -12,7 +12,8 @@ One of four ways, chosen by which ``data.`` keys are set:
   ``split`` entry has that form), nnU-Net's ``splits_final.json`` (a list of folds of
   ``{"train", "val"}``; the fold ``data.fold``, default 0, is used and nnU-Net's held-out ``val``
   becomes the test set), or CSV with columns ``patient`` (or ``case``) and ``split``. Ids are
-  patient ids or case ids (``patient001_ED``); an id the dataset does not hold is an error.
+  patient ids or case ids (``patient001_ED``); an id the dataset does not hold is an error, and so
+  is a file that puts the cases of one patient in different splits (a leak).
 - ``vendor`` / ``centre`` (``data.train_vendors=[A,B] data.test_vendors=[C]``): domain shift;
   the test vendors' patients test, ``val_fraction`` of the training vendors' patients validate.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .readers import read_table, read_text, warn
+from .readers import read_table, read_text
 from .slices import split_patients
 from .volumes import DataError
 
@@ -185,10 +186,15 @@ def read_split_file(path: Path, cases: list[dict], all_patients: list[str], fold
         raise DataError(f"{path}: names {len(unknown)} patient(s) or case(s) not in the dataset: "
                         f"{', '.join(unknown[:10])}{' ...' if len(unknown) > 10 else ''} (its patients are "
                         f"e.g. {example})")
-    leaking = sorted(p for p, group in cases_of.items() if len({by_case.get(c) for c in group} - {None}) > 1)
+    sides = {p: sorted({by_case[c] for c in group if c in by_case}, key=SPLIT_NAMES.index)
+             for p, group in cases_of.items()}
+    leaking = sorted(p for p, names in sides.items() if len(names) > 1)
     if leaking:
-        warn(f"{path}: the cases of {len(leaking)} patient(s) lie in different splits ({', '.join(leaking[:5])}); "
-             f"their frames are correlated, so the test is not independent of training")
+        shown = "; ".join(f"{p}: {', '.join(sides[p])}" for p in leaking[:5])
+        raise DataError(f"{path}: the cases of {len(leaking)} patient(s) lie in different splits ({shown}"
+                        f"{' ...' if len(leaking) > 5 else ''}); a patient's frames are correlated, so the test "
+                        f"would not be independent of training (nnU-Net's own splits_final.json is made per case). "
+                        f"Put each patient in one split, or, if these are not one patient, set data.patient_regex")
     left_out = [case for case in known_cases if case not in by_case]
     if left_out:
         print(f"Split file {path.name}: {len(left_out)} case(s) of the dataset are not listed and are not used")

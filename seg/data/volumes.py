@@ -41,6 +41,8 @@ class Volume:
     annotated: (S,) uint8 bit masks (``annotation_bit``) of the labels delineated on each slice,
     for datasets whose experts drew only some structures on some slices (Sunnybrook draws the
     epicardium on some slices only); None means every label on every slice.
+    case_id: the dataset's own name of this volume when it is not ``<patient>_<phase>`` (nnU-Net's
+    ``A0S9V9_0000_A_1``), so that split files naming it still find it.
     """
 
     image: np.ndarray
@@ -52,10 +54,13 @@ class Volume:
     affine: np.ndarray | None = None
     source: str = ""
     annotated: np.ndarray | None = None
+    case_id: str = ""
 
     @property
     def case(self) -> str:
-        """A unique name of the volume: patient and phase."""
+        """A unique name of the volume: the dataset's own, else patient and phase."""
+        if self.case_id:
+            return self.case_id
         return f"{self.patient}_{self.phase}" if self.phase else self.patient
 
     def check(self) -> None:
