@@ -247,6 +247,30 @@ def pn_biased():
     return difference(unbiased, biased, inputs(2, 16, 5, 7))
 
 
+def frn_official(offset_removed=False):
+    """Our FRN layer with tau of both signs, and the paper's listing (with the offset of a negative tau
+    removed, the layer's departure, if ``offset_removed``)."""
+    torch.manual_seed(0)
+    template = randomize(make_norm("frn", 6).double())
+    with torch.no_grad():
+        template.tau.copy_(torch.linspace(-0.6, 0.6, 6))
+
+    def step(x, training):
+        z = official.frn_tlu(x, template.weight, template.bias, template.tau, template.eps)
+        return z - official.per_channel(template.tau.clamp(max=0)) if offset_removed else z
+
+    return template, step
+
+
+def frn_layer(applied=False):
+    template, official_step = frn_official(applied)
+    return difference(layer_step(template), official_step, inputs(4, 6, 7, 9))
+
+
+def frn_offset():
+    return difference(frn_official()[1], frn_official(offset_removed=True)[1], inputs(4, 6, 7, 9))
+
+
 LCN_SIZE, LCN_FALLBACK_SIZE = 256, 128  # the U-Net's top two levels; the default window is 227
 
 
@@ -462,6 +486,13 @@ LAYERS = [
                         "from every pixel",
                         lambda: difference(lcn_ours(), lcn_official(), lcn_inputs(LCN_FALLBACK_SIZE))),
           ]),
+    Layer("frn", "Singh & Krishnan, CVPR 2020 (arXiv 1911.09737)", "the paper's FRNLayer listing (TensorFlow)",
+          "(4, 6, 7, 9), tau from -0.6 to 0.6", "nu^2 = mean of x^2 over (H, W), x / sqrt(nu^2 + eps), eps 1e-6, "
+          "per-channel affine, TLU max(y, tau)", frn_layer, functools.partial(frn_layer, True),
+          departures=[Departure("where tau < 0, the TLU less its offset tau (max(y, tau) - min(tau, 0), never "
+                                "negative; the input gradient is the same)",
+                                "followed by the U-Net's ReLU, a TLU with tau <= 0 is a ReLU and tau never learns; "
+                                "the next conv's bias takes the offset", frn_offset)]),
     Layer("bkn", "Wang, Peng, Luo, Wang & Lin 2018 (arXiv 1802.03133)",
           "wanggrun/Kalman-Normalization, KalmanNorm/kalman_norm.py and cifar-kn-microbatch.py",
           "conv -> bkn -> ReLU -> conv -> bkn (3, 3, 7, 9), p 0.9, the same noise draw",

@@ -34,9 +34,14 @@ class FilterResponseNorm(nn.Module):
       padding of the image border), so the network can compute the same functions; but tau's
       gradient there lacks the offset's part (-1 where y > tau instead of +1 where y < tau): the
       training dynamics are not the paper's.
+    Against the paper's listing (docs/layers.md, tests/test_fidelity.py): the outputs differ by
+    exactly -min(tau, 0), the input gradients not at all.
 
-    Not offered: the learned eps the paper proposes for 1 x 1 activation maps, which this U-Net has
-    only at its deepest level when data.image_size = 2**model.depth.
+    Not offered: the learned eps (1e-6 + |eps_l|) the paper proposes for 1 x 1 activation maps, which
+    this U-Net has only at its deepest level when data.image_size = 2**model.depth. Without mean
+    centring, the paper finds some networks sensitive to the initial learning rate, notably those
+    with several max-pool layers (as this U-Net), and advises a learning-rate warm-up, which the
+    trainer's schedules do not have.
     """
 
     kind = "post_conv"
