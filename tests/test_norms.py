@@ -197,7 +197,8 @@ def init_with_sync(self, num_channels: int, sync: bool = False):
 
 
 @pytest.mark.parametrize(("declared", "message"), [
-    ({"kind": "after_conv"}, "kind = 'after_conv'; a layer declares its kind, one of: post_conv, conv_pair, conditional"),
+    ({"kind": "after_conv"},
+     "kind = 'after_conv'; a layer declares its kind, one of: post_conv, conv_pair, conditional"),
     ({"kind": "conv_pair"}, "a conv_pair layer, and only a conv_pair layer, defines the classmethod conv_norm"),
     ({"conv_norm": classmethod(lambda cls, i, o, k, *, transpose: None)}, "only a conv_pair layer, defines"),
     ({"kind": "conditional"}, "a conditional layer, and only a conditional layer, names what it reads"),

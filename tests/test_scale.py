@@ -153,8 +153,9 @@ def sync_worker(rank, world_size, store):
 
 
 def test_sync_layers_on_two_processes_are_the_layer_on_the_global_batch(tmp_path):
-    """norm.sync=true (bn, bin: ``names(can_sync=True)``): outputs, input and parameter gradients and running statistics of 2 ranks with
-    half a batch each equal those of one layer on the whole batch (float64, gloo, eager and compiled)."""
+    """norm.sync=true, for every layer of ``names(can_sync=True)`` (bn, bin): outputs, input and parameter
+    gradients and running statistics of 2 ranks with half a batch each equal those of one layer on the
+    whole batch (float64, gloo, eager and compiled)."""
     torch.multiprocessing.spawn(sync_worker, args=(2, tmp_path / "store"), nprocs=2)
 
 

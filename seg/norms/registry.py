@@ -4,7 +4,7 @@
 once, in its own body, what kind of layer it is and what it can do; the registry reads that and
 the class's signature when the class registers (refusing a class whose statements contradict
 each other) and answers every question the rest of the code asks -- ``names(kind=...,
-can_sync=True)``, ``spec(name).needs_domain`` -- so nothing else inspects a layer class.
+can_sync=True)``, ``spec(name).needs_domain`` -- so nothing else needs to inspect a layer class.
 
 The kind (class attribute ``kind``, required) says how a block builds the layer:
 
