@@ -214,11 +214,12 @@ def cell(result: dict | None, key: str, digits: int) -> str:
 def main() -> None:
     import torch
 
-    from seg.norms import NORMS
+    from seg.norms import names
+    from seg.norms import spec as norm_spec
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--norms", nargs="+", default=["bn", "in", "ln", "gn", "bin", "iln", "sn"],
-                        choices=sorted(NORMS))
+                        choices=names())
     parser.add_argument("--devices", nargs="+", default=None, help="default: cpu, and cuda when available")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--size", type=int, default=256, help="image size (a multiple of 16)")
@@ -260,7 +261,7 @@ def main() -> None:
                     "steps": args.steps, "warmup": args.warmup, "samples": args.samples, "workers": args.workers,
                     "threads": args.threads}
             ours_result = run_child({**spec, "pipeline": "ours"})
-            has_monai = not (hasattr(NORMS[norm], "conv_norm") or getattr(NORMS[norm], "condition_inputs", ()))
+            has_monai = norm_spec(norm).fits_monai
             monai_result = run_child({**spec, "pipeline": "monai"}) if has_monai else None
             both = all(r is not None and "error" not in r for r in (ours_result, monai_result))
             ratio = f"{ours_result['images_per_s'] / monai_result['images_per_s']:.2f}x" if both else "n/a"

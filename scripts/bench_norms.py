@@ -42,7 +42,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from seg.norms import NORMS, Condition, context_options, make_conv_norm, make_norm  # noqa: E402
+from seg.norms import Condition, context_options, make_conv_norm, make_norm, names, spec  # noqa: E402
 
 
 class SeedStyleILN(nn.Module):
@@ -90,7 +90,7 @@ def bench_condition(x: torch.Tensor, num_domains: int = 4, style_dim: int = 64, 
 
 def build(name: str, make, cond: Condition, *args) -> nn.Module:
     """``make(name, *args)``, wrapped with ``cond`` if the layer is conditional (4 domains, 4 regions)."""
-    if not getattr(NORMS[name], "condition_inputs", ()):
+    if spec(name).kind != "conditional":
         return make(name, *args)
     return WithCondition(make(name, *args, **context_options(name, num_domains=4, num_regions=4)), cond)
 
@@ -148,7 +148,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="steps per round, layer alone")
     parser.add_argument("--pair-repeats", type=int, default=3, help="steps per round, conv + layer")
     parser.add_argument("--skip-pairs", action="store_true", help="only the layer-alone table")
-    parser.add_argument("--layers", nargs="+", choices=sorted(NORMS), help="only these layers (default: all)")
+    parser.add_argument("--layers", nargs="+", choices=names(), help="only these layers (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
@@ -168,9 +168,9 @@ def main() -> None:
     gn = "GroupNorm(16, 16) (torch)"
     layers = {gn: nn.GroupNorm(16, c)}
     cond = bench_condition(x)
-    names = sorted(args.layers or NORMS)
-    layers.update({name: build(name, make_norm, cond, c) for name in names if not hasattr(NORMS[name], "conv_norm")})
-    if "iln" in names:
+    chosen = sorted(args.layers or names())
+    layers.update({name: build(name, make_norm, cond, c) for name in chosen if spec(name).kind != "conv_pair"})
+    if "iln" in chosen:
         layers["iln, seed-style (3 separate norms)"] = SeedStyleILN(c)
     layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
     same_shape = torch.randn_like(x)
@@ -179,7 +179,7 @@ def main() -> None:
     if not args.skip_pairs:
         conv_gn = "conv 3x3 + GroupNorm(16, 16)"
         pairs = {conv_gn: make_conv_norm("gn", c, c, 3)}
-        pairs.update({f"conv 3x3 + {name}": build(name, make_conv_norm, cond, c, c, 3) for name in names})
+        pairs.update({f"conv 3x3 + {name}": build(name, make_conv_norm, cond, c, c, 3) for name in chosen})
         pairs = {name: m.to(memory_format=fmt) for name, m in pairs.items()}
         print_table("Convolution + layer (the U-Net's pair, make_conv_norm)",
                     run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats), conv_gn)

@@ -240,13 +240,11 @@ def validate(cfg) -> None:
 
 def validate_sync(name: str, options: dict) -> None:
     """``norm.sync`` only for the layers that can synchronize their batch statistics; never dropped silently."""
-    import inspect
-
-    from .norms import NORMS
+    from .norms import NORMS, names
 
     if "sync" not in options or name not in NORMS:
         return
-    syncable = sorted(n for n, cls in NORMS.items() if "sync" in inspect.signature(cls.__init__).parameters)
+    syncable = names(can_sync=True)
     if name not in syncable:
         raise ConfigError(f"norm.sync is not available for norm={name}: its statistics would not be synchronized "
                           f"across processes; norm.sync exists for {', '.join(syncable)}")

@@ -176,6 +176,14 @@ def pono(x, eps=1e-5, unbiased=True):
     return (x - mean) / torch.sqrt(var + eps)
 
 
+def frn_tlu(x, gamma, beta, tau, eps=1e-6):
+    """The FRNLayer listing of Singh & Krishnan 2020 (TensorFlow, NHWC; here NCHW): nu2 = the mean of x^2
+    over the spatial axes, x * rsqrt(nu2 + |eps|), then the TLU max(gamma * x + beta, tau)."""
+    nu2 = x.square().mean((2, 3), keepdim=True)
+    x = x * torch.rsqrt(nu2 + abs(eps))
+    return torch.maximum(per_channel(gamma) * x + per_channel(beta), per_channel(tau))
+
+
 # ---------------------------------------------------------------------------- lcn
 
 

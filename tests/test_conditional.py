@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 from conftest import ROOT, randn, randomize, run_train
 from seg.config import ConfigError, register_configs, validate
 from seg.inference import load_segmenter
-from seg.norms import NORMS, Condition, make_conv_norm, make_norm
+from seg.norms import NORMS, Condition, make_conv_norm, make_norm, names, spec
 from seg.norms.conditional import RegionConditioner, StyleEncoder, region_codes
 from seg.unet import UNet
 
-CONDITIONAL = ["adain", "cin", "sean", "spade"]
+CONDITIONAL = names("conditional")
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 register_configs()
@@ -295,7 +295,7 @@ def test_the_unet_builds_the_condition_each_layer_asks_for(name):
 @pytest.mark.parametrize("name", CONDITIONAL)
 def test_conditional_unets_train_channels_last_and_under_bfloat16_autocast(name):
     torch.manual_seed(0)
-    model = unet(name, norm_options={"hidden": 16} if name in ("spade", "sean") else None)
+    model = unet(name, norm_options={"hidden": 16} if "hidden" in spec(name).options else None)
     x, domain = torch.randn(2, 1, 32, 32), torch.tensor([0, 1])
     for memory_format, autocast in ((torch.contiguous_format, False), (torch.channels_last, False),
                                     (torch.channels_last, True)):
@@ -316,7 +316,7 @@ def test_conditional_unets_compile_to_the_same_outputs_and_gradients():
     torch._dynamo.reset()
     for name in CONDITIONAL:
         torch.manual_seed(0)
-        model = unet(name, norm_options={"hidden": 8} if name in ("spade", "sean") else None).double()
+        model = unet(name, norm_options={"hidden": 8} if "hidden" in spec(name).options else None).double()
         x, domain = torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.tensor([0, -1])
         torch.manual_seed(1)  # the same draws (sean's noise) on both sides
         eager = model(x, domain)
@@ -366,7 +366,7 @@ def smoke(data_dir, *overrides):
 
 
 def test_conditional_norms_train_end_to_end_on_the_phantom(data_dir, tmp_path):
-    run_train("-m", *smoke(data_dir, "norm=cin,adain,spade,sean", "lr=0.1", f"hydra.sweep.dir={tmp_path}"))
+    run_train("-m", *smoke(data_dir, f"norm={','.join(CONDITIONAL)}", "lr=0.1", f"hydra.sweep.dir={tmp_path}"))
     runs = {m["norm"]: m for m in (json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json"))}
     assert set(runs) == set(CONDITIONAL)
     for name, metrics in runs.items():

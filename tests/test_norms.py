@@ -8,9 +8,13 @@ Comparisons run in float64 so that tolerances can be tight.
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
 import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,17 +26,17 @@ from torch import nn
 import official
 from conftest import ROOT, randn, randomize
 from seg.config import register_configs, validate
-from seg.norms import NORMS, make_conv_norm, make_norm, register_monai
+from seg.norms import NORMS, layer_spec, make_conv_norm, make_norm, names, register_monai, spec
 from seg.norms.fused import (_SINGLE_PASS_MIN_NUMEL, _InstanceAffine, instance_affine_reference, instance_moments,
                              product_sums, scale_shift)
 from seg.norms.kalman import PRIOR_ATTRIBUTE, KalmanConvNorm, rectified_gaussian_moments
 from seg.train import build_optimizer
 from seg.unet import UNet
 
-CONDITIONAL = ["adain", "cin", "sean", "spade"]  # need a Condition: tested in test_conditional.py
-ALL = sorted(name for name in NORMS if name not in CONDITIONAL)
-PAIR_ONLY = ["bkn", "kn", "wn"]  # replace the conv + norm pair; no standalone layer
-POST_CONV = [name for name in ALL if name not in PAIR_ONLY]
+CONDITIONAL = names("conditional")  # need a Condition: tested in test_conditional.py
+ALL = sorted(set(names()) - set(CONDITIONAL))
+PAIR_ONLY = names("conv_pair")  # replace the conv + norm pair; no standalone layer
+POST_CONV = names("post_conv")
 TIGHT = dict(rtol=1e-9, atol=1e-10)
 
 register_configs()
@@ -82,13 +86,64 @@ def compose_norm(name):
 # ---------------------------------------------------------------------------- registry
 
 
-def test_registry_has_every_layer():
-    assert set(NORMS) == {"none", "bn", "in", "ln", "gn", "bin", "iln", "sn", "kn", "wn", "pn", "lcn", "bkn",
-                          *CONDITIONAL}
+def declared_layers_in_the_source() -> dict[str, bool]:
+    """Every class of seg/norms that declares a ``kind``, by name: whether it is decorated with
+    ``register_norm`` (read from the source, so nothing is imported)."""
+    found = {}
+    for path in sorted((ROOT / "seg" / "norms").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and any(
+                    isinstance(s, ast.Assign) and any(getattr(t, "id", None) == "kind" for t in s.targets)
+                    for s in node.body):
+                found[f"{path.stem}.{node.name}"] = any(
+                    isinstance(d, ast.Call) and getattr(d.func, "id", None) == "register_norm"
+                    for d in node.decorator_list)
+    return found
+
+
+def test_importing_the_package_registers_every_layer_of_its_modules():
+    """No list of modules to keep up to date: a fresh ``import seg.norms`` registers every class of the
+    package that declares a kind, and every such class is registered."""
+    declared = declared_layers_in_the_source()
+    assert declared and all(declared.values()), [name for name, registered in declared.items() if not registered]
+    fresh = subprocess.run([sys.executable, "-c", "import seg.norms as n; "
+                            "print(*(c.__module__.split('.')[-1] + '.' + c.__name__ for c in n.NORMS.values()))"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
+    classes = set(fresh.stdout.split())
+    assert classes == set(declared)
+
+
+@pytest.mark.parametrize("name", names())
+def test_each_layer_config_states_exactly_its_options_with_their_defaults(name):
+    """configs/norm/<name>.yaml exposes the options of the layer's signature (less the sizes the
+    U-Net fills in), each with the signature's default and of the same type."""
+    path = ROOT / "configs" / "norm" / f"{name}.yaml"
+    assert path.is_file(), f"norm={name} has no {path.relative_to(ROOT)}"
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    assert config.pop("name", None) == name
+    declared = dict(spec(name).options)
+    assert sorted(config) == sorted(declared), f"{path.name}: options differ from the signature of {name}"
+    for key, default in declared.items():
+        assert (type(config[key]), config[key]) == (type(default), default), f"{path.name}: {key}"
+
+
+def test_every_norm_config_is_a_registered_layer():
+    assert sorted(path.stem for path in (ROOT / "configs" / "norm").glob("*.yaml")) == names()
+
+
+def test_every_layer_is_of_one_kind_and_the_registry_refuses_unknown_questions():
+    assert sorted(name for kind in ("post_conv", "conv_pair", "conditional") for name in names(kind)) == names()
+    assert names(can_sync=True) == sorted(set(names(can_sync=True)) & set(names(batch_statistics=True)))
+    assert names(fits_monai=True) == names("post_conv")
+    assert set(names(needs_domain=True)) <= set(CONDITIONAL)
+    with pytest.raises(ValueError, match="unknown kind of normalization 'pair'; kinds: post_conv, conv_pair"):
+        names("pair")
+    with pytest.raises(TypeError, match="no capability 'sync'; ask about: can_sync, batch_statistics"):
+        names(sync=True)
 
 
 def test_registry_refuses_unknown_names_and_options():
-    with pytest.raises(ValueError, match=r"unknown normalization 'foo'; valid names: adain, bin, bkn, bn, cin, gn, .*wn"):
+    with pytest.raises(ValueError, match=rf"unknown normalization 'foo'; valid names: {', '.join(names())}$"):
         make_norm("foo", 16)
     with pytest.raises(ValueError, match=r"'sn' has no option 'rho'; its options are: eps, momentum, unbiased"):
         make_norm("sn", 16, rho=1.0)
@@ -98,6 +153,71 @@ def test_registry_refuses_unknown_names_and_options():
         make_norm("bn", 16, freeze="yes")
     with pytest.raises(ValueError, match=r"'kn' has no option 'groups'"):
         make_conv_norm("kn", 16, 16, 3, groups=4)
+
+
+class Halve(nn.Module):
+    """A post-conv layer that follows the protocol, registered nowhere: x * factor."""
+
+    kind = "post_conv"
+
+    def __init__(self, num_channels: int, factor: float = 0.5):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x, cond=None):
+        return x * self.factor
+
+
+def test_a_class_or_a_partial_is_taken_in_place_of_a_name():
+    gn4 = functools.partial(NORMS["gn"], groups=4)
+    assert make_norm(gn4, 16).num_groups == 4 and make_norm(gn4, 16, groups=8).num_groups == 8
+    model = UNet(norm=gn4, base_channels=16, depth=1)
+    assert {m.num_groups for m in model.modules() if isinstance(m, nn.GroupNorm)} == {4}
+    assert spec(NORMS["iln"]) is spec("iln") and spec(gn4) is spec("gn")
+
+    assert "Halve" not in NORMS and spec(Halve).options == {"factor": 0.5} and spec(Halve).kind == "post_conv"
+    pair = make_conv_norm(Halve, 2, 3, 3, factor=0.25)
+    x = torch.randn(1, 2, 5, 5)
+    torch.testing.assert_close(pair(x), pair.conv(x) * 0.25)
+    assert isinstance(UNet(norm=Halve, depth=1).down[0].first.conv_norm.norm, Halve)
+    with pytest.raises(ValueError, match="'Halve' has no option 'groups'; its options are: factor"):
+        make_norm(Halve, 4, groups=2)
+    with pytest.raises(TypeError, match="'kn' replaces the convolution"):
+        make_norm(functools.partial(NORMS["kn"], eps=1e-3), 4)
+    with pytest.raises(TypeError, match="by keyword only"):
+        make_norm(functools.partial(Halve, 4), 4)
+
+
+def init_without_defaults(self, num_channels: int, eps: float):
+    pass
+
+
+def init_with_sync(self, num_channels: int, sync: bool = False):
+    pass
+
+
+@pytest.mark.parametrize(("declared", "message"), [
+    ({"kind": "after_conv"},
+     "kind = 'after_conv'; a layer declares its kind, one of: post_conv, conv_pair, conditional"),
+    ({"kind": "conv_pair"}, "a conv_pair layer, and only a conv_pair layer, defines the classmethod conv_norm"),
+    ({"conv_norm": classmethod(lambda cls, i, o, k, *, transpose: None)}, "only a conv_pair layer, defines"),
+    ({"kind": "conditional"}, "a conditional layer, and only a conditional layer, names what it reads"),
+    ({"kind": "conditional", "condition_inputs": ("vendor",)}, "condition_inputs names vendor, which a Condition"),
+    ({"batch_statistics": 1}, "batch_statistics must be True or False, got 1"),
+    ({"can_sync": True, "batch_statistics": True}, "declares can_sync exactly when it takes the option sync"),
+    ({"__init__": init_with_sync, "batch_statistics": True}, "declares can_sync exactly when it takes the option sync"),
+    ({"__init__": init_with_sync, "can_sync": True}, "can_sync without batch_statistics"),
+    ({"__init__": init_without_defaults}, "option 'eps' must be a keyword with a default"),
+    ({"kind": "conditional", "condition_inputs": ("style",),
+      "conditioner": classmethod(lambda cls, image_channels, num_classes, *, width, **_: None)},
+     "the conditioner's options width are not the layer's options"),
+    ({"conditioner": classmethod(lambda cls, image_channels, num_classes, **_: None)},
+     "only a conditional layer has a conditioner"),
+])
+def test_a_layer_whose_declarations_contradict_each_other_is_refused(declared, message):
+    assert layer_spec(Halve).kind == "post_conv"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        layer_spec(type("Bad", (Halve,), declared), "bad")
 
 
 @pytest.mark.parametrize("name", PAIR_ONLY)
@@ -809,7 +929,49 @@ def test_mixing_weights_keys():
     assert set(make_norm("iln", 16).mixing_weights()) == {"sigmoid_rho"}
     assert set(make_norm("sn", 4).mixing_weights()) == {"mean_in", "mean_ln", "mean_bn", "var_in", "var_ln",
                                                         "var_bn"}
-    assert [n for n in ALL if hasattr(NORMS[n], "mixing_weights")] == ["bin", "iln", "sn"]
+
+
+def small_unet(name, **kwargs):
+    """A one-level U-Net of the layer, with a narrow modulation network where the layer has one."""
+    options = {"hidden": 16} if "hidden" in spec(name).options else None
+    return UNet(norm=name, base_channels=16, depth=1, num_domains=2, norm_options=options, **kwargs)
+
+
+@pytest.mark.parametrize("name", names())
+def test_the_registry_says_which_layers_log_mixing_weights_and_need_domain_ids(name):
+    """What the trainer finds in the model agrees with what the registry says of the layer."""
+    torch.manual_seed(0)
+    model = small_unet(name)
+    mixing = [m.mixing_weights() for m in model.modules() if hasattr(m, "mixing_weights")]
+    assert bool(mixing) == spec(name).mixing_weights
+    assert all(weights and all(torch.isfinite(w).all() for w in weights.values()) for weights in mixing)
+    x = torch.randn(2, 1, 16, 16)
+    if spec(name).needs_domain:
+        with pytest.raises(ValueError, match=f"{name!r} needs the condition 'domain'"):
+            model(x)
+    else:
+        assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("name", names())
+def test_batch_statistics_is_declared_by_exactly_the_layers_whose_training_output_depends_on_the_batch(name):
+    """Change every image of a batch but the first: its output moves in training exactly for the
+    layers that declare batch_statistics (with their default options), and in evaluation for none."""
+    torch.manual_seed(0)
+    model = small_unet(name).double()
+    x = torch.randn(3, 1, 16, 16, dtype=torch.float64)
+    others = torch.cat([x[:1], torch.randn(2, 1, 16, 16, dtype=torch.float64) * 3 + 1])
+    domain = torch.tensor([0, 1, 1])
+
+    def first_image(batch, training):
+        model.train(training)
+        torch.manual_seed(1)  # the same random draws for both batches (kn's dropout, sean's noise, bkn's prior)
+        with torch.no_grad():
+            return model(batch, domain)[0]
+
+    moved = (first_image(x, True) - first_image(others, True)).abs().max().item()
+    assert (moved > 1e-6) == spec(name).batch_statistics, moved
+    torch.testing.assert_close(first_image(x, False), first_image(others, False), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from seg.norms import NORMS, make_norm, register_monai
+from seg.norms import NORMS, make_norm, names, register_monai, spec
 from seg.norms.fused import _SINGLE_PASS_MIN_NUMEL
 from seg.unet import ConvNormAct, UNet
 
@@ -112,13 +112,13 @@ def train_step(model, x, *args):
 
 
 @pytest.mark.parametrize("memory_format", MEMORY_FORMATS, ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", sorted(NORMS))
+@pytest.mark.parametrize("name", names())
 def test_every_layer_trains_before_the_unets_in_place_relu_on_both_cpu_routes(name, memory_format, one_thread):
     batch, base, depth = 2, 16, 1
     side = smallest_side(batch, base, 2**depth)
     assert batch * base * side**2 >= FUSED_PATH_MIN_NUMEL > batch * 2 * base * (side // 2)**2
     torch.manual_seed(0)
-    options = {"hidden": 16} if name in ("spade", "sean") else None  # the modulation's width does not matter here
+    options = {"hidden": 16} if "hidden" in spec(name).options else None  # the modulation's width does not matter here
     model = UNet(norm=name, base_channels=base, depth=depth, num_domains=2, norm_options=options)
     assert all(m.inplace for m in model.modules() if isinstance(m, nn.ReLU))
     model = model.to(memory_format=memory_format)
@@ -135,8 +135,7 @@ def test_monai_basic_unet_trains_with_every_bridged_layer_on_both_cpu_routes(mem
     side = smallest_side(batch, features[0], 2**levels)
     assert batch * features[0] * side**2 >= FUSED_PATH_MIN_NUMEL > batch * features[4] * (side // 2**levels)**2
     registered = register_monai()
-    assert registered == sorted(n for n, cls in NORMS.items()
-                                if not hasattr(cls, "conv_norm") and not getattr(cls, "condition_inputs", ()))
+    assert registered == names(fits_monai=True)
     for name in registered:
         torch.manual_seed(0)
         net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=features, norm=name)

@@ -1,23 +1,26 @@
-"""Normalization layers by name: ``NORMS`` (name -> class), ``make_norm`` and ``make_conv_norm``.
+"""Normalization layers by name: ``make_norm``, ``make_conv_norm``, and the registry's answers (``names``, ``spec``).
 
-Importing this package registers every layer; see ``registry`` for the protocol a layer follows.
+Every module of this package is imported here, in name order, so a layer registers itself by
+living in the package: a new layer is one module with a decorated class (see ``registry`` for
+the protocol it follows) and one ``configs/norm/<name>.yaml``; nothing lists the modules (docs/layers.md
+lists the layers).
 
-    standard  none, bn (also frozen BN* and synchronized), in, ln, gn
-    mixed     iln, bin, sn        -- one pass from instance statistics (``fused``)
-    local     pn, lcn
-    kernel    kn                  -- KNConv, replaces the conv + norm pair
-    weight    wn                  -- weight-normed convs, replaces the pair
-    kalman    bkn                 -- batch Kalman norm, replaces the pair
-    conditional cin, adain, spade, sean -- affine parameters from a ``Condition``
-
-``register_monai()`` makes the layers that fit after a convolution available to MONAI networks.
+``names(kind=..., can_sync=True, ...)`` lists the layers of a kind or with a capability, and
+``spec(name)`` tells what one layer declares; ``register_monai()`` makes the layers that fit after a
+convolution available to MONAI networks.
 """
 
-from . import conditional, kalman, kernel, local, mixed, standard, weight  # noqa: F401  (registers the layers)
-from .monai_bridge import register_monai
-from .registry import (CONTEXT_OPTIONS, NORMS, Condition, ConvNorm, check_options, context_options, conv_norm_only,
-                       make_conditioner, make_conv, make_conv_norm, make_norm, norm_class, register_norm)
+import importlib
+import pkgutil
 
-__all__ = ["CONTEXT_OPTIONS", "NORMS", "Condition", "ConvNorm", "check_options", "context_options", "conv_norm_only",
-           "make_conditioner", "make_conv", "make_conv_norm", "make_norm", "norm_class", "register_monai",
-           "register_norm"]
+from .monai_bridge import register_monai
+from .registry import (CAPABILITIES, CONTEXT_OPTIONS, KINDS, NORMS, Condition, ConvNorm, NormSpec, check_options,
+                       context_options, conv_norm_only, layer_spec, make_conditioner, make_conv, make_conv_norm,
+                       make_norm, names, norm_class, register_norm, spec)
+
+for _module in pkgutil.iter_modules(__path__):  # the layer modules register their classes on import
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["CAPABILITIES", "CONTEXT_OPTIONS", "KINDS", "NORMS", "Condition", "ConvNorm", "NormSpec", "check_options",
+           "context_options", "conv_norm_only", "layer_spec", "make_conditioner", "make_conv", "make_conv_norm",
+           "make_norm", "names", "norm_class", "register_monai", "register_norm", "spec"]

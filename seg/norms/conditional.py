@@ -99,6 +99,7 @@ class ConditionalInstanceNorm(nn.Module):
     test -- uses the mean of the learned rows; the paper has no unseen styles at test time.
     """
 
+    kind = "conditional"
     condition_inputs = ("domain",)
 
     def __init__(self, num_channels: int, eps: float = 1e-5, num_domains: int = 1):
@@ -168,6 +169,7 @@ class AdaptiveInstanceNorm(nn.Module):
     Departure: sigma(y) is predicted, not a standard deviation, and is not forced positive.
     """
 
+    kind = "conditional"
     condition_inputs = ("style",)
 
     def __init__(self, num_channels: int, style_dim: int = 64, eps: float = 1e-5):
@@ -179,7 +181,7 @@ class AdaptiveInstanceNorm(nn.Module):
             self.to_affine.bias.copy_(torch.cat([torch.ones(num_channels), torch.zeros(num_channels)]))
 
     @classmethod
-    def conditioner(cls, image_channels: int, num_classes: int, style_dim: int = 64, **_) -> nn.Module:
+    def conditioner(cls, image_channels: int, num_classes: int, *, style_dim: int, **_) -> nn.Module:
         return StyleConditioner(image_channels, style_dim)
 
     def forward(self, x, cond=None):
@@ -204,7 +206,9 @@ class SPADE(nn.Module):
     no such map at test time, so m is the input image itself (``image_channels`` channels).
     """
 
+    kind = "conditional"
     condition_inputs = ("image",)
+    batch_statistics = True  # with base: bn (the default)
 
     def __init__(self, num_channels: int, hidden: int = 128, base: str = "bn", eps: float = 1e-5,
                  momentum: float = 0.1, image_channels: int = 1):
@@ -291,7 +295,9 @@ class SEAN(nn.Module):
     * Sizes: ``style_dim`` (64) where the official code has 512, one fc per class where it has 19.
     """
 
+    kind = "conditional"
     condition_inputs = ("image", "regions", "region_codes")
+    batch_statistics = True  # with base: bn (the default)
 
     def __init__(self, num_channels: int, hidden: int = 128, style_dim: int = 64, base: str = "bn",
                  eps: float = 1e-5, momentum: float = 0.1, region_scale: int = 4, region_fc: bool = True,
@@ -311,7 +317,7 @@ class SEAN(nn.Module):
         self.blend_beta = nn.Parameter(torch.zeros(()))
 
     @classmethod
-    def conditioner(cls, image_channels: int, num_classes: int, style_dim: int = 64, region_scale: int = 4,
+    def conditioner(cls, image_channels: int, num_classes: int, *, style_dim: int, region_scale: int,
                     **_) -> nn.Module:
         return RegionConditioner(image_channels, num_classes, style_dim, scale=region_scale)
 

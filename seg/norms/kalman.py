@@ -212,8 +212,10 @@ class BatchKalmanNormalization(nn.Module):
       no prior, raises any eps below 1.001e-5 to that value (effect on the outputs: below 1e-9).
     """
 
-    def __init__(self, num_channels: int, p: float = 0.9, eps: float = 1e-5, momentum: float = 0.1,
-                 prior: str = "sampled"):
+    kind = "conv_pair"
+    batch_statistics = True
+
+    def __init__(self, *args, **kwargs):
         raise conv_norm_only("bkn")
 
     @classmethod

@@ -107,7 +107,9 @@ class KernelNormalization(nn.Module):
     same distribution, another draw). Without dropout it matches the official KNConv2d to 1e-9.
     """
 
-    def __init__(self, num_channels: int, dropout_p: float = 0.05, eps: float = 1e-5):
+    kind = "conv_pair"
+
+    def __init__(self, *args, **kwargs):
         raise conv_norm_only("kn")
 
     @classmethod

@@ -35,6 +35,8 @@ class PositionalNorm(nn.Module):
     torch's fused layer-norm kernel does it (free view for channels_last input, one copy otherwise).
     """
 
+    kind = "post_conv"
+
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -133,6 +135,8 @@ class LocalContextNorm(nn.Module):
       1.1e-2 / 1.2e-2).
     The window must be odd (centred).
     """
+
+    kind = "post_conv"
 
     def __init__(self, num_channels: int, channels_per_group: int = 2, window: int = 227, eps: float = 1e-5,
                  stop_stat_grad: bool = False):

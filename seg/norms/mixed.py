@@ -73,6 +73,8 @@ class InstanceLayerNorm(nn.Module):
     derived from them exactly); the result equals the three-step formula to float precision.
     """
 
+    kind = "post_conv"
+
     def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5, rho_init: float = 0.0):
         super().__init__()
         check_groups(num_channels, groups, "iln")
@@ -137,6 +139,10 @@ class BatchInstanceNorm(nn.Module):
     x * scale + shift (see ``fused.instance_affine``).
     """
 
+    kind = "post_conv"
+    batch_statistics = True
+    can_sync = True
+
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, rho_lr_scale: float = 10.0,
                  rho_weight_decay: float = 0.0, sync: bool = False):
         super().__init__()
@@ -158,7 +164,7 @@ class BatchInstanceNorm(nn.Module):
         """Keep the gate in [0, 1] (the clip that the ILN paper replaces by a sigmoid)."""
         self.rho.clamp_(0.0, 1.0)
 
-    def batch_statistics(self, var_in, mean_in):
+    def bn_part_statistics(self, var_in, mean_in):
         """The BN part's (variance, mean) and sample count: of this batch, or with ``sync`` of the global batch."""
         if self.sync and synchronized():
             return global_batch_stats(var_in, mean_in)
@@ -169,7 +175,7 @@ class BatchInstanceNorm(nn.Module):
         if running:
             mean_bn, var_bn = running
         else:
-            var_bn, mean_bn, _ = self.batch_statistics(var_in, mean_in)
+            var_bn, mean_bn, _ = self.bn_part_statistics(var_in, mean_in)
         inv_in = torch.rsqrt(var_in + self.eps)
         inv_bn = torch.rsqrt(var_bn + self.eps)
         scale = weight * (rho * inv_bn + (1 - rho) * inv_in)
@@ -183,7 +189,7 @@ class BatchInstanceNorm(nn.Module):
             return y
         y, var_in, mean_in = instance_affine(x, self.coefficients, self.rho, self.weight, self.bias)
         with torch.no_grad():  # the BN part's running statistics, as nn.BatchNorm2d
-            var_bn, mean_bn, samples = self.batch_statistics(var_in, mean_in)
+            var_bn, mean_bn, samples = self.bn_part_statistics(var_in, mean_in)
             count = samples * x.shape[2] * x.shape[3]  # a tensor when synchronized
             unbiased_var = var_bn * (count / (count - 1).clamp(min=1) if torch.is_tensor(count)
                                      else count / max(count - 1, 1))
@@ -219,7 +225,9 @@ class SwitchableNorm(nn.Module):
     one fused x * scale + shift (see ``fused.instance_affine``).
     """
 
-    KINDS = ("in", "ln", "bn")
+    kind = "post_conv"
+    batch_statistics = True
+    STATISTICS = ("in", "ln", "bn")  # the order of the mixing weights
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.9, unbiased: bool = True):
         super().__init__()
@@ -234,8 +242,8 @@ class SwitchableNorm(nn.Module):
     def mixing_weights(self) -> dict[str, torch.Tensor]:
         """The learned choice, logged per layer: the softmaxed weights of IN, LN and BN."""
         means, variances = torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
-        return {**{f"mean_{k}": means[i] for i, k in enumerate(self.KINDS)},
-                **{f"var_{k}": variances[i] for i, k in enumerate(self.KINDS)}}
+        return {**{f"mean_{k}": means[i] for i, k in enumerate(self.STATISTICS)},
+                **{f"var_{k}": variances[i] for i, k in enumerate(self.STATISTICS)}}
 
     def unbiased_factor(self, count: int) -> float:
         return count / max(count - 1, 1) if self.unbiased else 1.0

@@ -9,16 +9,16 @@ returns a constructor), then calls the constructor with ``num_channels=`` (or ``
 plus the options given with the name. Our factories return ``make_norm`` bound to the name, so
 options are checked as on the command line. Only 2D is offered (our layers are 2D).
 
-Layers that replace the convolution + normalization pair (kn, wn, bkn) do not fit MONAI's slot
-after a convolution, and conditional layers (cin, adain, spade, sean) need a condition that
-MONAI's networks do not pass: neither kind is registered.
+Only the ``post_conv`` kind is registered (``names(fits_monai=True)``): a layer that replaces the
+convolution + normalization pair (kn, wn, bkn) does not fit MONAI's slot after a convolution, and a
+conditional layer (cin, adain, spade, sean) needs a condition that MONAI's networks do not pass.
 """
 
 from __future__ import annotations
 
 import functools
 
-from .registry import NORMS, make_norm
+from .registry import NORMS, make_norm, names
 
 
 def _factory(name: str):
@@ -41,9 +41,7 @@ def register_monai() -> list[str]:
     from monai.networks.layers.factories import Norm
 
     registered = []
-    for name, cls in sorted(NORMS.items()):
-        if hasattr(cls, "conv_norm") or getattr(cls, "condition_inputs", ()):
-            continue
+    for name in names(fits_monai=True):
         existing = Norm.components.get(name.upper())
         if existing is not None:
             if getattr(existing.value, "seg_norm", None) != name:

@@ -30,6 +30,8 @@ def check_groups(num_channels: int, groups: int, layer: str) -> None:
 class NoNorm(nn.Identity):
     """No normalization: the block is conv -> ReLU (the study's baseline)."""
 
+    kind = "post_conv"
+
     def __init__(self, num_channels: int):
         super().__init__()
 
@@ -58,6 +60,10 @@ class BatchNorm(nn.BatchNorm2d):
     Convert with this option rather than ``nn.SyncBatchNorm.convert_sync_batchnorm``, which would
     drop ``freeze`` and needs CUDA.
     """
+
+    kind = "post_conv"
+    batch_statistics = True
+    can_sync = True
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, freeze: bool = False,
                  freeze_affine: bool = True, sync: bool = False):
@@ -109,6 +115,8 @@ class InstanceNorm(_GroupNormLayer):
     per-channel affine: ``InstanceNorm2d(C, affine=True)`` computed as ``GroupNorm(C, C)``.
     """
 
+    kind = "post_conv"
+
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__(num_channels, num_channels, eps=eps)
 
@@ -121,6 +129,8 @@ class LayerNorm(_GroupNormLayer):
     convolutional reading used by the GN and ILN papers (the original LN has a per-element affine).
     """
 
+    kind = "post_conv"
+
     def __init__(self, num_channels: int, eps: float = 1e-5):
         super().__init__(1, num_channels, eps=eps)
 
@@ -132,6 +142,8 @@ class GroupNorm(_GroupNormLayer):
     Statistics over (H, W) and a group of C/G channels per sample; per-channel affine.
     ``groups`` defaults to 16 (the ILN study's setting); C must be a multiple of it.
     """
+
+    kind = "post_conv"
 
     def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5):
         check_groups(num_channels, groups, "gn")

@@ -39,7 +39,9 @@ class WeightNormalization(nn.Module):
     (the one departure from the official code, openai/weightnorm; the forward pass matches).
     """
 
-    def __init__(self, num_channels: int):
+    kind = "conv_pair"
+
+    def __init__(self, *args, **kwargs):
         raise conv_norm_only("wn")
 
     @classmethod
