@@ -32,6 +32,7 @@ from .data import class_names, load_splits
 from .distributed import World, gpu_names, is_main_process, sweep_gpu
 from .metrics import evaluate
 from .norms import norm_class
+from .ordering import epoch_order
 from .unet import UNet
 
 
@@ -91,7 +92,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
         model = UNet(in_channels=cfg.model.in_channels, num_classes=num_classes,
                      base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.norm.name,
                      norm_options=norm_options, init=cfg.model.init, bias_init=cfg.model.bias_init,
-                     num_domains=max(len(domains), 1)).to(device)
+                     num_domains=max(len(domains), 1), up=cfg.model.up).to(device)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"norm={cfg.norm.name} with {norm_options} does not fit this U-Net: {err}") from None
     if cfg.model.init_from:
@@ -158,7 +159,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
             bar.set_description(f"epoch {epoch}/{cfg.trainer.epochs}")
             model.train()
             if progress["order"] is None:
-                progress["order"] = torch.randperm(len(train_set), generator=generator, device=device).cpu()
+                progress["order"] = epoch_order(len(train_set), generator, cfg.data.shuffle_buffer, device)
             batches = world.batches(progress["order"], batch_size)  # this rank's part of each global batch
             epoch_start = time.perf_counter()
             while progress["batch"] < len(batches):
