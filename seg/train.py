@@ -30,7 +30,7 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, chec
 from .config import ConfigError, validate
 from .data import class_names, load_splits
 from .distributed import World, gpu_names, is_main_process, sweep_gpu
-from .metrics import evaluate
+from .metrics import evaluate, per_volume_dice
 from .norms import norm_class
 from .ordering import epoch_order
 from .unet import UNet
@@ -239,7 +239,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
     # ---- test, with the weights of the best validation epoch
     model.load_state_dict(best_state)
     with autocast:
-        test, _ = evaluate(fast_model, test_set, num_classes, classes, cfg.trainer.eval_batch_size,
+        test, test_prediction = evaluate(fast_model, test_set, num_classes, classes, cfg.trainer.eval_batch_size,
                            domain_of["test"], world=world)
     for key, value in test.items():
         writer.add_scalar(f"test/{key}", value, progress["step"])
@@ -249,6 +249,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
                    images_per_s=train_images / max(progress["train_time"], 1e-9), history=progress["history"],
                    mixing_weights=mixing_weights(model), resumed_from=str(resume_from) if resume_from else None,
                    wall_time_s=time.perf_counter() - started)
+    metrics["per_volume"] = per_volume_dice(test_prediction, test_set, num_classes, classes)  # for paired tests
     if cfg.trainer.compile:
         metrics["graph_breaks"] = graph_breaks()  # 0 for every norm (a test checks)
     log_hparams(writer, metrics)
