@@ -31,7 +31,7 @@ def epoch_order(num_items: int, generator: torch.Generator, buffer_size: int | N
         raise ValueError(f"shuffle buffer size must be at least 1, got {buffer_size}")
     # at step t the buffer holds min(B, n - t) items: one uniform draw per step, all at once
     sizes = torch.clamp(torch.arange(num_items, 0, -1), max=buffer_size)
-    uniforms = torch.rand(num_items, generator=generator, device=device, dtype=torch.float64).cpu()
+    uniforms = torch.rand(num_items, generator=generator, device=device).cpu().double()
     picks = torch.minimum((uniforms * sizes).long(), sizes - 1).tolist()
     buffer = list(range(min(buffer_size, num_items)))
     upcoming = len(buffer)

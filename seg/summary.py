@@ -445,7 +445,8 @@ def write_study_table(sweep_dir: Path, runs: list[dict], metric: str = "dice") -
 
 def write_selection(sweep_dir: Path, selected: list[dict], metric: str) -> Path:
     """selection.csv: every choice of a learning rate on validation, with the test Dice it reports."""
-    keys = sorted({k for entry in selected for k in entry["setting"]} - {"lr", *ARM_KEYS}, key=lambda k: (k != "norm", k))
+    keys = sorted({k for entry in selected for k in entry["setting"]} - {"lr", *ARM_KEYS},
+                  key=lambda k: (k != "norm", k))
     path = sweep_dir / "selection.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -613,7 +614,8 @@ def write_comparison(sweep_dir: Path, runs: list[dict], metric: str = "dice", pl
         average = family.average
         p = friedman_p(family.blocks, family.layers)
         cd = nemenyi_cd(len(family.layers), len(family.blocks)) if len(family.layers) >= 2 else math.nan
-        lines += [f"### {', '.join(map(show, family.layers))} — {len(family.blocks)} blocks ({'; '.join(family.titles)})",
+        names = ", ".join(map(show, family.layers))
+        lines += [f"### {names} — {len(family.blocks)} blocks ({'; '.join(family.titles)})",
                   "", "| norm | average rank |", "|---|---|"]
         lines += [f"| {show(n)} | {average[n]:.2f} |" for n in sorted(family.layers, key=lambda n: average[n])]
         test = "Friedman: fewer than 3 norms or 2 blocks, no test" if p is None else f"Friedman p = {p:.2g}"
