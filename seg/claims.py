@@ -16,6 +16,9 @@ A comparison "A < B" (A is worse) is
 - *inconclusive* otherwise, and whenever there are too few paired patients for a test.
 A comparison "A >= B" is the opposite: not reproduced when A is significantly worse, reproduced
 when the interval's lower end is above -``MARGIN`` (non-inferiority), inconclusive otherwise.
+No verdict rests on layers that did not learn: a comparison where neither side reaches a mean
+test Dice of ``FLOOR`` (claim 1: where a large-batch arm, the reference of the changes, does not)
+is inconclusive -- two models that segment nothing are "equal" without telling anything.
 A claim of several comparisons joined by "and" is reproduced when all are, not reproduced when
 one is not; joined by "or", reproduced when one is, not reproduced when none can be.
 
@@ -42,6 +45,7 @@ from pathlib import Path
 from .stats import ALPHA, BOOTSTRAP_SEED, MIN_UNITS, RESAMPLES, Paired, pair_changes, pair_runs, set_holm
 
 MARGIN = 0.01  # Dice: a layer "no worse" than another may be worse by less than this
+FLOOR = 0.05  # mean Dice below which a layer has not learned to segment: no verdict rests on such a pair
 SINGLE = ("bn", "in", "ln", "gn")
 SHIFT_HELPERS = ("in", "iln", "bin", "cin", "adain", "spade", "sean")
 DOMAIN_KEYS = ("test_vendors", "test_centres", "train_vendors", "train_centres")
@@ -50,14 +54,28 @@ VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
 @dataclass
 class Comparison:
-    """One comparison of a claim: ``pair`` = A vs B; ``kind`` "<" (A is worse) or ">=" (A is no worse)."""
+    """One comparison of a claim: ``pair`` = A vs B; ``kind`` "<" (A is worse) or ">=" (A is no worse).
+
+    ``references``: positions in ``pair.levels`` of the arms that must segment (mean Dice >= ``FLOOR``) for
+    a verdict; None: at least one side must (two layers that both learned nothing are not compared).
+    """
 
     pair: Paired
     kind: str
+    references: tuple | None = None
+
+    @property
+    def unlearned(self) -> bool:
+        levels = self.pair.levels
+        if not levels:
+            return False
+        if self.references is None:
+            return all(not level >= FLOOR for level in levels)
+        return any(not levels[i] >= FLOOR for i in self.references)
 
     @property
     def verdict(self) -> str:
-        if self.pair.too_few:
+        if self.pair.too_few or self.unlearned:
             return "inconclusive"
         low, high = self.pair.ci
         worse = self.pair.significant() and self.pair.mean < 0 and high < 0
@@ -72,8 +90,11 @@ class Comparison:
                    if self.pair.n else "no paired patients, ")
         missing = f"; {self.pair.missing_volumes} run(s) without per-volume Dice left out" \
             if self.pair.missing_volumes else ""
+        levels = " / ".join(f"{level:.3f}" for level in self.pair.levels)
+        which = "a reference arm does not segment" if self.references else "neither side segments"
+        unlearned = f" (mean Dice {levels}: {which}, Dice < {FLOOR})" if self.unlearned else ""
         return (f"{self.pair.a} {self.kind} {self.pair.b}: {numbers}{self.pair.p_text()} -> "
-                f"**{self.verdict}**{missing}")
+                f"**{self.verdict}**{unlearned}{missing}")
 
 
 @dataclass
@@ -165,7 +186,9 @@ def claim_1(cells: dict) -> Claim | None:
     s, l = small[0], large[-1]
     bn, gn = (cells[("bn", s)], cells[("bn", l)]), (cells[("gn", s)], cells[("gn", l)])
     claim = Claim(1, *CLAIMS[1])
-    claim.comparisons = [Comparison(pair_changes(f"BN change {l} -> {s}", bn, f"GN change {l} -> {s}", gn), "<")]
+    # the large-batch arms are the references the changes are measured from: they must segment
+    claim.comparisons = [Comparison(pair_changes(f"BN change {l} -> {s}", bn, f"GN change {l} -> {s}", gn), "<",
+                                    references=(1, 3))]
     claim.context_lines = [f"for reference, not in the verdict: {c.text()}" for c in (
         Comparison(pair_runs(label("bn", s), bn[0], label("bn", l), bn[1]), "<"),
         Comparison(pair_runs(label("gn", s), gn[0], label("gn", l), gn[1]), ">="))]
@@ -194,10 +217,10 @@ def claim_3(cells: dict) -> Claim | None:
                                                       cells[("bin", 1)]), ">="))
     scored = [(mean_validation(cells[(n, 1)]), n) for n in singles]
     scored = [(score, n) for score, n in scored if score is not None]
-    if scored:
-        score, best = max(scored)
+    if scored:  # ties go to the first in SINGLE's order (BN, IN, LN, GN)
+        score, best = max(scored, key=lambda item: (item[0], -SINGLE.index(item[1])))
         claim.note = (f"best single layer on validation: {best.upper()} (mean validation Dice {score:.3f}; "
-                      + ", ".join(f"{n.upper()} {s:.3f}" for s, n in sorted(scored, reverse=True)) + ")")
+                      + ", ".join(f"{n.upper()} {v:.3f}" for v, n in sorted(scored, reverse=True)) + ")")
         claim.comparisons.append(Comparison(pair_runs(label("iln"), cells[("iln", 1)], label(best),
                                                       cells[(best, 1)]), ">="))
     elif singles:
@@ -236,7 +259,8 @@ def write_claims(path: Path, claims: list[Claim], scope: str) -> Path:
         f"seed {BOOTSTRAP_SEED}); no test below {MIN_UNITS} paired patients. \"A < B\" is reproduced when A is "
         f"significantly worse, not reproduced when the interval excludes A being worse by more than {MARGIN} "
         f"Dice; \"A >= B\" is reproduced when the interval excludes A being worse by more than {MARGIN}, not "
-        "reproduced when A is significantly worse; anything else is inconclusive.", "",
+        f"reproduced when A is significantly worse; anything else is inconclusive, and so is a comparison of "
+        f"layers that do not segment (mean Dice below {FLOOR} on both sides; claim 1: in a large-batch arm).", "",
         "| # | claim | source | where | verdict |", "|---|---|---|---|---|"]
     for claim in claims:
         lines.append(f"| {claim.number} | {claim.statement} | {claim.source} | {claim.context or '—'} | "

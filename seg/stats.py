@@ -102,14 +102,18 @@ def nemenyi_cd(num_layers: int, num_blocks: int, alpha: float = ALPHA) -> float:
 
 
 def friedman_p(blocks: list[dict], layers: list) -> float | None:
-    """Friedman's test that the layers' ranks do not differ over the blocks; None below 3 layers or 2 blocks."""
+    """Friedman's test that the layers' ranks do not differ over the blocks; None below 3 layers or 2 blocks,
+    or when every block is a tie of all layers (nothing to test)."""
     if len(layers) < 3 or len(blocks) < 2:
         return None
     from scipy.stats import friedmanchisquare
 
     # friedmanchisquare ranks within blocks itself; ranks (diverged last) are passed so None is handled
     ranked = [ranks({layer: block[layer] for layer in layers}) for block in blocks]
-    return float(friedmanchisquare(*[[-r[layer] for r in ranked] for layer in layers]).pvalue)
+    if all(len(set(r.values())) == 1 for r in ranked):
+        return None
+    p = float(friedmanchisquare(*[[-r[layer] for r in ranked] for layer in layers]).pvalue)
+    return p if math.isfinite(p) else None
 
 
 # ---------------------------------------------------------------------------- paired runs
@@ -123,6 +127,7 @@ class Paired:
     b: str
     differences: dict  # {patient: mean difference A - B}
     missing_volumes: int = 0  # runs among A's and B's without per-volume Dice (left out)
+    levels: tuple = ()  # the mean Dice of each side (of each arm, for a difference in differences), paired volumes
     p: float | None = None  # Wilcoxon, two-sided; None: too few
     p_holm: float | None = None
 
@@ -197,13 +202,13 @@ def patient_means(runs: list[dict]) -> tuple[dict, int]:
     return {patient: total / count for patient, (total, count) in sums.items()}, missing
 
 
-def volume_differences(runs_a: list[dict], runs_b: list[dict]) -> tuple[dict, int]:
-    """{(fold, seed, case): (patient, Dice A - Dice B)} over the runs of A and B that share fold and seed and
+def paired_volumes(runs_a: list[dict], runs_b: list[dict]) -> tuple[dict, int]:
+    """{(fold, seed, case): (patient, Dice A, Dice B)} over the runs of A and B that share fold and seed and
     the volumes they share; and how many finished runs had no per-volume Dice."""
     by_key_b: dict = {}
     for run in runs_b:
         by_key_b.setdefault(replicate_key(run), []).append(run)
-    differences: dict = {}
+    paired: dict = {}
     missing = sum(volume_dice(run) is None and run.get("status") == "ok" for run in [*runs_a, *runs_b])
     for run_a in runs_a:
         volumes_a = volume_dice(run_a)
@@ -213,8 +218,8 @@ def volume_differences(runs_a: list[dict], runs_b: list[dict]) -> tuple[dict, in
                 continue
             for case, (patient, dice_a) in volumes_a.items():
                 if case in volumes_b:
-                    differences[(*replicate_key(run_a), case)] = (patient, dice_a - volumes_b[case][1])
-    return differences, missing
+                    paired[(*replicate_key(run_a), case)] = (patient, dice_a, volumes_b[case][1])
+    return paired, missing
 
 
 def per_patient(differences: dict) -> dict:
@@ -226,20 +231,31 @@ def per_patient(differences: dict) -> dict:
     return {patient: total / count for patient, (total, count) in sums.items()}
 
 
+def mean_of(values) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan
+
+
 def pair_runs(name_a: str, runs_a: list[dict], name_b: str, runs_b: list[dict]) -> Paired:
     """A's and B's runs paired by fold and seed, their volumes by case id, averaged per patient."""
-    differences, missing = volume_differences(runs_a, runs_b)
-    return Paired(name_a, name_b, per_patient(differences), missing)
+    paired, missing = paired_volumes(runs_a, runs_b)
+    differences = {key: (patient, a - b) for key, (patient, a, b) in paired.items()}
+    levels = (mean_of(a for _, a, _ in paired.values()), mean_of(b for _, _, b in paired.values()))
+    return Paired(name_a, name_b, per_patient(differences), missing, levels)
 
 
 def pair_changes(name_a: str, change_a: tuple[list[dict], list[dict]], name_b: str,
                  change_b: tuple[list[dict], list[dict]]) -> Paired:
     """A difference in differences: per volume (A1 - A2) - (B1 - B2), all four runs sharing fold and seed,
-    averaged per patient; e.g. how much more BN loses than GN from a large batch to a small one."""
-    first, missing_a = volume_differences(*change_a)
-    second, missing_b = volume_differences(*change_b)
-    differences = {key: (patient, d - second[key][1]) for key, (patient, d) in first.items() if key in second}
-    return Paired(name_a, name_b, per_patient(differences), missing_a + missing_b)
+    averaged per patient; e.g. how much more BN loses than GN from a large batch to a small one.
+    ``levels``: the mean Dice of A1, A2, B1, B2 on those volumes."""
+    first, missing_a = paired_volumes(*change_a)
+    second, missing_b = paired_volumes(*change_b)
+    shared = [key for key in first if key in second]
+    differences = {key: (first[key][0], (first[key][1] - first[key][2]) - (second[key][1] - second[key][2]))
+                   for key in shared}
+    levels = tuple(mean_of(source[key][i] for key in shared) for source in (first, second) for i in (1, 2))
+    return Paired(name_a, name_b, per_patient(differences), missing_a + missing_b, levels)
 
 
 def set_holm(family: list[Paired]) -> None:

@@ -618,7 +618,8 @@ def write_comparison(sweep_dir: Path, runs: list[dict], metric: str = "dice", pl
         lines += [f"### {names} — {len(family.blocks)} blocks ({'; '.join(family.titles)})",
                   "", "| norm | average rank |", "|---|---|"]
         lines += [f"| {show(n)} | {average[n]:.2f} |" for n in sorted(family.layers, key=lambda n: average[n])]
-        test = "Friedman: fewer than 3 norms or 2 blocks, no test" if p is None else f"Friedman p = {p:.2g}"
+        test = ("Friedman: no test (fewer than 3 norms or 2 blocks, or all norms tie in every block)" if p is None
+                else f"Friedman p = {p:.2g}")
         drawn = ("critical-difference diagram in comparison.png" if family.drawable
                  else "no critical-difference diagram (it needs at least 3 norms and 3 blocks)")
         lines += ["", f"{test}; Nemenyi CD (alpha {ALPHA}) = {fmt(cd)}; {drawn}.", ""]

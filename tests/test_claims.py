@@ -67,6 +67,22 @@ def test_no_difference_in_the_batch_effect_is_not_reproduced_and_noise_is_inconc
     assert verdicts[1] == "inconclusive" and "too few paired patients for a test (n = 4" in text
 
 
+def test_layers_that_segment_nothing_give_no_verdict(tmp_path):
+    """Models at Dice 0 (too little training): ILN "equals" BN and BIN on every volume, which says nothing
+    about the layers; and a change measured from batch-8 arms that learned nothing is no change."""
+    zero = lambda p, f: -0.55 - 0.025 * (p % 16) - (0.013 if f == "ES" else 0.0)  # noqa: E731  (base -> 0)
+    for name, norm in (("b1_bn", "bn"), ("b1_bin", "bin"), ("b1_iln", "iln")):
+        arm(tmp_path / "nothing", name, norm, offset=zero)
+    verdicts, text = claims(tmp_path / "nothing")
+    assert verdicts[3] == "inconclusive" and "(mean Dice 0.000 / 0.000: neither side segments, Dice < 0.05)" in text
+
+    for name, norm, batch, offset in (("b1_bn", "bn", 1, -0.2), ("b1_gn", "gn", 1, 0.0), ("b8_bn", "bn", 8, zero),
+                                      ("b8_gn", "gn", 8, zero)):
+        arm(tmp_path / "references", name, norm, batch=batch, offset=offset)
+    verdicts, text = claims(tmp_path / "references")
+    assert verdicts[1] == "inconclusive" and "a reference arm does not segment, Dice < 0.05" in text
+
+
 def test_gn_significantly_worse_than_bn_contradicts_the_ral_claim(tmp_path):
     sweep = tmp_path / "sweep"
     arm(sweep, "b1_bn", "bn")
