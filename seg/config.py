@@ -47,6 +47,7 @@ class DataConfig:
     test_fraction: float = 0.2
     max_patients: Optional[int] = None
     max_slices_per_volume: Optional[int] = None
+    shuffle_buffer: Optional[int] = None  # TF-style shuffle buffer of the training order (seg/ordering.py); null: full
     phantom: Optional[PhantomConfig] = field(default_factory=PhantomConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     # reading (see data/README.md)
@@ -79,6 +80,7 @@ class ModelConfig:
     bias_init: float = 0.1
     init_from: Optional[str] = None
     aux_weight: float = 0.4
+    up: str = "transpose2"  # the up-convolution: transpose2 (2x2 stride 2) | transpose3 (3x3 stride 2, the ILN code's)
 
 
 @dataclass
@@ -174,7 +176,7 @@ def cuda_device_count() -> int:
 def choices() -> dict[str, tuple[str, ...]]:
     """The allowed values of each choice-valued key."""
     from .data import READERS, TASKS
-    from .unet import INITS
+    from .unet import INITS, UPSAMPLINGS
 
     return {
         "data.format": tuple(READERS),
@@ -184,6 +186,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "data.cache_dtype": ("float32", "float16"),
         "model.name": ("unet",),
         "model.init": INITS,
+        "model.up": UPSAMPLINGS,
         "optim.name": ("sgd", "adam"),
         "schedule.name": ("step", "constant"),
         "loss": ("ce", "dice_ce"),

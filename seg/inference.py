@@ -164,7 +164,7 @@ def build_model(state: dict) -> torch.nn.Module:
     model = UNet(in_channels=model_cfg["in_channels"], num_classes=len(TASKS[task]) + 1,
                  base_channels=model_cfg["base_channels"], depth=model_cfg["depth"], norm=norm_cfg.pop("name"),
                  norm_options=norm_cfg, init=model_cfg["init"], bias_init=model_cfg["bias_init"],
-                 num_domains=max(len(state.get("domains", [])), 1))
+                 num_domains=max(len(state.get("domains", [])), 1), up=model_cfg.get("up", "transpose2"))
     model.load_state_dict(state["model"])
     return model.eval()
 

@@ -10,6 +10,14 @@ predicted mask, G the ground truth). From them:
   over classes.
 * **2D (per-slice) Dice -- ``dice_2d``** (the ILN paper's style): the same per slice, empty-vs-
   empty slices skipped, averaged over slices, then over classes.
+* **Per volume -- ``per_volume_dice``**: the 3D Dice of each volume with its case and patient id
+  (metrics.json's ``per_volume`` list), what the paired comparisons of a sweep are made on
+  (seg/summary.py); a volume's ``dice`` is the mean over its defined classes (None if none is).
+
+The foreground of a two-class task is the arg-max of the logits. The ILN author's code takes
+softmax(logits)[foreground] >= 0.5 instead; for two classes that is logit_fg >= logit_bg, the same
+as the arg-max except on an exact tie (logits equal to float precision), which the arg-max gives
+to the background (tests/test_protocol.py shows both).
 """
 
 from __future__ import annotations
@@ -44,17 +52,36 @@ def predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
                       for i in range(0, images.shape[0], batch_size)])
 
 
+def volume_counts(counts: torch.Tensor, volume_index: torch.Tensor, num_volumes: int) -> torch.Tensor:
+    """Per-slice counts (N, 3, K) summed per volume: (num_volumes, 3, K)."""
+    per_volume = torch.zeros((num_volumes, *counts.shape[1:]), dtype=counts.dtype, device=counts.device)
+    return per_volume.index_add_(0, volume_index, counts)
+
+
 def summarize_counts(counts: torch.Tensor, volume_index: torch.Tensor, num_volumes: int,
                      class_names: list[str]) -> dict[str, float]:
     """3D and 2D Dice (overall and per class) from per-slice counts (N, 3, K)."""
-    per_volume = torch.zeros((num_volumes, *counts.shape[1:]), dtype=counts.dtype, device=counts.device)
-    per_volume.index_add_(0, volume_index, counts)
+    per_volume = volume_counts(counts, volume_index, num_volumes)
     dice_3d = torch.nanmean(dice_from_counts(*per_volume.unbind(1)), dim=0)
     dice_2d = torch.nanmean(dice_from_counts(*counts.unbind(1)), dim=0)
     result = {"dice": nanmean(dice_3d.tolist()), "dice_2d": nanmean(dice_2d.tolist())}
     for name, d3, d2 in zip(class_names, dice_3d.tolist(), dice_2d.tolist()):
         result[f"dice_{name}"], result[f"dice_2d_{name}"] = d3, d2
     return result
+
+
+def per_volume_dice(prediction: torch.Tensor, slices, num_classes: int, class_names: list[str]) -> list[dict]:
+    """The 3D Dice of each volume of a SliceSet from its predicted label maps (N, H, W), in the order of
+    ``slices.cases``: [{"case", "patient", "dice", "dice_<class>"...}], None where a Dice is undefined."""
+    counts = slice_counts(prediction.to(slices.labels.device), slices.labels, num_classes)
+    dice = dice_from_counts(*volume_counts(counts, slices.volume_index, len(slices.cases)).unbind(1)).tolist()
+    rows = []
+    for case, per_class in zip(slices.cases, dice):
+        mean = nanmean(per_class)
+        row = {"case": case.get("case"), "patient": case.get("patient"), "dice": None if math.isnan(mean) else mean}
+        row.update({f"dice_{name}": None if math.isnan(d) else d for name, d in zip(class_names, per_class)})
+        rows.append(row)
+    return rows
 
 
 def nanmean(values: list[float]) -> float:

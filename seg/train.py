@@ -30,8 +30,9 @@ from .checkpoint import (FORMAT_VERSION, CheckpointError, check_compatible, chec
 from .config import ConfigError, validate
 from .data import class_names, load_splits
 from .distributed import World, gpu_names, is_main_process, sweep_gpu
-from .metrics import evaluate
+from .metrics import evaluate, per_volume_dice
 from .norms import norm_class
+from .ordering import epoch_order
 from .unet import UNet
 
 
@@ -91,7 +92,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
         model = UNet(in_channels=cfg.model.in_channels, num_classes=num_classes,
                      base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.norm.name,
                      norm_options=norm_options, init=cfg.model.init, bias_init=cfg.model.bias_init,
-                     num_domains=max(len(domains), 1)).to(device)
+                     num_domains=max(len(domains), 1), up=cfg.model.up).to(device)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"norm={cfg.norm.name} with {norm_options} does not fit this U-Net: {err}") from None
     if cfg.model.init_from:
@@ -158,7 +159,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
             bar.set_description(f"epoch {epoch}/{cfg.trainer.epochs}")
             model.train()
             if progress["order"] is None:
-                progress["order"] = torch.randperm(len(train_set), generator=generator, device=device).cpu()
+                progress["order"] = epoch_order(len(train_set), generator, cfg.data.shuffle_buffer, device)
             batches = world.batches(progress["order"], batch_size)  # this rank's part of each global batch
             epoch_start = time.perf_counter()
             while progress["batch"] < len(batches):
@@ -238,7 +239,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
     # ---- test, with the weights of the best validation epoch
     model.load_state_dict(best_state)
     with autocast:
-        test, _ = evaluate(fast_model, test_set, num_classes, classes, cfg.trainer.eval_batch_size,
+        test, test_prediction = evaluate(fast_model, test_set, num_classes, classes, cfg.trainer.eval_batch_size,
                            domain_of["test"], world=world)
     for key, value in test.items():
         writer.add_scalar(f"test/{key}", value, progress["step"])
@@ -248,6 +249,7 @@ def train(cfg, output_dir: str | os.PathLike, job_num: int | None = None) -> dic
                    images_per_s=train_images / max(progress["train_time"], 1e-9), history=progress["history"],
                    mixing_weights=mixing_weights(model), resumed_from=str(resume_from) if resume_from else None,
                    wall_time_s=time.perf_counter() - started)
+    metrics["per_volume"] = per_volume_dice(test_prediction, test_set, num_classes, classes)  # for paired tests
     if cfg.trainer.compile:
         metrics["graph_breaks"] = graph_breaks()  # 0 for every norm (a test checks)
     log_hparams(writer, metrics)

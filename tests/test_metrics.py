@@ -1,4 +1,5 @@
-"""Dice as documented: per-volume 3D (primary) and per-slice 2D, checked against MONAI's DiceMetric."""
+"""Dice as documented: per-volume 3D (primary) and per-slice 2D, checked against MONAI's DiceMetric; the
+per-volume rows of metrics.json."""
 
 import math
 
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from monai.metrics import DiceMetric
 
-from seg.metrics import slice_counts, summarize_counts
+from seg.data.slices import SliceSet
+from seg.metrics import per_volume_dice, slice_counts, summarize_counts
 
 
 def random_masks(num_slices, num_classes, seed):
@@ -60,3 +62,23 @@ def test_empty_classes_follow_the_documented_convention():
     assert result["dice"] == pytest.approx(32 / 33)
     everything_empty = summarize_counts(slice_counts(target[2:], target[2:], 2), torch.tensor([0]), 1, ["rv"])
     assert math.isnan(everything_empty["dice"])
+
+
+def test_per_volume_dice_is_the_volumes_of_the_3d_dice():
+    """metrics.json's per_volume rows: each volume's 3D Dice with its case and patient; their mean per class
+    is the run's dice_<class>; a class empty in both prediction and truth is None, not 0 or 1."""
+    prediction, target = random_masks(12, 3, seed=7)
+    target[9:] = 0  # volume 2 (slices 9-11): no foreground at all ...
+    prediction[9:] = torch.where(prediction[9:] == 2, 2, 0)  # ... and only class 2 predicted
+    volume_index = torch.tensor([0] * 5 + [1] * 4 + [2] * 3)
+    cases = [{"case": f"patient00{i}_ED", "patient": f"patient00{i}"} for i in range(3)]
+    slices = SliceSet(torch.zeros(12, 1, 24, 20), target.to(torch.uint8), volume_index, cases)
+    rows = per_volume_dice(prediction, slices, 3, ["a", "b"])
+    result = summarize_counts(slice_counts(prediction, target, 3), volume_index, 3, ["a", "b"])
+    assert [r["case"] for r in rows] == ["patient000_ED", "patient001_ED", "patient002_ED"]
+    assert rows[1]["patient"] == "patient001"
+    for name in ("a", "b"):
+        defined = [r[f"dice_{name}"] for r in rows if r[f"dice_{name}"] is not None]
+        assert sum(defined) / len(defined) == pytest.approx(result[f"dice_{name}"], abs=1e-12)
+    assert rows[2]["dice_a"] is None and rows[2]["dice_b"] == 0.0 and rows[2]["dice"] == 0.0
+    assert rows[0]["dice"] == pytest.approx((rows[0]["dice_a"] + rows[0]["dice_b"]) / 2)

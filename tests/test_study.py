@@ -14,7 +14,11 @@ from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_train
 from seg.config import register_configs
+from seg.data.splits import kfold_split
+from seg.inference import load_segmenter
 from seg.summary import write_summary
+from seg.unet import TransposeConv3
+from sweeps import run_metrics, write_run as write_synthetic_run
 
 # Shrinks any preset to seconds (the smoke experiment's sizes) on a 6-patient phantom.
 TINY = ["data.max_patients=6", "data.image_size=64", "data.spacing=6.0", "data.max_slices_per_volume=2",
@@ -32,14 +36,22 @@ def composed(*overrides):
 
 
 def test_iln_paper_preset_is_the_papers_protocol():
+    """The grid of the ILN study and the training of the author's code (docs/study.md, point by point)."""
     cfg = composed("experiment=iln_paper")
     params = cfg.hydra.sweeper.params
     assert params["norm"].split(",") == ["bn", "in", "ln", "gn", "bin", "iln"]
     assert [float(v) for v in params["lr"].split(",")] == [1.5, 1.0, 0.5, 0.1, 0.05]
     assert params["data.task"] == "rv,lv" and params["data.fold"] == "0,1" and len(params["seed"].split(",")) >= 2
     assert cfg.trainer.epochs == 2 and cfg.trainer.batch_size == 1 and cfg.data.num_folds == 2
-    assert list(cfg.schedule.milestones) == [1] and cfg.schedule.gamma == 0.2
-    assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9
+    # piecewise constant [lr, lr/5, lr/25] at the ends of epochs 1 and 2 (BOUNDARIES, VALUES)
+    assert cfg.schedule.name == "step" and list(cfg.schedule.milestones) == [1, 2] and cfg.schedule.gamma == 0.2
+    assert cfg.optim.name == "sgd" and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 0
+    assert not cfg.optim.nesterov and cfg.loss == "ce"
+    assert (cfg.model.depth, cfg.model.up, cfg.model.init, cfg.model.bias_init) == (5, "transpose3", "author", 0.1)
+    assert cfg.model.base_channels == 16 and cfg.data.shuffle_buffer == 500 and cfg.data.image_size == 256
+    default = composed()  # the project's own defaults stay as they were
+    assert (default.model.depth, default.model.up, default.model.init, default.data.shuffle_buffer) == (
+        4, "transpose2", "paper", None)
 
 
 def test_batch_size_and_domain_shift_presets_compose():
@@ -50,6 +62,7 @@ def test_batch_size_and_domain_shift_presets_compose():
     assert shift.hydra.sweeper.params["data.test_vendors"] == "[A],[B],[C],[D]" and shift.data.train_vendors is None
 
 
+@pytest.mark.slow
 def test_iln_paper_multirun_at_tiny_size(data_dir, tmp_path):
     """Two norms x two folds of the grid: the sweep runs and its paper table pools the folds."""
     run_train("-m", "experiment=iln_paper", f"paths.data_dir={data_dir}", *TINY, "data.task=rv", "norm=bn,iln",
@@ -58,15 +71,28 @@ def test_iln_paper_multirun_at_tiny_size(data_dir, tmp_path):
     assert [(r["norm"], r["split"]["fold"]) for r in runs] == [("bn", 0), ("bn", 1), ("iln", 0), ("iln", 1)]
     assert all(r["status"] == "ok" and r["batch_size"] == 1 and r["epochs"] == 1 for r in runs)
     assert set(runs[0]["split"]["test"]).isdisjoint(runs[1]["split"]["test"])  # the two test folds
+    for run, other in ((runs[0], runs[1]), (runs[1], runs[0])):  # validation patients from the training fold
+        split = run["split"]
+        assert split["val"] and set(split["val"]) <= set(other["split"]["test"])
+        assert set(split["val"]).isdisjoint(split["test"]) and set(split["val"]).isdisjoint(split["train"])
+    for run in runs:  # per-volume Dice: one row per test volume, averaging to the run's Dice
+        volumes = run["per_volume"]
+        assert len(volumes) == run["num_test_volumes"] and {v["patient"] for v in volumes} == set(run["split"]["test"])
+        defined = [v["dice"] for v in volumes if v["dice"] is not None]
+        assert sum(defined) / len(defined) == pytest.approx(run["dice"], abs=1e-9)
     table = (tmp_path / "paper_table.md").read_text()
     assert "| norm | lr=0.1 |" in table and "folds 0, 1" in table
     for norm, (a, b) in (("bn", runs[:2]), ("iln", runs[2:])):
         assert f"| {norm} | {(a['dice'] + b['dice']) / 2:.3f} ± " in table.replace("**", "")
-    assert (tmp_path / "summary.md").is_file()
+    assert (tmp_path / "summary.md").is_file() and (tmp_path / "comparison.md").is_file()
     if importlib.util.find_spec("matplotlib"):
         assert {"dice_vs_lr.png", "learning_curves.png", "mixing_weights.png"} <= {p.name for p in tmp_path.iterdir()}
+    # the author's 3x3 up-convolutions are in the checkpoint, and predict.py's loader rebuilds them
+    segmenter = load_segmenter(next(tmp_path.glob("*/checkpoints/best.pt")), device="cpu")
+    assert isinstance(segmenter.model.upsample[0].conv_norm.conv, TransposeConv3)
 
 
+@pytest.mark.slow
 def test_batch_size_study_runs_at_tiny_size(data_dir, tmp_path):
     run_train("-m", "experiment=batch_size_study", f"paths.data_dir={data_dir}", *TINY, "norm=gn",
               "trainer.batch_size=1,4", "seed=0", f"hydra.sweep.dir={tmp_path}")
@@ -75,6 +101,7 @@ def test_batch_size_study_runs_at_tiny_size(data_dir, tmp_path):
     assert "| norm | batch_size=1 | batch_size=4 |" in (tmp_path / "paper_table.md").read_text()
 
 
+@pytest.mark.slow
 def test_domain_shift_runs_at_tiny_size(data_dir, tmp_path):
     """Also: a preset is a multirun without -m (hydra.mode is set in it)."""
     run_train("experiment=domain_shift", f"paths.data_dir={data_dir}", *TINY, "norm=in",
@@ -84,6 +111,7 @@ def test_domain_shift_runs_at_tiny_size(data_dir, tmp_path):
     assert split["mode"] == "vendor" and split["test_vendors"] == ["A"] and "A" not in split["train_vendors"]
 
 
+@pytest.mark.slow
 def test_lr_optuna_search_at_tiny_size(data_dir, tmp_path):
     """The optional Optuna preset: two trials, the test Dice as objective (needs the optuna extra)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
@@ -183,3 +211,65 @@ def test_summarize_script(synthetic_sweep):
                              "--no-plots"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "diverged (2/2)" in result.stdout and (synthetic_sweep / "paper_table.csv").is_file()
+
+
+# ---------------------------------------------------------------------------- model selection on validation
+
+
+def test_learning_rate_is_chosen_on_validation_not_on_test(tmp_path):
+    """Per fold the rate with the best validation Dice is taken, and the test Dice of that choice reported:
+    fold 0 chooses 0.5 (validation 0.90, test 0.70), fold 1 chooses 0.1 (0.85, 0.80) -> 0.750 ± 0.071. The
+    per-rate table still shows lr=0.1's 0.825 (the best test column), labelled for inspection only."""
+    sweep = tmp_path / "sweep"
+    for fold, lr, val, offset in ((0, 0.5, 0.90, -0.1), (0, 0.1, 0.80, 0.05), (1, 0.5, 0.70, -0.08),
+                                  (1, 0.1, 0.85, 0.0)):
+        metrics = run_metrics("bn", patients=[fold * 3 + i for i in range(3)], lr=lr, fold=fold, val=val)
+        metrics["dice"] = {(0, 0.5): 0.70, (0, 0.1): 0.85, (1, 0.5): 0.72, (1, 0.1): 0.80}[(fold, lr)]
+        write_synthetic_run(sweep, f"bn_{lr}_f{fold}", metrics)
+    write_summary(sweep, plots=False)
+    table = (sweep / "paper_table.md").read_text()
+    chosen, inspection = table.split("## Test Dice per learning rate — for inspection, not for selection")
+    assert "## Test Dice at the learning rate chosen on validation" in chosen
+    assert "| bn | **0.750 ± 0.071** (lr 0.5×1, 0.1×1) |" in chosen
+    assert "| norm | lr=0.5 | lr=0.1 |" in inspection
+    assert "| bn | **0.710 ± 0.014** | **0.825 ± 0.035** |" in inspection
+    with open(sweep / "selection.csv", newline="") as handle:
+        rows = {row["fold"]: row for row in csv.DictReader(handle)}
+    assert (rows["0"]["chosen_lr"], rows["0"]["test_dice"]) == ("0.5", "0.7000")
+    assert (rows["1"]["chosen_lr"], rows["1"]["best_val_dice"], rows["1"]["rates_tried"]) == ("0.1", "0.8500", "2")
+
+
+def test_selection_ties_and_runs_without_validation(tmp_path):
+    """A tie goes to the larger rate; several rates without any validation Dice cannot be chosen between."""
+    sweep = tmp_path / "sweep"
+    for lr, dice in ((0.5, 0.6), (0.1, 0.7)):
+        write_synthetic_run(sweep, f"bn_{lr}", {**run_metrics("bn", patients=[1, 2], lr=lr, val=0.8), "dice": dice})
+        write_synthetic_run(sweep, f"gn_{lr}", {**run_metrics("gn", patients=[1, 2], lr=lr), "best_val_dice": None})
+    write_summary(sweep, plots=False)
+    chosen = (sweep / "paper_table.md").read_text().split("for inspection")[0]
+    assert "| bn | 0.600 (lr 0.5×1) |" in chosen.replace("**", "")
+    assert "| gn | no validation Dice (1/1) |" in chosen
+
+
+def test_validation_patients_come_from_the_training_fold():
+    patients = [f"patient{i:03d}" for i in range(1, 23)]
+    for seed in (0, 1):
+        folds = [kfold_split(patients, fold=k, num_folds=3, seed=seed, val_fraction=0.1) for k in range(3)]
+        assert sorted(p for f in folds for p in f["test"]) == patients  # the test folds partition the patients
+        for k, split in enumerate(folds):
+            others = {p for j, f in enumerate(folds) if j != k for p in f["test"]}
+            assert split["val"] and set(split["val"]) <= others and set(split["train"]) | set(split["val"]) == others
+            assert set(split["val"]).isdisjoint(split["train"])
+
+
+def test_held_in_runs_are_not_given_a_held_out_vendor(tmp_path):
+    """A sweep with runs on held-in patients and runs on a held-out vendor: the vendor is a factor (its own
+    tables), not a setting "fixed in this sweep" that the held-in runs would wrongly be listed under."""
+    sweep = tmp_path / "sweep"
+    write_synthetic_run(sweep, "held_in", run_metrics("bn", patients=[1, 2], fold=None))
+    write_synthetic_run(sweep, "held_out", run_metrics("bn", patients=[3, 4], fold=None, test_vendors=["C"]))
+    write_summary(sweep, plots=False)
+    table = (sweep / "paper_table.md").read_text()
+    fixed = next(line for line in table.splitlines() if line.startswith("Fixed in this sweep"))
+    assert "test_vendors" not in fixed
+    assert "### test_vendors=-, train_vendors=-" in table and "### test_vendors=C, train_vendors=A+B+D" in table

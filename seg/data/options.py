@@ -57,6 +57,9 @@ def check_options(data) -> None:
         value = get(key)
         if value is not None and (not is_int(value) or value < 1):
             raise DataError(f"data.{key}={value} must be at least 1 (null: all)")
+    shuffle_buffer = get("shuffle_buffer")
+    if shuffle_buffer is not None and (not is_int(shuffle_buffer) or shuffle_buffer < 1):
+        raise DataError(f"data.shuffle_buffer must be at least 1 (null: a full permutation), got {shuffle_buffer}")
     split_seed = get("split_seed")
     if split_seed is not None and (not is_int(split_seed) or not 0 <= split_seed < 2 ** 32):
         raise DataError(f"data.split_seed={split_seed} must be between 0 and 2**32-1 (null: the run's seed)")
