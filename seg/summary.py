@@ -36,15 +36,14 @@ from pathlib import Path
 import yaml
 from hydra.experimental.callback import Callback
 
+from .identity import defines_run  # which command-line keys say what a run computed (one list, seg/identity.py)
+
 COLUMNS = ["run", "norm", "lr", "batch_size", "seed", "status", "dice", "dice_2d", "best_val_dice",
-           "images_per_s", "wall_time_s", "task", "fold"]
+           "images_per_s", "wall_time_s", "task", "fold", "error"]
 
 # The study's order of rows (the paper's, then the other layers); unknown names follow alphabetically.
 NORM_ORDER = ("bn", "in", "ln", "gn", "bin", "iln", "sn", "bkn", "kn", "wn", "pn", "lcn", "none")
 REPLICATES = ("fold", "seed")  # runs that differ only in these are pooled into one cell
-# command-line keys that say where or how a run ran, not what it computed
-PLUMBING = ("data.root", "paths.", "trainer.device", "trainer.progress", "trainer.resume", "experiment",
-            "hparams_search", "hydra.", "data.cache")
 # configuration keys with a name of their own in the tables
 KNOWN_KEYS = {"norm": "norm", "norm.name": "norm", "lr": "lr", "trainer.batch_size": "batch_size",
               "seed": "seed", "data.fold": "fold", "data.task": "task", "data": "data", "data.name": "data",
@@ -87,7 +86,7 @@ def run_setting(run_dir: Path, metrics: dict) -> dict:
     for override in read_yaml(run_dir / ".hydra" / "overrides.yaml") or []:
         key, _, value = str(override).lstrip("+~").partition("=")
         name = KNOWN_KEYS.get(key, key)
-        if key.startswith(PLUMBING) or setting.get(name) is not None:
+        if not defines_run(key) or setting.get(name) is not None:
             continue  # where the run ran, or already known from metrics.json / the config
         setting[name] = parse_value(value)
     return setting
