@@ -95,7 +95,7 @@ def main() -> None:
             identical += same
             rows.append(f"| {trial} | SIG{name} | {delay:.2f} | {code} | {where} | "
                         f"{'identical' if same else '**different**'} |")
-            print(f"trial {trial:2d}: SIG{name} after {delay:5.2f} s, exit code {code}, stopped at {where}: "
+            print(f"trial {trial:2d}: SIG{name} after {delay:5.2f} s, exit code {code}, last.pt: {where}: "
                   f"{'identical' if same else 'DIFFERENT'}"
                   + ("" if clean else f"\n  unexpected exit; stderr:\n{err}"), flush=True)
     total = (f"{identical}/{args.trials} resumed runs ended with weights and metrics identical, bit for bit, to the "

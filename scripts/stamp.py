@@ -26,7 +26,7 @@ def stamp() -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain")
+    commit, dirty = git("rev-parse", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
     cpu = platform.processor() or platform.machine()
     machine = (f"{cpu}, {os.cpu_count()} CPU cores ({torch.get_num_threads()} torch threads), "
                f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}")
