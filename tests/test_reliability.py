@@ -390,3 +390,35 @@ def test_every_bad_input_is_refused_in_one_line(case, tmp_path_factory):
     assert outcome.returncode == 1, outcome.output
     assert case.expect in outcome.message, outcome.output
     assert "Traceback" not in outcome.output
+
+
+@pytest.mark.slow
+def test_the_same_command_with_resume_true_continues_its_last_run_in_place(data_dir, tmp_path):
+    """Hydra names the folders (by the second they started in): trainer.resume=true finds the earlier folder
+    of the same run -- not one of another run beside it -- and continues there, making no new folder."""
+    command = ["experiment=smoke", f"paths.data_dir={data_dir}", "data.phantom.num_patients=6",
+               "trainer.progress=false", "trainer.epochs=1"]
+    run_train(*command, "seed=1", cwd=tmp_path)  # another run beside it
+    run_train(*command, cwd=tmp_path)
+    folders = sorted((tmp_path / "outputs").glob("*/*"))
+    again = run_train(*command, "trainer.resume=true", "trainer.progress=true", cwd=tmp_path)
+    ours = next(f for f in folders if f.name.endswith("_seed0"))
+    assert f"Continuing the run in {ours.relative_to(tmp_path)}" in again.stdout and "Resuming" in again.stdout
+    assert sorted((tmp_path / "outputs").glob("*/*")) == folders
+
+
+@pytest.mark.slow
+def test_sweeps_started_together_never_share_a_folder(data_dir, tmp_path):
+    """Two identical sweeps started at once in one working directory (Hydra names a sweep's folder by the
+    second it started in): each gets a folder of its own, with its job and its summary."""
+    sweep = ["-m", "experiment=smoke", f"paths.data_dir={data_dir}", "data.phantom.num_patients=6",
+             "trainer.progress=false", "norm=bn"]
+    processes = [start(sweep, cwd=tmp_path) for _ in range(2)]
+    for process in processes:
+        out, err = process.communicate(timeout=600)
+        assert process.returncode == 0, out + err
+    sweeps = sorted(p.parent for p in (tmp_path / "multirun").glob("*/*/summary.md"))
+    assert len(sweeps) == 2, sweeps
+    for folder in sweeps:
+        jobs = list(folder.glob("*/metrics.json"))
+        assert len(jobs) == 1 and json.loads(jobs[0].read_text())["status"] == "ok"
