@@ -2,56 +2,81 @@
 
 On several GPUs: ``torchrun --nproc_per_node=N train.py ...`` (data parallel, seg/distributed.py).
 
-Errors a user can fix (a bad option, a bad data file, a checkpoint that does not fit) end with
-one clear message and exit code 1. A run that cannot go on (out of memory) is recorded as
-``failed`` in its metrics.json; inside a multirun the sweep then continues with the next job.
+Exit codes (docs/reliability.md):
+
+* 0: the run finished (status ``ok``, or ``diverged``: a result, not an error);
+* 1: an error a user can fix (a bad option, a bad data file, a checkpoint that does not fit, a
+  folder that holds another run, a full disk), in one line; the run's metrics.json says ``failed``;
+* 75 (EX_TEMPFAIL): stopped by SIGTERM or SIGINT (Ctrl-C) -- the step in progress finished, last.pt
+  and metrics.json (status ``interrupted``) written; ``trainer.resume=true`` continues it exactly;
+* a sweep (``-m``) runs every job whatever happens to the others, then exits with the number of its
+  failed jobs (at most 74), or 75 when a signal stopped it.
 """
 
 import sys
 from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
+from seg.stopping import EXIT_INTERRUPTED, quiet_startup_exit
 
-from seg.checkpoint import CheckpointError
-from seg.config import ConfigError, register_configs
-from seg.data import DataError
-from seg.distributed import processes
+quiet_startup_exit()  # Ctrl-C or SIGTERM while Python imports torch: one line and exit 75, no traceback
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from hydra.types import RunMode  # noqa: E402
+
+from seg.checkpoint import CheckpointError  # noqa: E402
+from seg.config import ConfigError, register_configs  # noqa: E402
+from seg.data import DataError  # noqa: E402
+from seg.distributed import processes  # noqa: E402
+from seg.runs import RunFolderError, unlock_run  # noqa: E402
+from seg.stopping import Interrupted, StopSignals, between_runs  # noqa: E402
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg) -> float | None:
-    from seg.train import TrainingFailed, train, write_metrics
+    from seg.train import TrainingFailed, train
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    job = f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname or 'defaults'}): " if in_sweep else ""
 
-    def fail(message: str) -> None:
-        try:
-            write_metrics(output_dir, {"status": "failed", "error": message, "norm": cfg.norm.get("name"),
-                                       "lr": cfg.lr, "batch_size": cfg.trainer.batch_size, "seed": cfg.seed})
-        except OSError:
-            pass  # the folder itself is unwritable: the console message is all we can give
-
-    try:
-        return train(cfg, output_dir, job_num=hydra_cfg.job.num if in_sweep else None).get("dice")
-    except (ConfigError, DataError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        fail(str(err))
-        sys.exit(1)
-    except TrainingFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        fail(str(err))
+    def failed(message: str) -> None:
+        """One line (the run's metrics.json says failed: seg.train.record_end); a single run exits 1, a sweep
+        goes on with its next job."""
+        print(f"error: {job}{message}", file=sys.stderr, flush=True)
         if not in_sweep:
             sys.exit(1)
-        return None  # the sweep goes on; the summary shows this job as failed
-    except Exception as err:
-        fail(f"{type(err).__name__}: {err}")
-        raise
+
+    stop = StopSignals()
+    try:
+        with stop:
+            return train(cfg, output_dir, job_num=hydra_cfg.job.num if in_sweep else None, stop=stop).get("dice")
+    except Interrupted as interrupted:
+        print(f"{job}{interrupted}", file=sys.stderr, flush=True)
+        requeue = stop.requeue_handler()
+        if requeue is not None:  # submitit's preemption signal: it requeues the job, which resumes by itself
+            requeue()
+        sys.exit(EXIT_INTERRUPTED)
+    except (ConfigError, DataError, CheckpointError, TrainingFailed, RunFolderError) as err:
+        failed(str(err))
+    except Exception as err:  # a bug: a single run shows its traceback; a sweep records it and goes on
+        if not in_sweep:
+            raise
+        import traceback
+
+        trace = output_dir / "traceback.txt"
+        try:
+            trace.write_text(traceback.format_exc())
+        except OSError:
+            pass
+        failed(f"{type(err).__name__}: {' '.join(str(err).split())} (traceback in {trace})")
+    finally:
+        unlock_run(output_dir)
+        between_runs()  # a signal from here on finds no run to save
+    return None
 
 
 if __name__ == "__main__":

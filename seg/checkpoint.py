@@ -1,8 +1,14 @@
 """Checkpoints: written atomically, loaded without running pickled code, refused when they don't fit.
 
-A checkpoint holds everything needed to continue a run exactly where it stopped: model,
-optimizer, schedule, the position in the epoch (its shuffled order and the next batch), the
-random generators of torch, numpy, Python and the trainer, and the run's configuration.
+``last.pt`` holds everything needed to continue a run exactly where it stopped: model, optimizer,
+schedule, the position in the epoch (its shuffled order and the next batch), the random generators
+of torch, numpy, Python and the trainer, the run's configuration -- and the weights of its best
+validation epoch, so that ``last.pt`` alone is the truth at every instant. ``best.pt`` (the best
+epoch's weights and the configuration, for scripts/predict.py) is written after it and rebuilt from
+it when a kill came in between or the file was deleted.
+
+A run is continued only by a configuration that defines the same run: only the keys of
+seg/identity.py (where and how it runs) may differ from the checkpoint's.
 """
 
 from __future__ import annotations
@@ -14,14 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-FORMAT_VERSION = 1
-# configuration keys that must agree between a checkpoint and the run that resumes or loads it
-MUST_MATCH = ("model", "norm", "data.task", "data.image_size")
-# options under those that do not change the weights: where they came from, and norm.sync (a run
-# resumed on another number of processes may switch it)
-RUNTIME_ONLY = ("init_from", "sync")
+from .identity import identity_differences
+
+# 2: last.pt also holds the best epoch's weights (``best_model``) and the scheduler job that wrote it;
+# best.pt holds the best epoch's weights and the configuration (what scripts/predict.py needs)
+FORMAT_VERSION = 2
 
 
 class CheckpointError(RuntimeError):
@@ -35,19 +39,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     writing fails (a full disk), the temporary file is removed and the previous checkpoint stays.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # one per process
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:
             torch.save(state, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(temporary, path)
-    except OSError as err:
-        raise CheckpointError(f"could not write checkpoint {path}: {err.strerror or err}; "
+    except (OSError, RuntimeError) as err:  # torch's writer reports a full disk as a RuntimeError
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+        raise CheckpointError(f"could not write checkpoint {path}: {reason}; "
                               f"the previous checkpoint, if any, is intact") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -61,24 +69,13 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 def check_compatible(saved_config: dict, config: dict, path: Path) -> None:
-    """Refuse a checkpoint whose model, norm or task differs from this run's, listing the differences."""
-
-    def select(tree, dotted):
-        for part in dotted.split("."):
-            tree = tree.get(part, {}) if isinstance(tree, dict) else None
-        return tree
-
-    differences = []
-    for key in MUST_MATCH:
-        old, new = select(saved_config, key), select(config, key)
-        if isinstance(old, dict) and isinstance(new, dict):
-            for sub in sorted(set(old) | set(new)):
-                if sub not in RUNTIME_ONLY and old.get(sub) != new.get(sub):
-                    differences.append(f"{key}.{sub}: checkpoint {old.get(sub)!r}, this run {new.get(sub)!r}")
-        elif old != new:
-            differences.append(f"{key}: checkpoint {old!r}, this run {new!r}")
+    """Refuse a checkpoint of a different run: any difference in a key that defines a run (seg/identity.py),
+    listed with the checkpoint's value and this run's."""
+    differences = identity_differences(saved_config, config)
     if differences:
-        raise CheckpointError(f"checkpoint {path} is from a different model: " + "; ".join(differences))
+        raise CheckpointError(f"checkpoint {path} is from a different run: " + "; ".join(differences)
+                              + " (only where and how a run runs may change when it is continued: "
+                              + "docs/reliability.md)")
 
 
 def rng_states() -> dict:
@@ -100,55 +97,39 @@ def restore_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def find_resume_checkpoint(resume, output_dir: Path) -> Path | None:
-    """The checkpoint that ``trainer.resume`` designates, or None for a fresh run.
-
-    ``true``: ``last.pt`` of this run folder, else of the most recent earlier run folder beside
-    it started with the same overrides (so re-running the same command continues it; only when
-    Hydra chose the folder, not when the command named it with hydra.run.dir), else
-    nothing: the run starts fresh (a sweep re-run with resume=true starts the jobs that never
-    ran). A path: that checkpoint file, or the ``last.pt`` of that run folder; it must exist.
-    """
+def resume_request(resume, must_exist: bool = True) -> bool | Path:
+    """``trainer.resume`` as False, True, or the checkpoint file it names (a run folder names its
+    ``checkpoints/last.pt``); with ``must_exist``, a named checkpoint that is not there is an error."""
     if resume in (None, False, "false", "False", ""):
-        return None
+        return False
     if resume is True or resume in ("true", "True"):
-        own = output_dir / "checkpoints" / "last.pt"
-        if own.is_file():
-            return own
-        overrides = run_overrides(output_dir)
-        earlier = []
-        if not named_run_dir(output_dir):  # a folder the user named is the run: never borrow a neighbour's
-            earlier = [p for p in output_dir.parent.glob("*/checkpoints/last.pt")
-                       if p.parents[1] != output_dir and run_overrides(p.parents[1]) == overrides]
-        if not earlier:  # e.g. a job of a re-run sweep that never started before: start it
-            print(f"trainer.resume=true: no checkpoint of this run yet (none in {output_dir} nor in an earlier run "
-                  f"folder beside it with the same overrides); starting fresh")
-            return None
-        return max(earlier, key=lambda p: p.stat().st_mtime)
+        return True
     path = Path(str(resume)).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / "last.pt" if (path / "checkpoints").is_dir() else path / "last.pt"
-    if not path.is_file():
+    if must_exist and not path.is_file():
         raise CheckpointError(f"trainer.resume={resume}: no checkpoint at {path}")
     return path
 
 
-def named_run_dir(run_dir: Path) -> bool:
-    """Whether the run's folder was given on the command line (hydra.run.dir / hydra.sweep.dir)."""
-    try:
-        overrides = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]["overrides"]["hydra"]
-    except (OSError, KeyError, TypeError):
-        return False
-    return any(o.startswith(("hydra.run.dir=", "hydra.sweep.dir=")) for o in overrides or [])
+def run_folder_of(checkpoint: Path) -> Path | None:
+    """The run folder a checkpoint belongs to (``<run>/checkpoints/<file>``), or None for a file elsewhere."""
+    checkpoint = Path(checkpoint).absolute()
+    return checkpoint.parents[1] if checkpoint.parent.name == "checkpoints" else None
 
 
-def run_overrides(run_dir: Path) -> list[str] | None:
-    """A run folder's command-line overrides (from Hydra's record), without the resume switch."""
-    try:
-        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-    except OSError:
+def best_weights(state: dict, path: Path) -> dict | None:
+    """The best epoch's weights that a ``last.pt`` carries (format 2), or, for a format-1 checkpoint, those
+    of the ``best.pt`` beside it; None before the first epoch ended."""
+    if state.get("format_version", 1) >= 2:
+        return state.get("best_model")
+    if state["progress"].get("best_epoch") is None:
         return None
-    return sorted(o for o in overrides if not o.lstrip("+~").startswith(("trainer.resume", "hydra.")))
+    best = path.parent / "best.pt"
+    if not best.is_file():
+        raise CheckpointError(f"{path} (format 1) does not hold the best epoch's weights and {best} is missing; "
+                              f"the run cannot report its test Dice: start it again")
+    return load_checkpoint(best)["model"]
 
 
 def check_free_space(folder: Path, needed_bytes: int) -> None:

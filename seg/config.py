@@ -94,13 +94,6 @@ class OptimConfig:
 
 
 @dataclass
-class ScheduleConfig:
-    name: str = "step"
-    milestones: List[int] = field(default_factory=lambda: [1])
-    gamma: float = 0.2
-
-
-@dataclass
 class TrainerConfig:
     epochs: int = 2
     batch_size: int = 1
@@ -130,7 +123,7 @@ class TrainConfig:
     model: ModelConfig = MISSING
     norm: Dict[str, Any] = MISSING
     optim: OptimConfig = MISSING
-    schedule: ScheduleConfig = MISSING
+    schedule: Dict[str, Any] = MISSING  # name + that schedule's options, checked by seg.schedules.check_schedule
     trainer: TrainerConfig = MISSING
     paths: PathsConfig = field(default_factory=PathsConfig)
     lr: float = 0.1
@@ -140,12 +133,18 @@ class TrainConfig:
 
 def register_configs() -> None:
     """Make ``train_schema`` available to ``configs/train.yaml``'s defaults list, and the resolvers
-    ``${launch_time:<strftime pattern>}`` (hydra.run.dir) and ``${cuda_device_count:}`` (hydra/launcher=gpus)."""
+    ``${launch_time:<strftime pattern>}`` (hydra.run.dir), ``${cuda_device_count:}`` (hydra/launcher=gpus)
+    and ``${not_identity:}`` (the keys that do not define a run, seg/identity.py: hydra.job's
+    override_dirname leaves them out of a sweep's job folder names)."""
+    from .identity import not_identity
+
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     if not OmegaConf.has_resolver("launch_time"):
         OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True)
     if not OmegaConf.has_resolver("cuda_device_count"):
         OmegaConf.register_new_resolver("cuda_device_count", cuda_device_count)
+    if not OmegaConf.has_resolver("not_identity"):
+        OmegaConf.register_new_resolver("not_identity", not_identity)
 
 
 _launch_time: datetime | None = None
@@ -174,7 +173,7 @@ def cuda_device_count() -> int:
 
 
 def choices() -> dict[str, tuple[str, ...]]:
-    """The allowed values of each choice-valued key."""
+    """The allowed values of each choice-valued key (schedule.name: seg/schedules.py's table)."""
     from .data import READERS, TASKS
     from .unet import INITS, UPSAMPLINGS
 
@@ -188,7 +187,6 @@ def choices() -> dict[str, tuple[str, ...]]:
         "model.init": INITS,
         "model.up": UPSAMPLINGS,
         "optim.name": ("sgd", "adam"),
-        "schedule.name": ("step", "constant"),
         "loss": ("ce", "dice_ce"),
         "trainer.precision": ("auto", "fp32", "bf16"),
     }
@@ -200,25 +198,25 @@ class ConfigError(ValueError):
 
 def validate(cfg) -> None:
     """Check choice-valued keys, ranges and the norm name/options before any work starts."""
-    from omegaconf import OmegaConf
-
     from .data import DataError
     from .data import check_options as check_data_options
     from .norms import CONTEXT_OPTIONS, check_options
+    from .schedules import check_schedule
 
     for key, allowed in choices().items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}")
     device = cfg.trainer.device
-    if not (device in ("auto", "cpu", "cuda", "mps") or device.startswith("cuda:")):
+    if not (device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit())):
         raise ConfigError(f"trainer.device={device!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
-    for key in ("trainer.epochs", "trainer.batch_size", "trainer.eval_batch_size", "data.image_size",
-                "model.base_channels", "model.depth", "trainer.log_every_n_steps"):
-        if OmegaConf.select(cfg, key) < 1:
-            raise ConfigError(f"{key} must be at least 1, got {OmegaConf.select(cfg, key)}")
-    if cfg.lr <= 0:
-        raise ConfigError(f"lr must be positive, got {cfg.lr}")
+    validate_ranges(cfg)
+    validate_learning_rate(cfg)
+    validate_optimizer(cfg.optim)
+    try:
+        check_schedule(OmegaConf.to_container(cfg.schedule, resolve=True))
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     try:
         check_data_options(cfg.data)  # the data package range-checks its own options
     except DataError as err:
@@ -226,8 +224,6 @@ def validate(cfg) -> None:
     multiple = 2 ** cfg.model.depth
     if cfg.data.image_size % multiple:
         raise ConfigError(f"data.image_size={cfg.data.image_size} must be a multiple of 2**model.depth={multiple}")
-    if cfg.model.aux_weight < 0:
-        raise ConfigError(f"model.aux_weight must be >= 0, got {cfg.model.aux_weight}")
     options = {k: v for k, v in cfg.norm.items() if k != "name"}
     given = sorted(set(options) & set(CONTEXT_OPTIONS))
     if given:
@@ -239,6 +235,66 @@ def validate(cfg) -> None:
         raise ConfigError(str(err)) from None
     if cfg.trainer.compile:
         validate_compile_backend(cfg.trainer.compile_backend)
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+# numeric keys and their allowed ranges, checked at start: (minimum, maximum, minimum allowed?, maximum allowed?)
+RANGES = {
+    "seed": (0, SEED_MAX, True, True),
+    "trainer.epochs": (1, None, True, None),
+    "trainer.batch_size": (1, None, True, None),
+    "trainer.eval_batch_size": (1, None, True, None),
+    "trainer.log_every_n_steps": (1, None, True, None),
+    "trainer.num_panel_images": (1, None, True, None),
+    "trainer.checkpoint_every_n_steps": (0, None, True, None),
+    "model.in_channels": (1, None, True, None),
+    "model.base_channels": (1, None, True, None),
+    "model.depth": (1, None, True, None),
+    "model.aux_weight": (0, None, True, None),
+    "model.bias_init": (None, None, None, None),
+    "data.image_size": (1, None, True, None),
+    "lr": (0, None, False, None),
+    "optim.momentum": (0, 1, True, False),
+    "optim.weight_decay": (0, None, True, None),
+    "optim.grad_clip": (0, None, False, None),  # or null: no clipping
+}
+
+
+def check_range(key: str, value, low, high, low_ok, high_ok) -> None:
+    """One key's value: a finite number within [low, high] (the bounds open where not ``*_ok``)."""
+    import math
+
+    if value is None and key == "optim.grad_clip":
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} is not a finite number")
+    below = low is not None and (value < low if low_ok else value <= low)
+    above = high is not None and (value > high if high_ok else value >= high)
+    if below or above:
+        interval = (("[" if low_ok else "(") + ("-inf" if low is None else f"{low}") + ", "
+                    + ("inf" if high is None else ("2**32-1" if high == SEED_MAX else f"{high}")) + ("]" if high_ok else ")"))
+        raise ConfigError(f"{key}={value} is out of range: it must be in {interval}")
+
+
+def validate_ranges(cfg) -> None:
+    """Every numeric key of the trainer, optimizer, model and the seed within its range (``RANGES``)."""
+    for key, bounds in RANGES.items():
+        check_range(key, OmegaConf.select(cfg, key), *bounds)
+
+
+def validate_learning_rate(cfg) -> None:
+    """One source of truth: the top-level ``lr``; ``optim.lr`` follows it (``${lr}``) and may not say otherwise."""
+    if cfg.optim.lr != cfg.lr:
+        raise ConfigError(f"optim.lr={cfg.optim.lr} differs from lr={cfg.lr}: the learning rate is set by the "
+                          f"top-level key, e.g. lr={cfg.optim.lr} (optim.lr follows it)")
+
+
+def validate_optimizer(optim) -> None:
+    """Options that the chosen optimizer would not read are refused, not ignored."""
+    if optim.nesterov and optim.name != "sgd":
+        raise ConfigError(f"optim.nesterov=true is an option of optim.name=sgd, not {optim.name}")
+    if optim.nesterov and optim.momentum == 0:
+        raise ConfigError("optim.nesterov=true needs optim.momentum > 0")
 
 
 def validate_sync(name: str, options: dict) -> None:

@@ -104,9 +104,17 @@ class World:
         """
         if self.size == 1:
             return decide(*args)
-        holder = [decide(*args) if self.is_main else None]
+        holder = [None]
+        if self.is_main:
+            try:
+                holder = [("ok", decide(*args))]
+            except Exception as err:  # every rank fails with rank 0's error (instead of waiting for it forever)
+                holder = [("error", err)]
         dist.broadcast_object_list(holder, src=0)
-        return holder[0]
+        kind, value = holder[0]
+        if kind == "error":
+            raise value
+        return value
 
     @contextlib.contextmanager
     def main_first(self):
@@ -115,6 +123,19 @@ class World:
             dist.barrier()
         yield
         if self.size > 1 and self.is_main:
+            dist.barrier()
+
+    def any(self, flag: bool) -> bool:
+        """Whether ``flag`` is true on any rank (e.g. a signal asked one of them to stop): the same answer on all."""
+        if self.size == 1:
+            return bool(flag)
+        value = torch.tensor([int(bool(flag))])
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)  # a CPU tensor: gloo, also in a cpu:gloo,cuda:nccl group
+        return bool(value.item())
+
+    def barrier(self) -> None:
+        """Wait until every rank gets here (e.g. rank 0 has written the checkpoint before all exit)."""
+        if self.size > 1:
             dist.barrier()
 
     # ---- sharding

@@ -49,11 +49,12 @@ import yaml
 from hydra.experimental.callback import Callback
 
 from .claims import evaluate_claims, write_claims
+from .identity import defines_run  # which command-line keys say what a run computed (one list, seg/identity.py)
 from .stats import (ALPHA, BOOTSTRAP_SEED, CONFIDENCE, MIN_UNITS, RESAMPLES, bootstrap_ci, friedman_p,
                     nemenyi_cd, pair_runs, patient_means, ranks, replicate_key, set_holm)
 
 COLUMNS = ["run", "norm", "lr", "batch_size", "seed", "status", "dice", "dice_2d", "best_val_dice",
-           "images_per_s", "wall_time_s", "task", "fold"]
+           "images_per_s", "wall_time_s", "task", "fold", "error"]
 
 # The study's order of rows (the paper's, then the other layers); unknown names follow alphabetically.
 NORM_ORDER = ("bn", "in", "ln", "gn", "bin", "iln", "sn", "bkn", "kn", "wn", "pn", "lcn", "none")
@@ -61,9 +62,6 @@ REPLICATES = ("fold", "seed")  # runs that differ only in these are pooled into 
 # statuses a cell names; any other run without a value (running, unreadable, an undefined Dice) is "incomplete"
 NAMED_STATUSES = ("diverged", "failed", "no validation Dice")
 ARM_KEYS = ("claim",)  # a config group that bundles settings every run records itself: never a factor
-# command-line keys that say where or how a run ran, not what it computed
-PLUMBING = ("data.root", "paths.", "trainer.device", "trainer.progress", "trainer.resume", "experiment",
-            "hparams_search", "hydra.", "data.cache")
 # configuration keys with a name of their own in the tables
 KNOWN_KEYS = {"norm": "norm", "norm.name": "norm", "lr": "lr", "trainer.batch_size": "batch_size",
               "seed": "seed", "data.fold": "fold", "data.task": "task", "data": "data", "data.name": "data",
@@ -106,7 +104,7 @@ def run_setting(run_dir: Path, metrics: dict) -> dict:
     for override in read_yaml(run_dir / ".hydra" / "overrides.yaml") or []:
         key, _, value = str(override).lstrip("+~").partition("=")
         name = KNOWN_KEYS.get(key, key)
-        if key.startswith(PLUMBING) or setting.get(name) is not None:
+        if not defines_run(key) or setting.get(name) is not None:
             continue  # where the run ran, or already known from metrics.json / the config
         setting[name] = parse_value(value)
     return setting

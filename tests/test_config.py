@@ -83,3 +83,100 @@ def test_norm_options_that_do_not_fit_the_network_are_a_clear_error(acdc_root, t
                        f"hydra.run.dir={tmp_path}", check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "16 channels cannot be split into 12 groups" in result.stderr
+
+
+# ---------------------------------------------------------------------------- ranges, one learning rate, schedules
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ("lr=nan", "lr=nan is not a finite number"),
+    ("lr=inf", "lr=inf is not a finite number"),
+    ("lr=-1", "lr=-1.0 is out of range: it must be in (0, inf)"),
+    ("lr=0", "lr=0.0 is out of range"),
+    ("optim.lr=0.3", "optim.lr=0.3 differs from lr=0.1: the learning rate is set by the top-level key, e.g. lr=0.3"),
+    ("optim.momentum=-1", "optim.momentum=-1.0 is out of range: it must be in [0, 1)"),
+    ("optim.momentum=1", "optim.momentum=1.0 is out of range"),
+    ("optim.weight_decay=-1", "optim.weight_decay=-1.0 is out of range: it must be in [0, inf)"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan is not a finite number"),
+    ("optim.grad_clip=0", "optim.grad_clip=0.0 is out of range"),
+    ("optim.name=adam optim.nesterov=true", "optim.nesterov=true is an option of optim.name=sgd, not adam"),
+    ("optim.momentum=0 optim.nesterov=true", "optim.nesterov=true needs optim.momentum > 0"),
+    ("seed=4294967296", "seed=4294967296 is out of range: it must be in [0, 2**32-1]"),
+    ("seed=-1", "seed=-1 is out of range"),
+    ("trainer.num_panel_images=0", "trainer.num_panel_images=0 is out of range: it must be in [1, inf)"),
+    ("trainer.checkpoint_every_n_steps=-1", "trainer.checkpoint_every_n_steps=-1 is out of range"),
+    ("trainer.eval_batch_size=0", "trainer.eval_batch_size=0 is out of range"),
+    ("trainer.log_every_n_steps=0", "trainer.log_every_n_steps=0 is out of range"),
+    ("model.in_channels=0", "model.in_channels=0 is out of range"),
+    ("model.aux_weight=-1", "model.aux_weight=-1.0 is out of range"),
+    ("model.bias_init=nan", "model.bias_init=nan is not a finite number"),
+    ("trainer.device=cuda:x", "trainer.device='cuda:x' is not valid"),
+    ("schedule.name=cosine", "schedule.name='cosine' is not valid; choose one of: step, constant, poly"),
+    ("schedule.name=constant", "schedule 'constant' does not read schedule.gamma (it takes no options)"),
+    ("schedule=poly +schedule.gamma=0.5", "schedule 'poly' does not read schedule.gamma (its options are: power)"),
+    ("schedule.milestones=[0]", "schedule.milestones must be a list of epoch numbers >= 1"),
+    ("schedule.milestones=abc", "schedule.milestones must be a list of epoch numbers >= 1"),
+    ("schedule.gamma=-1", "schedule.gamma must be a finite number > 0"),
+    ("schedule=poly schedule.power=0", "schedule.power must be a finite number > 0"),
+    ("schedule=poly ~schedule.power", "schedule 'poly' needs schedule.power"),
+])
+def test_values_out_of_range_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        validate(compose_train(*overrides.split()))
+    assert message in str(info.value)
+
+
+def test_the_valid_schedules_are_the_table_of_schedules():
+    from seg.schedules import SCHEDULES
+
+    assert set(SCHEDULES) >= {"step", "constant", "poly"}
+    for name in SCHEDULES:  # every schedule of the table has its config file, which passes its own checks
+        cfg = compose_train(f"schedule={name}")
+        assert cfg.schedule.name == name
+        validate(cfg)
+    assert compose_train("schedule=poly").schedule.power == 0.9  # nnU-Net's
+
+
+# ---------------------------------------------------------------------------- what defines a run
+
+
+def test_one_list_of_the_keys_that_do_not_define_a_run():
+    """Hydra's sweep folder names, the summary and the checkpoint's resume check all use seg/identity.py."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    from seg import identity, summary
+    from seg.checkpoint import CheckpointError, check_compatible
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        hydra_cfg = compose(config_name="train", overrides=[], return_hydra_config=True)
+    assert list(hydra_cfg.hydra.job.config.override_dirname.exclude_keys) == list(identity.NOT_IDENTITY)
+    assert summary.defines_run is identity.defines_run
+
+    config = OmegaConf.to_container(compose_train(), resolve=True)
+    flat = identity.flatten(config)
+    groups = {"experiment", "hparams_search"}  # config groups: no key of their own
+    assert all(key in flat or key in groups for key in identity.NOT_IDENTITY), set(identity.NOT_IDENTITY) - set(flat)
+
+    changed = copy.deepcopy(config)
+    for key in identity.NOT_IDENTITY:  # every listed key may change on resume ...
+        if key in flat:
+            node = changed
+            *parents, last = key.split(".")
+            for part in parents:
+                node = node[part]
+            node[last] = "changed"
+    check_compatible(config, changed, "last.pt")
+    for key in sorted(flat):  # ... and no other
+        if identity.defines_run(key):
+            other = identity.flatten(copy.deepcopy(config))
+            assert other[key] != "changed"
+            node = copy.deepcopy(config)
+            target = node
+            *parents, last = key.split(".")
+            for part in parents:
+                target = target[part]
+            target[last] = "changed"
+            with pytest.raises(CheckpointError, match=f"{key}: checkpoint"):
+                check_compatible(config, node, "last.pt")

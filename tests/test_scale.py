@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -268,3 +270,57 @@ def test_submitit_local_sweep(data_dir, tmp_path):
     assert list((tmp_path / ".submitit").glob("*/*_log.out"))  # each job ran as a submitit job
     slurm = compose_train("hydra/launcher=slurm", hydra=True).hydra.launcher
     assert (slurm.gpus_per_node, slurm.timeout_min) == (1, 240) and "partition" in slurm
+
+
+def test_the_slurm_launcher_requeues_a_preempted_or_timed_out_job():
+    """submitit checkpoints (our launcher's jobs save and stop on its signal) and requeues; max_num_timeout
+    lets a job that hits its time limit come back that many times (preemption does not count)."""
+    slurm = compose_train("hydra/launcher=slurm", hydra=True).hydra.launcher
+    assert slurm.max_num_timeout >= 1 and slurm.signal_delay_s >= 60
+
+
+def submitit_task(sweep_dir):
+    """The pid of the submitit task (the process that runs the job) of a sweep on this machine."""
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                command = open(f"/proc/{proc}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"submitit.core._submit" in command and any(str(sweep_dir).encode() in part for part in command):
+                return int(proc)
+    return None
+
+
+@pytest.mark.slow
+def test_a_preempted_submitit_job_is_requeued_and_resumes_by_itself(data_dir, tmp_path):
+    """submitit's preemption signal (SIGUSR2) mid-epoch: the job saves after its step, submitit requeues it,
+    and the requeued job -- the same command, trainer.resume not set -- continues from its last.pt and
+    ends bit for bit like an uninterrupted run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    run = ["experiment=smoke", f"paths.data_dir={data_dir}", "data.phantom.num_patients=6", "trainer.progress=false",
+           "norm=gn", "norm.groups=4", "trainer.epochs=3", "trainer.checkpoint_every_n_steps=2",
+           "trainer.deterministic=true"]
+    run_train(*run, f"hydra.run.dir={tmp_path / 'reference'}")
+
+    sweep_dir = tmp_path / "sweep"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local",
+                                "hydra.launcher.timeout_min=20", *run, f"hydra.sweep.dir={sweep_dir}"],
+                               cwd=ROOT, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    deadline = time.monotonic() + 300
+    while not list(sweep_dir.glob("0_*/checkpoints/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.002)
+    task = submitit_task(sweep_dir)
+    assert task is not None
+    os.kill(task, signal.SIGUSR2)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, out + err
+    job = next(sweep_dir.glob("0_*"))
+    log = "".join(p.read_text() for p in (sweep_dir / ".submitit").glob("*/*_log.*"))
+    assert "Interrupted by SIGUSR2" in log and "Requeued job" in log, log
+    metrics = metrics_of(job)
+    assert metrics["status"] == "ok" and metrics["resumed_from"] == str(job / "checkpoints" / "last.pt")
+    final = torch.load(job / "checkpoints" / "last.pt", weights_only=True)["model"]
+    expected = torch.load(tmp_path / "reference" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
