@@ -6,7 +6,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import ROOT, run_train
-from seg.config import ConfigError, register_configs, validate
+from seg.config import ConfigError, validate
+from seg.launch import register_configs
 
 register_configs()
 

@@ -44,14 +44,14 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights_and_metrics(acdc_
     last = killed / "checkpoints" / "last.pt"
     for _attempt in range(3):  # the kill must land inside the run, after a mid-epoch checkpoint
         if kill_mid_run(resumable(acdc_root, killed), last) and last.exists():
-            progress = load_checkpoint(last)["progress"]
+            progress = load_checkpoint(last)["run_state"]
             if progress["batch"] > 0 and not (killed / "metrics.json").exists():
                 break
         for leftover in (killed / "checkpoints").glob("*"):
             leftover.unlink()
     else:
         pytest.fail("could not kill the run in the middle of an epoch")
-    assert progress["step"] < load_checkpoint(reference / "checkpoints" / "last.pt")["progress"]["step"]
+    assert progress["step"] < load_checkpoint(reference / "checkpoints" / "last.pt")["run_state"]["step"]
 
     resumed = run_train(*resumable(acdc_root, killed, "trainer.resume=true"))
     assert "Resuming" in resumed.stdout
@@ -119,7 +119,7 @@ def test_full_disk_and_unwritable_folder_are_refused_before_training(tmp_path):
         check_free_space(tmp_path, 2**62)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    from seg.train import check_writable
+    from seg.runs import check_writable
 
     with pytest.raises(CheckpointError, match="cannot write to the output folder"):
         check_writable(blocker / "run")
@@ -190,7 +190,7 @@ def test_a_signal_mid_epoch_saves_the_step_and_resume_is_bit_exact(acdc_root, tm
         assert "Traceback" not in err + out
         lines = [line for line in (out + err).splitlines() if "Interrupted by" in line]
         assert len(lines) == 1 and f"Interrupted by {sig.name} at epoch" in lines[0] and "trainer.resume=true" in lines[0]
-        progress = load_checkpoint(last)["progress"]
+        progress = load_checkpoint(last)["run_state"]
         if progress["batch"] > 0:
             break
         shutil.rmtree(run)

@@ -13,7 +13,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_train
-from seg.config import register_configs
+from seg.launch import register_configs
 from seg.data.splits import kfold_split
 from seg.inference import load_segmenter
 from seg.summary import write_summary
