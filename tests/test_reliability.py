@@ -14,11 +14,9 @@ import time
 import pytest
 import torch
 
+from bad_inputs import CASES, run_case  # the shared table of bad inputs (benchmarks/, on pytest's pythonpath)
 from conftest import ROOT, run_train
 from seg.checkpoint import CheckpointError, check_free_space, load_checkpoint, save_checkpoint
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from bad_inputs import CASES, run_case  # noqa: E402  (the shared table of bad inputs)
 
 
 def resumable(acdc_root, run_dir, *extra):
@@ -383,7 +381,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_keeps_the_checkpoint(acdc_root
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_every_bad_input_is_refused_in_one_line(case, tmp_path_factory):
-    """Each case of the shared table (scripts/bad_inputs.py, also behind docs/results/bad_inputs.md)."""
+    """Each case of the shared table (benchmarks/bad_inputs.py, also behind docs/results/bad_inputs.md)."""
     if case.cpu_only and torch.cuda.is_available():
         pytest.skip("needs a machine without a GPU")
     outcome = run_case(case, tmp_path_factory.getbasetemp() / "bad_inputs", CASES.index(case))

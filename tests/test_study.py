@@ -207,8 +207,8 @@ def test_plots_of_a_sweep(synthetic_sweep):
 
 
 def test_summarize_script(synthetic_sweep):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(synthetic_sweep),
-                             "--no-plots"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "seg.tools.summarize", str(synthetic_sweep), "--no-plots"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "diverged (2/2)" in result.stdout and (synthetic_sweep / "paper_table.csv").is_file()
 
