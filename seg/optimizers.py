@@ -9,8 +9,8 @@ get their own group, e.g. BIN's gates at 10x the learning rate without decay.
 * ``sgd``: SGD with momentum (0.9, the ILN study's), optionally Nesterov's;
 * ``adam``: Adam, ``optim.momentum`` as its beta1 (beta2 0.999).
 
-The learning rate is ``optim.lr``, which follows the top-level ``lr`` (seg/config.py refuses another
-value); the schedule (seg/schedules.py) changes it at epoch ends.
+The learning rate is ``optim.lr``, which follows the top-level ``lr`` (``seg.config.validate`` refuses
+another value); the schedule (seg/schedules.py) changes it at epoch ends.
 """
 
 from __future__ import annotations

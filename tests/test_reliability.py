@@ -16,7 +16,8 @@ import torch
 
 from bad_inputs import CASES, run_case  # the shared table of bad inputs (benchmarks/, on pytest's pythonpath)
 from conftest import ROOT, run_train
-from seg.checkpoint import CheckpointError, check_free_space, load_checkpoint, save_checkpoint
+from seg.checkpoint import (CheckpointError, RunState, check_free_space, last_record, load_checkpoint, restore_run,
+                            save_checkpoint)
 
 
 def resumable(acdc_root, run_dir, *extra):
@@ -77,6 +78,40 @@ def test_resume_refuses_a_checkpoint_of_another_norm(acdc_root, tmp_path):
     missing = run_train(*resumable(acdc_root, tmp_path / "other", f"trainer.resume={tmp_path / 'nowhere'}"),
                         check=False)
     assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
+
+
+def test_last_pt_holds_the_run_state_and_an_older_last_pt_still_resumes(tmp_path):
+    """last.pt saves where the run stands as ``run_state`` (format 3); a last.pt of formats 1-2, which called it
+    ``progress``, restores the same RunState."""
+    def live():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1], gamma=0.2)
+        return model, optimizer, scheduler, torch.Generator().manual_seed(3)
+
+    model, optimizer, scheduler, generator = live()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    state = RunState(epoch=2, batch=3, order=torch.tensor([4, 0, 2, 1, 3]), step=8, epoch_losses=[0.5, 0.25],
+                     history=[{"epoch": 1, "lr": 0.1}], best_dice=0.75, best_epoch=1, train_time=2.5,
+                     train_time_before_epoch=1.5)
+    last = tmp_path / "last.pt"
+    save_checkpoint(last, last_record(model, optimizer, scheduler, generator, state, {"seed": 0}, [],
+                                      model.state_dict(), None))
+    saved = load_checkpoint(last)
+    assert saved["format_version"] == 3 and "progress" not in saved and saved["run_state"]["step"] == 8
+    older = dict(saved, format_version=2, progress=saved["run_state"])
+    del older["run_state"]
+    save_checkpoint(tmp_path / "older.pt", older)
+    for path in (last, tmp_path / "older.pt"):
+        fresh = live()
+        restored, best = restore_run(path, *fresh)
+        for key, value in state.record().items():
+            assert torch.equal(getattr(restored, key), value) if key == "order" else getattr(restored, key) == value
+        assert fresh[1].param_groups[0]["lr"] == pytest.approx(0.02) and torch.equal(best["weight"], model.weight)
+        assert torch.equal(fresh[0].weight, model.weight) and fresh[3].get_state().equal(generator.get_state())
 
 
 class Payload:

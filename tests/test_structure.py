@@ -173,3 +173,33 @@ def test_the_benchmarks_time_the_trainers_own_step():
         assert ".backward(" not in source and "optimizer.step(" not in source, path.name
     for name in ("bench.py", "bench_train_step.py"):
         assert "train_step(" in (ROOT / "benchmarks" / name).read_text(), name
+
+
+def test_train_reads_as_a_table_of_contents():
+    """seg.train.train is at most 40 lines of code, calling the named phases; the run state is a RunState."""
+    from seg import train
+
+    function = next(node for node in ast.parse((SEG / "train.py").read_text()).body
+                    if isinstance(node, ast.FunctionDef) and node.name == "train")
+    code = function.body[1:]  # after the docstring
+    assert code[-1].end_lineno - code[0].lineno + 1 <= 40
+    called = {node.func.id for node in ast.walk(function) if isinstance(node, ast.Call)
+              and isinstance(node.func, ast.Name)}
+    assert {"set_up", "starting_state", "train_epoch", "end_epoch", "finish"} <= called
+    assert "evaluate_split" in {node.func.id for node in ast.walk(ast.parse((SEG / "train.py").read_text()))
+                                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    assert train.RunState is not None and "progress" not in {f for f in train.RunState.__dataclass_fields__}
+
+
+def test_one_place_builds_the_model_and_one_registry_knows_each_layer():
+    """Training, prediction and export build the network with seg.model.build_model, never by hand; no module
+    outside seg/norms re-derives what a layer is from its class (the registry's spec says it)."""
+    for name in ("train.py", "inference.py", "export.py", "tools"):
+        for path in [SEG / name] if name.endswith(".py") else sorted((SEG / name).glob("*.py")):
+            assert "UNet(" not in path.read_text(), path.name
+    assert "build_model(" in (SEG / "train.py").read_text() and "build_model(" in (SEG / "inference.py").read_text()
+    assert "trained_model(" in (SEG / "tools" / "export.py").read_text()
+    for path in sorted(SEG.rglob("*.py")):
+        if "norms" not in path.relative_to(SEG).parts:
+            source = path.read_text()
+            assert "condition_inputs" not in source and '"conv_norm"' not in source, path.name
