@@ -26,7 +26,7 @@ probabilities are averaged with equal weights. nnU-Net v2 averages the logits in
 softmax once; this project keeps the average of probabilities, which is also how an ensemble of
 checkpoints is combined (nnU-Net's ensembling of folds).
 
-``seg-predict ckpt=... input=... output=...`` (seg/cli.py) is the command-line face of this module.
+``seg-predict ckpt=... input=... output=...`` (seg/tools/predict.py) is the command-line face of this module.
 """
 
 from __future__ import annotations

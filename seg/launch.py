@@ -1,6 +1,6 @@
 """How a command starts: Hydra's schema and resolvers, and under torchrun the process group.
 
-* ``register_configs()`` (train.py and seg/cli.py call it before Hydra composes) stores the schema
+* ``register_configs()`` (train.py and seg-prepare-data call it before Hydra composes) stores the schema
   (seg/schema.py) as ``train_schema`` and registers the resolvers of configs/train.yaml:
   ``${launch_time:<strftime pattern>}`` (hydra.run.dir), ``${cuda_device_count:}``
   (hydra/launcher=gpus) and ``${not_identity:}`` (the keys that do not define a run, seg/identity.py:
