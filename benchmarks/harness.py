@@ -3,8 +3,8 @@
 Every benchmark of this folder (``python benchmarks/<name>.py``) writes its figures through
 ``write_result``: ``docs/results/<name>.md``, a title and what was measured, then the stamp -- the
 command that produced it, the git commit (and ``dirty`` when the tree had uncommitted changes), the
-machine (CPU model and cores, RAM, the GPU if any), torch's version and the date -- and then the
-tables. No figure is typed by hand. ``interleaved_times`` is the timing loop of the benchmarks that
+machine (CPU model and cores, RAM, the GPU if any) and its load average when the page was written,
+torch's version and the date -- and then the tables. No figure is typed by hand. ``interleaved_times`` is the timing loop of the benchmarks that
 compare candidates (each round times every candidate once, so a drift of the machine affects all
 alike), ``markdown_table`` their tables, and ``sgd_options`` the optimizer they train with.
 
@@ -82,10 +82,20 @@ def machine() -> str:
     return "; ".join(parts)
 
 
+def load() -> str:
+    """The machine's load when the page is written: the mean number of runnable processes over the last 1,
+    5 and 15 minutes, against its cores (other work on a shared machine slows every timing alike)."""
+    try:
+        one, five, fifteen = os.getloadavg()
+    except (OSError, AttributeError):
+        return "unknown"
+    return f"{one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 minutes) on {os.cpu_count()} cores"
+
+
 def stamp() -> str:
-    """Markdown lines: command, commit, machine, torch's version, date."""
+    """Markdown lines: command, commit, machine, its load, torch's version, date."""
     return (f"- command: `{command_line()}`\n- commit: `{git_commit()}`\n- machine: {machine()}\n"
-            f"- torch: {torch.__version__}\n- date: {datetime.date.today().isoformat()}\n")
+            f"- load average: {load()}\n- torch: {torch.__version__}\n- date: {datetime.date.today().isoformat()}\n")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:

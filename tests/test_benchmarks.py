@@ -31,6 +31,7 @@ def test_a_result_page_has_its_stamp_above_its_figures(tmp_path, monkeypatch):
     assert "CPU cores" in stamp["- machine"] and "RAM" in stamp["- machine"]
     assert ("no GPU" in stamp["- machine"]) != harness.torch.cuda.is_available()
     assert stamp["- torch"] == harness.torch.__version__ and len(stamp["- date"]) == 10
+    assert "(1 / 5 / 15 minutes)" in stamp["- load average"]
     assert lines.index("| layer | ms |") > max(i for i, line in enumerate(lines) if line.startswith("- "))
     assert "| a\\|b | 2 |" in lines  # a cell's | does not break the table
     assert harness.write_result.__defaults__[-1] is None and harness.RESULTS == ROOT / "docs" / "results"
