@@ -1,6 +1,7 @@
 """Train the U-Net with a chosen normalization: ``python train.py norm=iln lr=0.5`` (see README).
 
-On several GPUs: ``torchrun --nproc_per_node=N train.py ...`` (data parallel, seg/distributed.py).
+On several GPUs: ``torchrun --nproc_per_node=N train.py ...`` (data parallel: seg/launch.py joins the
+processes, seg/distributed.py is what they do together). The loop itself is seg/train.py.
 
 Exit codes (docs/reliability.md):
 
@@ -25,10 +26,10 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 
 from seg.checkpoint import CheckpointError  # noqa: E402
-from seg.config import ConfigError, register_configs  # noqa: E402
 from seg.data import DataError  # noqa: E402
-from seg.distributed import processes  # noqa: E402
+from seg.launch import processes, register_configs  # noqa: E402
 from seg.runs import RunFolderError, unlock_run  # noqa: E402
+from seg.schema import ConfigError  # noqa: E402
 from seg.stopping import Interrupted, StopSignals, between_runs  # noqa: E402
 
 register_configs()
@@ -80,5 +81,5 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
-    with processes():  # under torchrun: join the other ranks (seg/distributed.py); otherwise nothing
+    with processes():  # under torchrun: join the other ranks (seg/launch.py); otherwise nothing
         main()

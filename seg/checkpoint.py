@@ -1,11 +1,12 @@
 """Checkpoints: written atomically, loaded without running pickled code, refused when they don't fit.
 
 ``last.pt`` holds everything needed to continue a run exactly where it stopped: model, optimizer,
-schedule, the position in the epoch (its shuffled order and the next batch), the random generators
-of torch, numpy, Python and the trainer, the run's configuration -- and the weights of its best
-validation epoch, so that ``last.pt`` alone is the truth at every instant. ``best.pt`` (the best
-epoch's weights and the configuration, for scripts/predict.py) is written after it and rebuilt from
-it when a kill came in between or the file was deleted.
+schedule, where the run stands (``RunState``: the epoch, its shuffled order and the next batch, the
+step, the history, the best epoch so far, the training time), the random generators of torch, numpy,
+Python and the trainer, the run's configuration -- and the weights of its best validation epoch, so
+that ``last.pt`` alone is the truth at every instant (``last_record``, ``restore_run``). ``best.pt``
+(the best epoch's weights and the configuration, for seg-predict) is written after it and rebuilt
+from it when a kill came in between or the file was deleted (``repair_best``).
 
 A run is continued only by a configuration that defines the same run: only the keys of
 seg/identity.py (where and how it runs) may differ from the checkpoint's.
@@ -13,9 +14,11 @@ seg/identity.py (where and how it runs) may differ from the checkpoint's.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +27,9 @@ import torch
 from .identity import identity_differences
 
 # 2: last.pt also holds the best epoch's weights (``best_model``) and the scheduler job that wrote it;
-# best.pt holds the best epoch's weights and the configuration (what scripts/predict.py needs)
-FORMAT_VERSION = 2
+# best.pt holds the best epoch's weights and the configuration (what seg-predict needs)
+# 3: the run's position is saved as ``run_state`` (formats 1 and 2 called it ``progress``)
+FORMAT_VERSION = 3
 
 
 class CheckpointError(RuntimeError):
@@ -78,6 +82,86 @@ def check_compatible(saved_config: dict, config: dict, path: Path) -> None:
                               + "docs/reliability.md)")
 
 
+@dataclass
+class RunState:
+    """Where a run stands: what last.pt saves and a resumed run starts from (the same fields, in a dict)."""
+
+    epoch: int = 1  # the epoch in progress (1-based); epochs + 1 once training is done
+    batch: int = 0  # the next batch of the epoch
+    order: torch.Tensor | None = None  # the epoch's shuffled order of the training slices (None: not drawn yet)
+    step: int = 0  # optimizer steps taken
+    epoch_losses: list[float] = field(default_factory=list)  # the training losses of this epoch so far
+    history: list[dict] = field(default_factory=list)  # one entry per finished epoch (metrics.json's history)
+    best_dice: float = -math.inf  # the best validation Dice so far
+    best_epoch: int | None = None
+    train_time: float = 0.0  # seconds spent in training steps, over every epoch
+    train_time_before_epoch: float = 0.0  # train_time when this epoch started
+
+    def next_epoch(self) -> None:
+        """The epoch ended: the next one starts at its first batch, with an order of its own."""
+        self.epoch, self.batch, self.order, self.epoch_losses = self.epoch + 1, 0, None, []
+        self.train_time_before_epoch = self.train_time
+
+    def record(self) -> dict:
+        """As saved in last.pt: a dict of plain values and tensors (``weights_only`` loading accepts it)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def read_run_state(state: dict) -> RunState:
+    """The ``RunState`` a loaded last.pt holds (format 3: ``run_state``; formats 1 and 2: ``progress``)."""
+    return RunState(**(state["run_state"] if "run_state" in state else state["progress"]))
+
+
+def holds_run_state(state) -> bool:
+    """Whether a loaded checkpoint is a run's last.pt: its configuration and where the run stood."""
+    return isinstance(state, dict) and "config" in state and ("run_state" in state or "progress" in state)
+
+
+def last_record(model, optimizer, scheduler, generator: torch.Generator, run_state: RunState, config: dict,
+                domains: list, best_model: dict | None, scheduler_job: str | None) -> dict:
+    """last.pt: everything needed to continue the run where it stands."""
+    return {"format_version": FORMAT_VERSION, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "generator": generator.get_state(), "rng": rng_states(),
+            "run_state": run_state.record(), "config": config, "domains": domains, "best_model": best_model,
+            "scheduler_job": scheduler_job}
+
+
+def best_record(model_state: dict, config: dict, domains: list, run_state: RunState) -> dict:
+    """best.pt: the best validation epoch's weights and what is needed to use them (seg-predict)."""
+    return {"format_version": FORMAT_VERSION, "model": model_state, "config": config, "domains": domains,
+            "best_epoch": run_state.best_epoch, "best_val_dice": run_state.best_dice, "step": run_state.step}
+
+
+def restore_run(path: Path, model, optimizer, scheduler, generator: torch.Generator) -> tuple[RunState, dict | None]:
+    """Load a run's last.pt into the live objects (and the global random generators); returns where the run
+    stood and the best epoch's weights."""
+    state = load_checkpoint(path)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    generator.set_state(state["generator"])
+    restore_rng_states(state["rng"])
+    return read_run_state(state), best_weights(state, path)
+
+
+def repair_best(last: Path, state: dict) -> None:
+    """best.pt always follows last.pt (``state``, loaded): written after it, rebuilt from it when missing or
+    older."""
+    best_model = best_weights(state, last)
+    if best_model is None:
+        return
+    path = last.parent / "best.pt"
+    run_state = read_run_state(state)
+    try:
+        current = load_checkpoint(path).get("best_epoch") if path.is_file() else None
+    except CheckpointError:
+        current = None  # unreadable: rebuilt below
+    if current != run_state.best_epoch:
+        was = "older" if path.exists() else "missing"
+        save_checkpoint(path, best_record(best_model, state["config"], state.get("domains", []), run_state))
+        print(f"Rebuilt {path} (epoch {run_state.best_epoch}) from {last.name}: it was {was}")
+
+
 def rng_states() -> dict:
     """The global random generators' states, in types that ``weights_only`` loading accepts."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
@@ -123,7 +207,7 @@ def best_weights(state: dict, path: Path) -> dict | None:
     of the ``best.pt`` beside it; None before the first epoch ended."""
     if state.get("format_version", 1) >= 2:
         return state.get("best_model")
-    if state["progress"].get("best_epoch") is None:
+    if read_run_state(state).best_epoch is None:
         return None
     best = path.parent / "best.pt"
     if not best.is_file():

@@ -1,77 +1,33 @@
-"""Data-parallel training across processes: ``torchrun --nproc_per_node=N train.py ...`` (DDP).
+"""What the processes of a data-parallel run (``torchrun --nproc_per_node=N train.py ...``, DDP) do together.
 
 Everything the training loop needs to know about other processes is in ``World``: which rank this
 is, this rank's part of each batch and of the evaluation slices, averaging over ranks, and the
 DDP wrapper. With one process (no torchrun) every method is the identity, so ``seg.train`` runs
-the same code either way and the single-process run is unchanged.
+the same code either way and the single-process run is unchanged. ``AllReduceSum`` is the
+differentiable sum the synchronized norms use (seg/norms/sync.py). Joining the process group is
+seg/launch.py's (``processes``); choosing each process's GPU is seg/runtime.py's.
 
 How a torchrun job is organised:
 
-* ``processes()`` (entered by train.py before Hydra composes the configuration) joins the process
-  group -- gloo for CPU tensors, NCCL for CUDA tensors -- and makes the ranks agree on one clock:
-  rank 0's launch time is broadcast and ``${launch_time:...}`` in ``hydra.run.dir`` uses it, so
-  every rank composes the same output folder. Ranks other than 0 do not write Hydra's ``.hydra/``
-  record there (``hydra.output_subdir=null``) and their standard output is silenced (errors still
-  reach standard error).
-* Rank 0 alone writes in the folder: metrics.json, TensorBoard events and checkpoints. It decides
-  where the run writes and which checkpoint it resumes, and tells the others.
+* Rank 0 alone writes in the run folder: metrics.json, TensorBoard events and checkpoints. It decides
+  where the run writes and which checkpoint it resumes, and tells the others (``main_decides``).
 * Each epoch, every rank draws the same permutation (one seeded generator) and takes its share of
   each global batch (rows rank, rank + N, ...): the ranks see disjoint samples, a different order
   every epoch, and together exactly the batches one process would see with N times the batch size.
 * Evaluation is sharded the same way; the per-slice Dice counts (and predictions) are summed over
   ranks, so every rank computes the same metrics.
+
+Imports nothing of seg.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import os
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None
-
-
-def torchrun_world_size() -> int:
-    """The number of processes torchrun started (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-@contextlib.contextmanager
-def processes():
-    """Under torchrun: join the process group for the whole command (see the module docstring)."""
-    if torchrun_world_size() <= 1:
-        yield
-        return
-    from .config import fix_launch_time
-
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        backend = "cpu:gloo,cuda:nccl"
-    else:
-        backend = "gloo"
-    dist.init_process_group(backend)
-    launch = torch.tensor([time.time()], dtype=torch.float64)
-    dist.broadcast(launch, src=0)
-    fix_launch_time(float(launch))
-    if rank != 0:
-        if not any(arg.startswith("hydra.output_subdir=") for arg in sys.argv):
-            sys.argv.append("hydra.output_subdir=null")  # rank 0 writes the run's .hydra/ record
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the whole process)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+from torch.nn.parallel import DistributedDataParallel
 
 
 class World:
@@ -191,50 +147,7 @@ class World:
         """``model`` wrapped in DistributedDataParallel (gradients averaged over ranks), or itself."""
         if self.size == 1:
             return model
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-
-_gpu_claim: tuple[int, object] | None = None  # (GPU index, its open lock file): held until the process ends
-
-
-def sweep_gpu(job_num: int | None, gpus: list[str], claims: Path | None = None) -> int:
-    """The GPU for a job of a sweep whose jobs run side by side on one machine (``hydra/launcher=gpus``).
-
-    ``gpus`` names the machine's GPUs (``gpu_names``). The process claims the first GPU that no other
-    process holds -- an exclusive lock on a file named after it, in ``claims`` (a folder per user in
-    the temporary directory) -- and keeps it until it exits: joblib's worker processes each keep
-    one GPU for every job they run, so as many workers as GPUs never share one. With more parallel
-    jobs than GPUs (all held), or without file locks (Windows), the job number modulo the GPU count.
-    """
-    global _gpu_claim
-    if len(gpus) <= 1:
-        return 0
-    if _gpu_claim is not None:
-        return _gpu_claim[0]
-    if fcntl is not None:
-        claims = claims or Path(tempfile.gettempdir()) / f"seg-gpu-claims-{getpass.getuser()}"
-        claims.mkdir(parents=True, exist_ok=True)
-        for index, name in enumerate(gpus):
-            handle = open(claims / f"{name}.lock", "w")  # noqa: SIM115  (kept open: the claim)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                handle.close()
-                continue
-            _gpu_claim = (index, handle)
-            return index
-    return (job_num or 0) % len(gpus)
-
-
-def gpu_names() -> list[str]:
-    """A name per visible GPU that is the same in every process (its UUID), for ``sweep_gpu``."""
-    names = []
-    for index in range(torch.cuda.device_count()):
-        uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
-        names.append(f"gpu-{uuid}" if uuid is not None else f"gpu{index}")
-    return names
 
 
 class AllReduceSum(torch.autograd.Function):

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .norms import norm_class
+from .norms import spec
 
 OPSET = 18  # the first opset of the exporter, and the one the widest range of runtimes reads
 MAX_OPSET = 23  # the newest opset torch 2.13's exporter writes
@@ -47,7 +47,7 @@ def missing_packages(check: bool = True) -> list[str]:
 
 def takes_domain(model: torch.nn.Module) -> bool:
     """Whether the model's normalization reads the domain id of each image (an ONNX input then)."""
-    return "domain" in getattr(norm_class(model.norm), "condition_inputs", ())
+    return spec(model.norm).needs_domain
 
 
 @contextlib.contextmanager

@@ -26,27 +26,32 @@ probabilities are averaged with equal weights. nnU-Net v2 averages the logits in
 softmax once; this project keeps the average of probabilities, which is also how an ensemble of
 checkpoints is combined (nnU-Net's ensembling of folds).
 
-``python scripts/predict.py ckpt=... input=... output=...`` is the command-line face of this module.
+``seg-predict ckpt=... input=... output=...`` (seg/tools/predict.py) is the command-line face of this module.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .data.mnms import MNMS_TO_PROJECT
+from .data.nnunet import dataset_folder, label_mapping
+from .data.readers import warn
 from .data.slices import TASKS, class_names, prepare_volume
 from .data.volumes import LABELS, DataError, Volume, read_nifti, slices_first
-from .norms import norm_class
+from .model import build_model
+from .norms import spec
 from .orientation import axis_codes, from_orientation, orientation_of_files, to_orientation, valid_axis_codes
 from .runtime import resolve_device
-from .unet import UNet
 
 INTERPOLATIONS = {"nearest": "nearest-exact", "linear": "bilinear"}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -75,7 +80,7 @@ class Member:
     memory_format: torch.memory_format = torch.contiguous_format
 
     def takes_domain(self) -> bool:
-        return "domain" in getattr(norm_class(self.config["norm"]["name"]), "condition_inputs", ())
+        return spec(self.config["norm"]["name"]).needs_domain
 
 
 @dataclass
@@ -157,14 +162,10 @@ class Segmenter:
         return np.ascontiguousarray(labels)
 
 
-def build_model(state: dict) -> torch.nn.Module:
-    """The U-Net of a training checkpoint, its weights loaded, on the CPU in eval mode."""
-    config = state["config"]
-    model_cfg, norm_cfg, task = config["model"], dict(config["norm"]), config["data"]["task"]
-    model = UNet(in_channels=model_cfg["in_channels"], num_classes=len(TASKS[task]) + 1,
-                 base_channels=model_cfg["base_channels"], depth=model_cfg["depth"], norm=norm_cfg.pop("name"),
-                 norm_options=norm_cfg, init=model_cfg["init"], bias_init=model_cfg["bias_init"],
-                 num_domains=max(len(state.get("domains", [])), 1), up=model_cfg.get("up", "transpose2"))
+def trained_model(state: dict) -> torch.nn.Module:
+    """The model of a training checkpoint (``build_model`` of its own config), its weights loaded, on the CPU
+    in eval mode."""
+    model = build_model(state["config"], num_domains=max(len(state.get("domains", [])), 1))
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -263,7 +264,7 @@ def load_segmenter(checkpoint: str | os.PathLike | list, device: str = "auto", i
     for path, state in zip(paths, states):
         config = state["config"]
         memory_format = torch.channels_last if config["trainer"].get("channels_last") else torch.contiguous_format
-        members.append(Member(build_model(state).to(target, memory_format=memory_format), path, config,
+        members.append(Member(trained_model(state).to(target, memory_format=memory_format), path, config,
                               tuple(state.get("domains", ())), memory_format))
     if domain and not any(member.takes_domain() for member in members):
         norms = ", ".join(sorted({member.config["norm"]["name"] for member in members}))
@@ -346,13 +347,8 @@ def dataset_label_values(data_cfg: dict) -> dict[int, int]:
     identity = {value: value for value in LABELS.values()}
     data_format = data_cfg.get("format")
     if data_format == "mnms":
-        from .data.mnms import MNMS_TO_PROJECT
-
         return {project: own for own, project in MNMS_TO_PROJECT.items()}
     if data_format == "nnunet":
-        from .data.nnunet import dataset_folder, label_mapping
-        from .data.readers import warn
-
         try:
             spec_path = dataset_folder(Path(str(data_cfg.get("root")))) / "dataset.json"
             mapping = label_mapping(json.loads(spec_path.read_text())["labels"], data_cfg.get("label_map") or {},
@@ -518,8 +514,6 @@ class Prediction:
 
 def segment_file(segmenter: Segmenter, path: Path):
     """(label volume, nibabel image of the input) of one NIfTI file; DataError names the file."""
-    import nibabel as nib
-
     image, spacing, affine = read_nifti(path)
     if not all(np.isfinite(s) and s > 0 for s in spacing[:2]):
         raise DataError(f"{path}: voxel spacing {spacing} is not positive")
@@ -540,8 +534,6 @@ def predict_files(segmenter: Segmenter, source: str | os.PathLike | Plan, output
     ``output/predictions.json``, which also records the checkpoints, task, label values, orientation
     and options (evaluate.py reads the labels). A single input file that cannot be read is an error.
     """
-    import sys
-
     warn = warn or (lambda message: print(message, file=sys.stderr))
     plan = source if isinstance(source, Plan) else plan_outputs(source, output, overwrite)
     if plan.left_out:

@@ -36,7 +36,8 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf, open_dict, read_write
 
-from .checkpoint import CheckpointError, check_compatible, load_checkpoint, resume_request, run_folder_of
+from .checkpoint import (CheckpointError, check_compatible, holds_run_state, load_checkpoint, repair_best,
+                         resume_request, run_folder_of)
 from .identity import identity_differences
 
 try:
@@ -289,6 +290,38 @@ def open_run(resume, run_dir: Path) -> Path | None:
     for path in remove_stale_temporaries(run_dir, locked):
         print(f"Removed {path.relative_to(run_dir)}, left by a process that ended while writing it")
     return resume_source(resume, run_dir)
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail before any work if the run folder cannot be written."""
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write_test.{os.getpid()}"  # one per process: ranks may share the folder
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise CheckpointError(f"cannot write to the output folder {output_dir}: {err}") from None
+
+
+def open_run_folder(cfg, output_dir: Path) -> Path | None:
+    """This run's folder, taken (``open_run``): writable, locked, without stale temporaries; returns the
+    checkpoint the run continues, checked to be of this very run (only the keys of seg/identity.py may
+    differ), after rebuilding its best.pt if a kill or a user removed it."""
+    check_writable(output_dir)
+    resume_from = open_run(cfg.trainer.resume, output_dir)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from)
+        if not holds_run_state(state):
+            raise CheckpointError(f"trainer.resume={cfg.trainer.resume}: {resume_from} is not a training checkpoint "
+                                  f"of this project")
+        check_compatible(state["config"], OmegaConf.to_container(cfg, resolve=True), resume_from)
+        if "optimizer" not in state:
+            raise CheckpointError(f"trainer.resume={cfg.trainer.resume}: {resume_from} holds weights only (a best.pt); "
+                                  f"continue the run from its last.pt, or start a new run from these weights with "
+                                  f"model.init_from={resume_from}")
+        if resume_from.parent == output_dir / "checkpoints":
+            repair_best(resume_from, state)
+    return resume_from
 
 
 # ---------------------------------------------------------------------------- Hydra callbacks

@@ -9,8 +9,10 @@ epoch); epoch ``e`` (1-based) of ``E`` trains at ``lr * factor(e)``:
 * ``poly``: ``(1 - (e - 1) / E) ** power``, power 0.9 -- nnU-Net's default (Isensee et al., Nature
   Methods 2021), which nnU-Net also updates once per epoch (torch's PolynomialLR).
 
-The config's valid choices (seg/config.py) are this table's names, and each schedule's options are
-checked against the table: an option that the chosen schedule does not read is refused, never ignored.
+The config's valid choices are this table's names, and each schedule's options are checked against
+the table (``check_schedule``, which ``seg.config.validate`` calls): an option that the chosen
+schedule does not read is refused, never ignored. A new schedule is one entry here and one
+``configs/schedule/<name>.yaml``.
 """
 
 from __future__ import annotations

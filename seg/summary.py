@@ -1,7 +1,7 @@
 """Tables and plots of a whole sweep, from every run's metrics.json.
 
 Written automatically at the end of a multirun (``MultirunSummary``, a Hydra callback configured
-in configs/train.yaml), or by ``python scripts/summarize.py <sweep folder>``; both call
+in configs/train.yaml), or by ``seg-summarize <sweep folder>`` (seg/tools/summarize.py); both call
 ``write_summary(sweep_dir)``, which writes into the sweep folder:
 
 - ``summary.md`` / ``summary.csv``: one row per run (norm, lr, batch size, seed, status, Dice...);

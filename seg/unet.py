@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .norms import ConvNorm, context_options, make_conditioner, make_conv_norm, make_norm, norm_class
+from .norms import ConvNorm, context_options, make_conditioner, make_conv_norm, make_norm, spec
 
 INITS = ("paper", "author", "kaiming", "torch")
 UPSAMPLINGS = ("transpose2", "transpose3")
@@ -67,7 +67,7 @@ class ConvNormAct(nn.Module):
 def transpose3_conv_norm(in_channels: int, out_channels: int, norm: str, norm_options: dict) -> nn.Module:
     """``TransposeConv3`` followed by the norm (``up=transpose3``). A layer that replaces the convolution +
     normalization pair (kn, wn, bkn) builds only stride = kernel up-convolutions and is refused."""
-    if hasattr(norm_class(norm), "conv_norm"):
+    if spec(norm).kind == "conv_pair":
         raise ValueError(f"model.up=transpose3 is not available for norm={norm}: that layer replaces the "
                          f"convolution + normalization pair and builds only the 2x2 up-convolution "
                          f"(use model.up=transpose2)")

@@ -1,4 +1,4 @@
-"""Small trained runs shared by the inference tests (each trained once per test session), the scripts
+"""Small trained runs shared by the inference tests (each trained once per test session), the tools
 run as a user runs them, and NIfTI copies of a volume in another orientation."""
 
 from __future__ import annotations
@@ -34,9 +34,10 @@ def checkpoint(run: Path) -> Path:
     return run / "checkpoints" / "best.pt"
 
 
-def script(name: str, *arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    """``python scripts/<name> <arguments>`` as a user runs it."""
-    return subprocess.run([sys.executable, str(ROOT / "scripts" / name), *arguments], capture_output=True,
+def script(tool: str, *arguments: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    """The tool ``seg-<tool> <arguments>`` (predict, evaluate, export) in a process of its own, as a user runs it
+    (``python -m seg.tools.<tool>``: the console command without depending on where it was installed)."""
+    return subprocess.run([sys.executable, "-m", f"seg.tools.{tool}", *arguments], capture_output=True,
                           text=True, timeout=600, cwd=cwd)
 
 

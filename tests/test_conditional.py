@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from conftest import ROOT, randn, randomize, run_train
-from seg.config import ConfigError, register_configs, validate
+from seg.config import ConfigError, validate
+from seg.launch import register_configs
 from seg.inference import load_segmenter
 from seg.norms import NORMS, Condition, make_conv_norm, make_norm, names, spec
 from seg.norms.conditional import RegionConditioner, StyleEncoder, region_codes

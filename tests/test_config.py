@@ -6,7 +6,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import ROOT, run_train
-from seg.config import ConfigError, register_configs, validate
+from seg.config import ConfigError, validate
+from seg.launch import register_configs
 
 register_configs()
 
@@ -135,6 +136,27 @@ def test_the_valid_schedules_are_the_table_of_schedules():
         assert cfg.schedule.name == name
         validate(cfg)
     assert compose_train("schedule=poly").schedule.power == 0.9  # nnU-Net's
+
+
+def test_the_valid_optimizers_and_losses_are_their_tables(monkeypatch):
+    """optim.name and loss choose from seg/optimizers.py's and seg/losses.py's tables: every name of a table
+    is valid (each optimizer with its configs/optim/ file), a name outside is refused naming the key, and a
+    new entry is a valid choice without any other edit."""
+    from seg import losses, optimizers
+
+    for name in optimizers.OPTIMIZERS:
+        cfg = compose_train(f"optim={name}")
+        assert cfg.optim.name == name and cfg.optim.lr == cfg.lr
+        validate(cfg)
+    for name in losses.LOSSES:
+        validate(compose_train(f"loss={name}"))
+    with pytest.raises(ConfigError, match="optim.name='rmsprop' is not valid; choose one of: sgd, adam"):
+        validate(compose_train("optim.name=rmsprop"))
+    with pytest.raises(ConfigError, match="loss='focal' is not valid; choose one of: ce, dice_ce"):
+        validate(compose_train("loss=focal"))
+    monkeypatch.setitem(losses.LOSSES, "focal", losses.cross_entropy)
+    monkeypatch.setitem(optimizers.OPTIMIZERS, "rmsprop", optimizers.sgd)
+    validate(compose_train("loss=focal", "optim.name=rmsprop"))
 
 
 # ---------------------------------------------------------------------------- what defines a run

@@ -182,7 +182,7 @@ def compose_train(*overrides):
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from seg.config import register_configs
+    from seg.launch import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):

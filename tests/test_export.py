@@ -1,5 +1,5 @@
 """ONNX export: every layer of the registry exports and runs in onnxruntime with PyTorch's logits, and
-scripts/export.py writes a trained checkpoint that segments like predict.py, with its metadata.
+seg-export writes a trained checkpoint that segments like predict.py, with its metadata.
 
 Needs the onnx extra (onnx, onnxscript, onnxruntime); without it these tests are skipped, saying so."""
 
@@ -63,7 +63,7 @@ def test_every_layer_exports_with_the_logits_of_pytorch(name, tmp_path):
 @pytest.mark.slow
 def test_export_script_writes_a_model_that_segments_like_predict(acdc_root, tmp_path_factory, tmp_path):
     run = trained_run(tmp_path_factory, acdc_root, "data.task=multi")
-    printed = script_ok("export.py", f"ckpt={checkpoint(run)}", f"output={tmp_path / 'model.onnx'}")
+    printed = script_ok("export", f"ckpt={checkpoint(run)}", f"output={tmp_path / 'model.onnx'}")
     assert f"ONNX opset {OPSET}" in printed and "image (N, 1, 64, 64) float32 -> logits (N, 4, 64, 64)" in printed
     assert "Parity with PyTorch" in printed
 

@@ -20,9 +20,9 @@ from seg.evaluation import evaluate_folders
 from seg.inference import to_input_grid
 
 
-def run_script(name, *arguments):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / name), *arguments], capture_output=True,
-                            text=True, timeout=300)
+def run_script(tool, *arguments):
+    result = subprocess.run([sys.executable, "-m", f"seg.tools.{tool}", *arguments], capture_output=True,
+                            text=True, timeout=300, cwd=ROOT)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
@@ -96,7 +96,7 @@ def test_predict_then_evaluate_returns_the_trainers_test_dice(acdc_root, tmp_pat
         for image in (acdc_root / "database" / "training" / patient).glob(f"{patient}_frame??.nii.gz"):
             (inputs / image.name).symlink_to(image)
 
-    run_script("predict.py", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"input={inputs}",
+    run_script("predict", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"input={inputs}",
                f"output={tmp_path / 'pred'}")
     predictions = sorted((tmp_path / "pred").glob("*.nii.gz"))
     assert [p.name for p in predictions] == sorted(p.name for p in inputs.iterdir())
@@ -111,7 +111,7 @@ def test_predict_then_evaluate_returns_the_trainers_test_dice(acdc_root, tmp_pat
     for patient in metrics["split"]["test"]:
         for label in (acdc_root / "database" / "training" / patient).glob("*_gt.nii.gz"):
             (truths / label.name).symlink_to(label)
-    printed = run_script("evaluate.py", f"pred={tmp_path / 'pred'}", f"gt={truths}")
+    printed = run_script("evaluate", f"pred={tmp_path / 'pred'}", f"gt={truths}")
     assert "| case | dice_rv |" in printed
     evaluation = evaluate_folders(tmp_path / "pred", truths)
     assert evaluation.classes == ["rv", "myo", "lv"] and len(evaluation.cases) == metrics["num_test_volumes"]
@@ -130,7 +130,7 @@ def test_predict_writes_task_labels_in_dataset_values(acdc_root, tmp_path):
     run_train("experiment=smoke", "data=acdc", f"data.root={acdc_root}", "data.task=lv", "trainer.progress=false",
               "trainer.epochs=1", f"hydra.run.dir={run}")
     volume = acdc_root / "database" / "training" / "patient001" / "patient001_frame01.nii.gz"
-    run_script("predict.py", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"input={volume}",
+    run_script("predict", f"ckpt={run / 'checkpoints' / 'best.pt'}", f"input={volume}",
                f"output={tmp_path / 'pred'}", "interpolation=linear")
     written = np.asarray(nib.load(str(tmp_path / "pred" / volume.name)).dataobj)
     assert written.shape == nib.load(str(volume)).shape and set(np.unique(written)) <= {0, 3}
@@ -158,7 +158,7 @@ def test_another_orientation_gives_the_same_labels_in_world_space(kind, acdc_roo
     write_reoriented(patient / "patient001_frame01.nii.gz", inputs / "moved.nii.gz", kind)
     write_reoriented(patient / "patient001_frame01_gt.nii.gz", truths / "moved_gt.nii.gz", kind)
 
-    script_ok("predict.py", f"ckpt={checkpoint(run)}", f"input={inputs}", f"output={tmp_path / 'pred'}")
+    script_ok("predict", f"ckpt={checkpoint(run)}", f"input={inputs}", f"output={tmp_path / 'pred'}")
     original = np.asarray(nib.load(str(tmp_path / "pred" / "original.nii.gz")).dataobj)
     moved_image = nib.load(str(tmp_path / "pred" / "moved.nii.gz"))
     assert moved_image.shape == nib.load(str(inputs / "moved.nii.gz")).shape
@@ -183,11 +183,11 @@ def test_orientation_is_refused_when_unknown_and_can_be_given(acdc_root, tmp_pat
     moved = tmp_path / "moved.pt"
     torch.save(state, moved)
     volume = acdc_root / "database" / "training" / "patient002" / "patient002_frame01.nii.gz"
-    result = script("predict.py", f"ckpt={moved}", f"input={volume}", f"output={tmp_path / 'pred'}")
+    result = script("predict", f"ckpt={moved}", f"input={volume}", f"output={tmp_path / 'pred'}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: orientation=auto:" in result.stderr and "orientation=RAS" in result.stderr
     assert not (tmp_path / "pred").exists()
-    script_ok("predict.py", f"ckpt={moved}", f"input={volume}", f"output={tmp_path / 'pred'}", "orientation=RAS")
+    script_ok("predict", f"ckpt={moved}", f"input={volume}", f"output={tmp_path / 'pred'}", "orientation=RAS")
     assert json.loads((tmp_path / "pred" / "predictions.json").read_text())["orientation"] == "RAS"
 
 
@@ -219,7 +219,7 @@ def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(where, ac
         "the folder the inputs link to": (links, data),
     }[where]
     before = digest(tmp_path / "data")
-    result = script("predict.py", f"ckpt={checkpoint(run)}", f"input={source}", f"output={output}")
+    result = script("predict", f"ckpt={checkpoint(run)}", f"input={source}", f"output={output}")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.startswith(f"error: output={output}:") and len(result.stderr.splitlines()) == 1
     assert digest(tmp_path / "data") == before  # nothing written, nothing overwritten
@@ -232,14 +232,14 @@ def test_existing_files_are_kept_unless_overwrite_true(acdc_root, tmp_path_facto
     output = tmp_path / "pred"
     output.mkdir()
     (output / volume.name).write_bytes(b"someone's earlier result")
-    result = script("predict.py", f"ckpt={checkpoint(run)}", f"input={volume}", f"output={output}")
+    result = script("predict", f"ckpt={checkpoint(run)}", f"input={volume}", f"output={output}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"error: output={output}: would overwrite 1 existing file(s): {volume.name}" in result.stderr
     assert "overwrite=true" in result.stderr
     assert (output / volume.name).read_bytes() == b"someone's earlier result"
     assert not (output / "predictions.json").exists()
 
-    script_ok("predict.py", f"ckpt={checkpoint(run)}", f"input={volume}", f"output={output}", "overwrite=true")
+    script_ok("predict", f"ckpt={checkpoint(run)}", f"input={volume}", f"output={output}", "overwrite=true")
     assert nib.load(str(output / volume.name)).shape == nib.load(str(volume)).shape
 
 
@@ -262,7 +262,7 @@ def test_a_skipped_input_makes_predict_fail_and_evaluate_refuse_its_missing_pred
     for label in patient.glob("*_gt.nii.gz"):
         (truths / label.name).symlink_to(label)
 
-    result = script("predict.py", f"ckpt={checkpoint(run)}", f"input={inputs}", f"output={tmp_path / 'pred'}")
+    result = script("predict", f"ckpt={checkpoint(run)}", f"input={inputs}", f"output={tmp_path / 'pred'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     skipped = [line for line in result.stderr.splitlines() if line.startswith("skipped: ")]
     assert len(skipped) == 1 and str(inputs / "patient005_frame10.nii.gz") in skipped[0]
@@ -271,12 +271,12 @@ def test_a_skipped_input_makes_predict_fail_and_evaluate_refuse_its_missing_pred
     record = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert [entry["input"] for entry in record["skipped"]] == [str(inputs / "patient005_frame10.nii.gz")]
 
-    result = script("evaluate.py", f"pred={tmp_path / 'pred'}", f"gt={truths}")
+    result = script("evaluate", f"pred={tmp_path / 'pred'}", f"gt={truths}")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "error: no prediction for 1 ground truth(s): patient005_frame10" in result.stderr
     assert "missing=zero" in result.stderr
 
-    printed = script_ok("evaluate.py", f"pred={tmp_path / 'pred'}", f"gt={truths}", "missing=zero")
+    printed = script_ok("evaluate", f"pred={tmp_path / 'pred'}", f"gt={truths}", "missing=zero")
     assert "Missing predictions, counted as Dice 0: patient005_frame10" in printed
     evaluation = evaluate_folders(tmp_path / "pred", truths, missing="zero")
     missing = next(case for case in evaluation.cases if case.case == "patient005_frame10")
@@ -290,7 +290,7 @@ def test_acdc_cine_and_label_files_are_left_out_of_a_folder_by_name(acdc_root, t
     """An ACDC patient folder: the _gt label maps and the _4d cine are not inputs (exit 0), the frames are."""
     run = trained_run(tmp_path_factory, acdc_root, "data.task=multi")
     patient = acdc_root / "database" / "training" / "patient006"
-    printed = script_ok("predict.py", f"ckpt={checkpoint(run)}", f"input={patient}", f"output={tmp_path / 'pred'}")
+    printed = script_ok("predict", f"ckpt={checkpoint(run)}", f"input={patient}", f"output={tmp_path / 'pred'}")
     assert sorted(p.name for p in (tmp_path / "pred").glob("*.nii.gz")) == sorted(
         p.name for p in patient.glob("patient006_frame??.nii.gz"))
     assert "left out by name: 2 label map(s) (*_gt), 1 cine series (*_4d)" in printed

@@ -25,12 +25,13 @@ from torch import nn
 
 import official
 from conftest import ROOT, randn, randomize
-from seg.config import register_configs, validate
+from seg.config import validate
+from seg.launch import register_configs
 from seg.norms import NORMS, layer_spec, make_conv_norm, make_norm, names, register_monai, spec
 from seg.norms.fused import (_SINGLE_PASS_MIN_NUMEL, _InstanceAffine, instance_affine_reference, instance_moments,
                              product_sums, scale_shift)
 from seg.norms.kalman import PRIOR_ATTRIBUTE, KalmanConvNorm, rectified_gaussian_moments
-from seg.train import build_optimizer
+from seg.optimizers import build_optimizer
 from seg.unet import UNet
 
 CONDITIONAL = names("conditional")  # need a Condition: tested in test_conditional.py

@@ -371,7 +371,8 @@ def test_conflicting_split_options_are_refused_by_the_config():
     from hydra import compose, initialize_config_dir
 
     from conftest import ROOT
-    from seg.config import ConfigError, register_configs, validate
+    from seg.config import ConfigError, validate
+    from seg.launch import register_configs
 
     register_configs()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):

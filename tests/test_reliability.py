@@ -14,11 +14,10 @@ import time
 import pytest
 import torch
 
+from bad_inputs import CASES, run_case  # the shared table of bad inputs (benchmarks/, on pytest's pythonpath)
 from conftest import ROOT, run_train
-from seg.checkpoint import CheckpointError, check_free_space, load_checkpoint, save_checkpoint
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from bad_inputs import CASES, run_case  # noqa: E402  (the shared table of bad inputs)
+from seg.checkpoint import (CheckpointError, RunState, check_free_space, last_record, load_checkpoint, restore_run,
+                            save_checkpoint)
 
 
 def resumable(acdc_root, run_dir, *extra):
@@ -44,14 +43,14 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights_and_metrics(acdc_
     last = killed / "checkpoints" / "last.pt"
     for _attempt in range(3):  # the kill must land inside the run, after a mid-epoch checkpoint
         if kill_mid_run(resumable(acdc_root, killed), last) and last.exists():
-            progress = load_checkpoint(last)["progress"]
+            progress = load_checkpoint(last)["run_state"]
             if progress["batch"] > 0 and not (killed / "metrics.json").exists():
                 break
         for leftover in (killed / "checkpoints").glob("*"):
             leftover.unlink()
     else:
         pytest.fail("could not kill the run in the middle of an epoch")
-    assert progress["step"] < load_checkpoint(reference / "checkpoints" / "last.pt")["progress"]["step"]
+    assert progress["step"] < load_checkpoint(reference / "checkpoints" / "last.pt")["run_state"]["step"]
 
     resumed = run_train(*resumable(acdc_root, killed, "trainer.resume=true"))
     assert "Resuming" in resumed.stdout
@@ -79,6 +78,40 @@ def test_resume_refuses_a_checkpoint_of_another_norm(acdc_root, tmp_path):
     missing = run_train(*resumable(acdc_root, tmp_path / "other", f"trainer.resume={tmp_path / 'nowhere'}"),
                         check=False)
     assert missing.returncode == 1 and "no checkpoint at" in missing.stderr
+
+
+def test_last_pt_holds_the_run_state_and_an_older_last_pt_still_resumes(tmp_path):
+    """last.pt saves where the run stands as ``run_state`` (format 3); a last.pt of formats 1-2, which called it
+    ``progress``, restores the same RunState."""
+    def live():
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[1], gamma=0.2)
+        return model, optimizer, scheduler, torch.Generator().manual_seed(3)
+
+    model, optimizer, scheduler, generator = live()
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler.step()
+    state = RunState(epoch=2, batch=3, order=torch.tensor([4, 0, 2, 1, 3]), step=8, epoch_losses=[0.5, 0.25],
+                     history=[{"epoch": 1, "lr": 0.1}], best_dice=0.75, best_epoch=1, train_time=2.5,
+                     train_time_before_epoch=1.5)
+    last = tmp_path / "last.pt"
+    save_checkpoint(last, last_record(model, optimizer, scheduler, generator, state, {"seed": 0}, [],
+                                      model.state_dict(), None))
+    saved = load_checkpoint(last)
+    assert saved["format_version"] == 3 and "progress" not in saved and saved["run_state"]["step"] == 8
+    older = dict(saved, format_version=2, progress=saved["run_state"])
+    del older["run_state"]
+    save_checkpoint(tmp_path / "older.pt", older)
+    for path in (last, tmp_path / "older.pt"):
+        fresh = live()
+        restored, best = restore_run(path, *fresh)
+        for key, value in state.record().items():
+            assert torch.equal(getattr(restored, key), value) if key == "order" else getattr(restored, key) == value
+        assert fresh[1].param_groups[0]["lr"] == pytest.approx(0.02) and torch.equal(best["weight"], model.weight)
+        assert torch.equal(fresh[0].weight, model.weight) and fresh[3].get_state().equal(generator.get_state())
 
 
 class Payload:
@@ -119,7 +152,7 @@ def test_full_disk_and_unwritable_folder_are_refused_before_training(tmp_path):
         check_free_space(tmp_path, 2**62)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    from seg.train import check_writable
+    from seg.runs import check_writable
 
     with pytest.raises(CheckpointError, match="cannot write to the output folder"):
         check_writable(blocker / "run")
@@ -190,7 +223,7 @@ def test_a_signal_mid_epoch_saves_the_step_and_resume_is_bit_exact(acdc_root, tm
         assert "Traceback" not in err + out
         lines = [line for line in (out + err).splitlines() if "Interrupted by" in line]
         assert len(lines) == 1 and f"Interrupted by {sig.name} at epoch" in lines[0] and "trainer.resume=true" in lines[0]
-        progress = load_checkpoint(last)["progress"]
+        progress = load_checkpoint(last)["run_state"]
         if progress["batch"] > 0:
             break
         shutil.rmtree(run)
@@ -383,7 +416,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_keeps_the_checkpoint(acdc_root
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_every_bad_input_is_refused_in_one_line(case, tmp_path_factory):
-    """Each case of the shared table (scripts/bad_inputs.py, also behind docs/results/bad_inputs.md)."""
+    """Each case of the shared table (benchmarks/bad_inputs.py, also behind docs/results/bad_inputs.md)."""
     if case.cpu_only and torch.cuda.is_available():
         pytest.skip("needs a machine without a GPU")
     outcome = run_case(case, tmp_path_factory.getbasetemp() / "bad_inputs", CASES.index(case))

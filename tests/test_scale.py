@@ -18,9 +18,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import ROOT, run_train
 from seg.augment import augment_batch
-from seg.config import ConfigError, register_configs, validate
-import seg.distributed as distributed
-from seg.distributed import World, sweep_gpu
+from seg.config import ConfigError, validate
+from seg.launch import register_configs
+import seg.runtime as runtime
+from seg.distributed import World
+from seg.runtime import sweep_gpu
 from seg.norms import make_norm, names, spec
 from seg.unet import UNet
 
@@ -228,15 +230,15 @@ def test_parallel_sweep_jobs_each_claim_a_gpu_of_their_own(tmp_path, monkeypatch
     gpus = ["gpu-a", "gpu-b", "gpu-c"]
     held = []
     for expected in (0, 1, 2):
-        monkeypatch.setattr(distributed, "_gpu_claim", None)  # another worker process
+        monkeypatch.setattr(runtime, "_gpu_claim", None)  # another worker process
         assert sweep_gpu(7, gpus, tmp_path) == expected
-        held.append(distributed._gpu_claim[1])
+        held.append(runtime._gpu_claim[1])
         assert sweep_gpu(8, gpus, tmp_path) == expected  # a worker keeps its GPU for its next job
-    monkeypatch.setattr(distributed, "_gpu_claim", None)
+    monkeypatch.setattr(runtime, "_gpu_claim", None)
     assert sweep_gpu(7, gpus, tmp_path) == 7 % 3  # more parallel jobs than GPUs: shared by job number
     held[1].close()  # that worker ended: its GPU is free again
     assert sweep_gpu(7, gpus, tmp_path) == 1
-    distributed._gpu_claim[1].close()
+    runtime._gpu_claim[1].close()
     for handle in held:
         handle.close()
     assert sweep_gpu(5, ["the-only-gpu"], tmp_path) == 0

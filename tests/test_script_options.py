@@ -1,7 +1,7 @@
-"""Every option of predict.py, evaluate.py and export.py is checked at start: a bad value ends the
-script with one line naming the key, exit code 1, no traceback, and nothing written.
+"""Every option of seg-predict, seg-evaluate and seg-export is checked at start: a bad value ends the
+tool with one line naming the key, exit code 1, no traceback, and nothing written.
 
-Each case is one bad value among otherwise valid arguments, run as a user runs the script."""
+Each case is one bad value among otherwise valid arguments, run as a user runs the tool."""
 
 from __future__ import annotations
 
@@ -111,14 +111,14 @@ def assert_refused(result, message: str, tmp_path, written: tuple[str, ...]) -> 
 @pytest.mark.parametrize("case, message", PREDICT_CASES, ids=[" ".join(c) for c, _ in PREDICT_CASES])
 def test_predict_refuses_a_bad_option_at_start(case, message, setting, tmp_path):
     valid = {"ckpt": setting["ckpt"], "input": setting["volume"], "output": f"{tmp_path}/out"}
-    result = script("predict.py", *arguments(valid, case, setting))
+    result = script("predict", *arguments(valid, case, setting))
     assert_refused(result, message.format(**setting), tmp_path, ("out",))
 
 
 def test_predict_refuses_cuda_where_there_is_none(setting, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: device=cuda is valid here")
-    result = script("predict.py", f"ckpt={setting['ckpt']}", f"input={setting['volume']}", f"output={tmp_path}/out",
+    result = script("predict", f"ckpt={setting['ckpt']}", f"input={setting['volume']}", f"output={tmp_path}/out",
                     "device=cuda")
     assert_refused(result, "error: device=cuda: CUDA is not available on this machine (use auto or cpu)",
                    tmp_path, ("out",))
@@ -126,14 +126,14 @@ def test_predict_refuses_cuda_where_there_is_none(setting, tmp_path):
 
 def test_predict_takes_an_empty_required_value_as_missing(setting, tmp_path):
     """``input=`` (say, an unset shell variable) is not the working directory."""
-    result = script("predict.py", f"ckpt={setting['ckpt']}", "input=", f"output={tmp_path}/out")
+    result = script("predict", f"ckpt={setting['ckpt']}", "input=", f"output={tmp_path}/out")
     assert_refused(result, "error: missing input=...", tmp_path, ("out",))
 
 
 @pytest.mark.parametrize("case, message", EVALUATE_CASES, ids=[" ".join(c) for c, _ in EVALUATE_CASES])
 def test_evaluate_refuses_a_bad_option_at_start(case, message, setting, tmp_path):
     valid = {"pred": f"{tmp_path}/pred", "gt": f"{tmp_path}/gt", "out": f"{tmp_path}/scores.csv"}
-    result = script("evaluate.py", *arguments(valid, case, setting))
+    result = script("evaluate", *arguments(valid, case, setting))
     assert_refused(result, message.format(**setting), tmp_path, ("scores.csv", "pred/evaluation.csv"))
     if "old.csv" in " ".join(case):
         assert (tmp_path / "old.csv").read_text() == "someone's scores\n"
@@ -142,7 +142,7 @@ def test_evaluate_refuses_a_bad_option_at_start(case, message, setting, tmp_path
 @pytest.mark.parametrize("case, message", EXPORT_CASES, ids=[" ".join(c) for c, _ in EXPORT_CASES])
 def test_export_refuses_a_bad_option_at_start(case, message, setting, tmp_path):
     valid = {"ckpt": setting["ckpt"], "output": f"{tmp_path}/model.onnx"}
-    result = script("export.py", *arguments(valid, case, setting))
+    result = script("export", *arguments(valid, case, setting))
     assert_refused(result, message.format(**setting), tmp_path, ("model.onnx",))
     if "old.onnx" in " ".join(case):
         assert (tmp_path / "old.onnx").read_text() == "someone's model\n"

@@ -13,7 +13,7 @@ import yaml
 from hydra import compose, initialize_config_dir
 
 from conftest import ROOT, run_train
-from seg.config import register_configs
+from seg.launch import register_configs
 from seg.data.splits import kfold_split
 from seg.inference import load_segmenter
 from seg.summary import write_summary
@@ -207,8 +207,8 @@ def test_plots_of_a_sweep(synthetic_sweep):
 
 
 def test_summarize_script(synthetic_sweep):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "summarize.py"), str(synthetic_sweep),
-                             "--no-plots"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "seg.tools.summarize", str(synthetic_sweep), "--no-plots"],
+                            capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert "diverged (2/2)" in result.stdout and (synthetic_sweep / "paper_table.csv").is_file()
 

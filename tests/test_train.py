@@ -49,7 +49,7 @@ def test_smoke_run_on_the_phantom(data_dir, tmp_path):
         model = UNet(num_classes=2, depth=2, norm="iln")
         model.load_state_dict(state["model"])
         assert state["config"]["norm"]["name"] == "iln"
-    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["progress"]["step"] == metrics["steps"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["run_state"]["step"] == metrics["steps"]
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["best_epoch"] == metrics["best_epoch"]
     assert not list(tmp_path.rglob("*tmp*"))
 

@@ -72,7 +72,7 @@ def test_predict_tta_labels_a_mirrored_volume_as_the_mirrored_labels(runs, acdc_
     (inputs / "original.nii.gz").symlink_to(source)
     mirrored = np.ascontiguousarray(np.asarray(image.dataobj)[::-1, :, :])
     nib.save(nib.Nifti1Image(mirrored, image.affine, image.header), str(inputs / "mirrored.nii.gz"))
-    script_ok("predict.py", f"ckpt={checkpoint(runs['a'])}", f"input={inputs}", f"output={tmp_path / 'pred'}",
+    script_ok("predict", f"ckpt={checkpoint(runs['a'])}", f"input={inputs}", f"output={tmp_path / 'pred'}",
               "tta=true")
     original = np.asarray(nib.load(str(tmp_path / "pred" / "original.nii.gz")).dataobj)
     labels = np.asarray(nib.load(str(tmp_path / "pred" / "mirrored.nii.gz")).dataobj)
@@ -100,7 +100,7 @@ def test_an_ensemble_averages_the_softmax_of_its_checkpoints(runs, acdc_root):
 def test_predict_with_an_ensemble_writes_the_ensembles_labels(runs, acdc_root, tmp_path):
     volume = acdc_root / "database" / "training" / "patient003" / "patient003_frame01.nii.gz"
     pair = [checkpoint(runs["a"]), checkpoint(runs["b"])]
-    printed = script_ok("predict.py", f"ckpt=[{pair[0]},{pair[1]}]", f"input={volume}", f"output={tmp_path}/pred")
+    printed = script_ok("predict", f"ckpt=[{pair[0]},{pair[1]}]", f"input={volume}", f"output={tmp_path}/pred")
     assert "ensemble of 2" in printed
     record = json.loads((tmp_path / "pred" / "predictions.json").read_text())
     assert record["checkpoints"] == [str(p) for p in pair]
@@ -130,7 +130,7 @@ def test_checkpoints_that_do_not_fit_together_are_refused(change, runs, acdc_roo
         if change == "data.format":  # M&Ms writes lv 1, myo 2, rv 3
             change, there, here = "labels", "{0: 0, 1: 1, 2: 2, 3: 3}", "{0: 0, 1: 3, 2: 2, 3: 1}"
     volume = acdc_root / "database" / "training" / "patient003" / "patient003_frame01.nii.gz"
-    result = script("predict.py", f"ckpt=[{first},{other}]", f"input={volume}", f"output={tmp_path}/pred")
+    result = script("predict", f"ckpt=[{first},{other}]", f"input={volume}", f"output={tmp_path}/pred")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.strip() == (
         f"error: ckpt: {other} does not fit {first} in one ensemble: {change} is {there} there, {here} here "

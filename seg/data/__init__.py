@@ -7,18 +7,24 @@ read and preprocessed (``cache.prepare_dataset``), and one line per subset of th
 how many patients were read, skipped as unlabeled and skipped as bad; the split assigns patients
 (``splits``); the task picks and maps the labels (``slices.make_slice_set``). ``check_options``
 range-checks every ``data.`` value before any of this (``seg.config.validate`` calls it).
+It imports nothing of seg above seg/schema.py.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
+from ..schema import DataConfig
 from .cache import Prepared, clear_cache, prepare_dataset
 from .formats import READERS, reader_options
 from .options import check_options
+from .phantom import generate_phantom
 from .readers import ON_ERROR, iter_volumes, warn
 from .slices import TASKS, SliceSet, class_names, make_slice_set, split_patients, task_annotation_mask
 from .splits import SPLIT_NAMES, assign_splits, split_mode
+from .temporaries import remove_stale
 from .volumes import LABELS, DataError, Volume, annotation_bit
 
 __all__ = ["LABELS", "ON_ERROR", "READERS", "TASKS", "DataError", "SliceSet", "Splits", "Volume", "check_options",
@@ -43,10 +49,6 @@ class Splits(dict):
 
 def with_defaults(data_cfg):
     """``data_cfg`` over the schema's defaults (so a partial config, e.g. in a test, has every key)."""
-    from omegaconf import OmegaConf
-
-    from ..config import DataConfig
-
     if OmegaConf.is_config(data_cfg):  # resolve ${paths.data_dir} etc. while the node still has its parents
         data_cfg = OmegaConf.to_container(data_cfg, resolve=True)
     return OmegaConf.merge(OmegaConf.structured(DataConfig), data_cfg)
@@ -61,9 +63,6 @@ def ensure_phantom(root: Path, num_patients: int, seed: int, progress: bool = Tr
     """
     if (root / "phantom.json").is_file():
         return
-    from .phantom import generate_phantom
-    from .temporaries import remove_stale
-
     where = f"paths.data_dir={root.parent}"
     blocker = next((p for p in (root.parent, *root.parent.parents) if p.exists()), None)
     if blocker is not None and not blocker.is_dir():

@@ -20,7 +20,7 @@ The file is written to a temporary name and renamed, so a crash never leaves hal
 the temporary of a killed run is removed by the next one: ``temporaries``); it is read with
 ``torch.load(weights_only=True)`` (plain tensors, strings and numbers only). An
 unwritable root gives a warning and a run without cache. Clear it by deleting the folder, or
-``python scripts/prepare_data.py <overrides> --clear``.
+``seg-prepare-data <overrides> --clear``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The data package's own options: every ``data.`` value range-checked before anything is read.
 
 ``check_options(data_cfg)`` raises ``DataError`` with one line naming the key and what is allowed;
-``seg.config.validate`` calls it at the start of every run (and of ``scripts/prepare_data.py``), so a
+``seg.config.validate`` calls it at the start of every run (and of ``seg-prepare-data``), so a
 value that would mean nothing (``data.max_patients=-1``, ``data.spacing=-1``, percentiles in the
 wrong order) or would fail deep inside a later step (``data.val_fraction=1.0``, a leftover
 ``data.phantom.*`` override on a real dataset) never starts a run. Checks that need the file system
@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import math
 
+from .formats import READERS
+from .nnunet import compile_patient_regex
 from .readers import ON_ERROR
+from .slices import TASKS
 from .splits import split_mode
 from .volumes import LABELS, DataError
 
@@ -30,9 +33,6 @@ def is_number(value) -> bool:
 
 def check_options(data) -> None:
     """Refuse, naming the key, any ``data.`` value outside its range; ``data`` is the run's ``data`` node."""
-    from .formats import READERS
-    from .slices import TASKS
-
     get = data.get
     for key, allowed in (("format", tuple(READERS)), ("task", tuple(TASKS)), ("normalize", NORMALIZE),
                          ("on_error", ON_ERROR), ("cache_dtype", CACHE_DTYPES)):
@@ -74,8 +74,6 @@ def check_options(data) -> None:
         if get("format") != "nnunet":
             raise DataError(f"data.patient_regex applies to data.format=nnunet (case ids grouped into patients); "
                             f"data.format={get('format')} names its patients itself: remove it")
-        from .nnunet import compile_patient_regex
-
         compile_patient_regex(str(regex))
     if not str(get("domain_key") or "").strip():
         raise DataError("data.domain_key is empty; it names the case field that is the domain (e.g. vendor)")

@@ -1,8 +1,8 @@
 """Training throughput and peak memory per normalization: our pipeline vs MONAI's, side by side in one run.
 
-    python scripts/bench.py                                   # CPU, and the GPU when there is one
-    python scripts/bench.py --devices cuda --batch-size 32 --precision bf16 --compile --steps 50
-    python scripts/bench.py --norms bn iln --size 128 --steps 5       # a quicker look
+    python benchmarks/bench.py                                   # CPU, and the GPU when there is one
+    python benchmarks/bench.py --devices cuda --batch-size 32 --precision bf16 --compile --steps 50
+    python benchmarks/bench.py --norms bn iln --size 128 --steps 5       # a quicker look
 
 For each device and each normalization, two pipelines train the same U-Net widths (16 ... 256) on
 the same random data, with a random rotation as augmentation:
@@ -15,16 +15,16 @@ the same random data, with a random rotation as augmentation:
   workers, each batch copied to the device (pinned memory on CUDA).
 
 Both get the same precision (``--precision``: autocast to bf16, or fp32) and, with ``--compile``,
-the same ``torch.compile``. A step is: next batch, augmentation, forward, cross-entropy, backward,
-SGD step; images/s is over ``--steps`` steps after ``--warmup`` steps (DataLoader workers started,
-compilation done). Every measurement runs in a fresh process, so that peak memory is its own: on
-CUDA ``torch.cuda.max_memory_allocated`` over the timed steps (everything torch holds on the GPU,
-the resident dataset included); on CPU the peak resident set size of the training process
-(DataLoader workers not included). With ``--compile`` the graph breaks that torch.compile met in our
+the same ``torch.compile``. A step is: next batch, augmentation, then the trainer's own training step
+(``seg.step.train_step``: forward, cross-entropy, backward, SGD step); images/s is over ``--steps``
+steps after ``--warmup`` steps (DataLoader workers started, compilation done). Every measurement
+runs in a fresh process, so that peak memory is its own: on CUDA ``torch.cuda.max_memory_allocated``
+over the timed steps (everything torch holds on the GPU, the resident dataset included); on CPU the
+peak resident set size of the training process (DataLoader workers not included). With ``--compile`` the graph breaks that torch.compile met in our
 model are listed too. The layers that replace the convolution + norm pair (kn, wn, bkn) have no
 MONAI counterpart, nor do the conditional ones (cin, adain, spade, sean: MONAI's networks pass no
-condition; ours get each image's domain id, 4 vendors). Prints one Markdown table per device, ready for the README; compare figures
-within one table only.
+condition; ours get each image's domain id, 4 vendors). Writes one table per device to
+docs/results/bench.md (``--out``: elsewhere); compare figures within one table only.
 """
 
 from __future__ import annotations
@@ -33,15 +33,22 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+
+from harness import cpu_model, markdown_table, sgd_options, write_result
+from seg.augment import augment_batch
+from seg.losses import build_loss
+from seg.norms import names, register_monai
+from seg.norms import spec as norm_spec
+from seg.optimizers import build_optimizer
+from seg.step import TrainStep, train_step
+from seg.unet import UNet
 
 WIDTHS = (16, 32, 64, 128, 256)
 ROTATE_DEG = 15.0
@@ -54,8 +61,6 @@ MONAI_OWN = {"bn": "batch", "in": ("instance", {"affine": True}), "gn": ("group"
 
 def measure(spec: dict) -> dict:
     """Train ``spec['pipeline']`` with ``spec['norm']`` on ``spec['device']``; images/s, peak memory, graph breaks."""
-    import torch
-
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
@@ -63,35 +68,27 @@ def measure(spec: dict) -> dict:
     n, size, batch_size = spec["samples"], spec["size"], spec["batch_size"]
     images = torch.randn(n, 1, size, size)
     labels = (torch.rand(n, size, size) < 0.1).to(torch.uint8)
-    build = ours if spec["pipeline"] == "ours" else monai
-    model, next_batch = build(spec, images, labels, device)
-    if spec["compile"]:
-        model = torch.compile(model, backend=spec["compile_backend"])
+    ours_pipeline = spec["pipeline"] == "ours"
+    model, next_batch = (ours if ours_pipeline else monai)(spec, images, labels, device)
+    module = torch.compile(model, backend=spec["compile_backend"]) if spec["compile"] else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        x, y = next_batch()  # x: the images, or (images, domain ids) for our U-Net
-        with autocast:
-            logits = model(*x) if isinstance(x, tuple) else model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float(), y.long())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
+    # the trainer's step: ours channels_last with each image's domain id, MONAI's as shipped (images only)
+    step = TrainStep.of(model, build_optimizer(model, sgd_options()), build_loss("ce"), module=module,
+                        autocast=autocast, conditioned=ours_pipeline,
+                        memory_format=torch.channels_last if ours_pipeline else torch.contiguous_format)
 
     def synchronize():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
     for _ in range(spec["warmup"]):
-        step()
+        train_step(step, *next_batch())
     synchronize()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(spec["steps"]):
-        loss = step()
+        loss = train_step(step, *next_batch())
     synchronize()
     seconds = time.perf_counter() - start
     if not math.isfinite(loss.item()):
@@ -109,12 +106,8 @@ def measure(spec: dict) -> dict:
 
 
 def ours(spec, images, labels, device):
-    """The trainer's pipeline: data on the device, gathered by index, augmented in one batched call."""
-    import torch
-
-    from seg.augment import augment_batch
-    from seg.unet import UNet
-
+    """The trainer's pipeline: data on the device, gathered by index, augmented in one batched call; batches
+    of (images, labels, domain ids)."""
     images, labels = images.to(device), labels.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     model = UNet(num_classes=2, base_channels=WIDTHS[0], depth=len(WIDTHS) - 1, norm=spec["norm"], num_domains=4)
@@ -130,18 +123,17 @@ def ours(spec, images, labels, device):
         index = order[position:position + spec["batch_size"]]
         position += spec["batch_size"]
         x, y = augment_batch(images[index], labels[index], rotate_deg=ROTATE_DEG, flip=False, generator=generator)
-        return (x.contiguous(memory_format=torch.channels_last), domains[index]), y
+        return x, y, domains[index]
 
     return model, next_batch
 
 
 def monai(spec, images, labels, device):
-    """MONAI's usual pipeline: CacheDataset, random transforms in DataLoader workers, BasicUNet."""
+    """MONAI's usual pipeline: CacheDataset, random transforms in DataLoader workers, BasicUNet; batches of
+    (images, labels)."""
     from monai.data import CacheDataset, DataLoader
     from monai.networks.nets import BasicUNet
     from monai.transforms import Compose, EnsureTyped, RandRotated
-
-    from seg.norms import register_monai
 
     register_monai()
     keys = ["image", "label"]
@@ -168,7 +160,7 @@ def monai(spec, images, labels, device):
             batch = next(batches)
         x = batch["image"].as_tensor().to(device, non_blocking=True)
         y = batch["label"].as_tensor()[:, 0].to(device, non_blocking=True)
-        return x, y
+        return x, y, None
 
     return model, next_batch
 
@@ -187,20 +179,9 @@ def run_child(spec: dict) -> dict:
 
 
 def device_name(device: str, threads: int | None) -> str:
-    import torch
-
     if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name(torch.device(device))}, torch {torch.__version__}"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    threads = threads or torch.get_num_threads()
-    return f"CPU {model}, {os.cpu_count()} cores, {threads} torch threads, torch {torch.__version__}"
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"CPU {cpu_model()}, {os.cpu_count()} cores, {threads or torch.get_num_threads()} torch threads"
 
 
 def cell(result: dict | None, key: str, digits: int) -> str:
@@ -212,11 +193,6 @@ def cell(result: dict | None, key: str, digits: int) -> str:
 
 
 def main() -> None:
-    import torch
-
-    from seg.norms import names
-    from seg.norms import spec as norm_spec
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--norms", nargs="+", default=["bn", "in", "ln", "gn", "bin", "iln", "sn"],
                         choices=names())
@@ -232,6 +208,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64, help="dataset size (random images)")
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="MONAI DataLoader workers")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="the result page (default: docs/results/)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -243,18 +220,21 @@ def main() -> None:
         parser.error("--samples must be at least --batch-size")
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
+    sections = []
     for device in devices:
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda")
                                             and torch.cuda.is_bf16_supported())
         precision = "bf16" if bf16 else "fp32"
         compiled = f"compiled ({args.compile_backend})" if args.compile else "eager"
-        print(f"\n**{device}** ({device_name(device, args.threads)}): batch {args.batch_size}, "
-              f"{args.size}x{args.size}, {precision}, {compiled}, {args.steps} timed steps after {args.warmup}; "
-              f"MONAI: CacheDataset + DataLoader with {args.workers} workers\n", flush=True)
+        title = (f"**{device}** ({device_name(device, args.threads)}): batch {args.batch_size}, "
+                 f"{args.size}x{args.size}, {precision}, {compiled}, {args.steps} timed steps after {args.warmup}; "
+                 f"MONAI: CacheDataset + DataLoader with {args.workers} workers")
+        print(f"\n{title}\n", flush=True)
         memory = "peak GPU memory (MiB)" if device.startswith("cuda") else "peak RSS (MiB)"
         header = ["norm", "ours: images/s", f"ours: {memory}", "MONAI BasicUNet: images/s", f"MONAI: {memory}",
                   "ours / MONAI"] + (["graph breaks (ours)"] if args.compile else [])
-        print("| " + " | ".join(header) + " |\n" + "|---" * len(header) + "|", flush=True)
+        print(markdown_table(header, []), end="", flush=True)
+        rows = []
         for norm in args.norms:
             spec = {"device": device, "norm": norm, "batch_size": args.batch_size, "size": args.size,
                     "precision": precision, "compile": args.compile, "compile_backend": args.compile_backend,
@@ -269,7 +249,14 @@ def main() -> None:
                    cell(monai_result, "images_per_s", 1), cell(monai_result, "peak_mib", 0), ratio]
             if args.compile:
                 row.append(cell(ours_result, "graph_breaks", 0))
+            rows.append(row)
             print("| " + " | ".join(row) + " |", flush=True)
+        sections.append(f"{title}\n\n{markdown_table(header, rows)}")
+    about = ("Training throughput and peak memory per normalization: this pipeline (the data on the device, "
+             "augmented there, the trainer's `seg.step.train_step`) against MONAI's `BasicUNet` fed by "
+             "`CacheDataset` + `DataLoader`, same widths, same precision and compilation; every measurement in a "
+             "fresh process. Compare figures within one table only.")
+    write_result("bench", "Training throughput: this pipeline and MONAI's", "\n".join(sections), about, args.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,4 @@
-"""Tables and plots of a sweep folder: every run's metrics.json -> the study's table and figures.
-
-    python scripts/summarize.py multirun/2025-01-31/12-00-00
-    python scripts/summarize.py multirun/2025-01-31/12-00-00 --metric dice_2d --no-plots
+"""seg-summarize: tables and plots of a sweep folder: every run's metrics.json -> the study's table and figures.
 
 Writes, into the sweep folder, what a multirun writes at its end (seg/summary.py): summary.md/.csv
 (one row per run), paper_table.md/.csv (rows norms, Dice mean ± std over folds and seeds, diverged
@@ -20,28 +17,25 @@ import argparse
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ..summary import write_summary
+from . import arguments
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """seg-summarize with ``argv`` (default: the command line's arguments); returns the exit code."""
+    parser = argparse.ArgumentParser(prog="seg-summarize", description=__doc__.splitlines()[0].partition(": ")[2])
     parser.add_argument("sweep_dir", type=Path, help="a multirun folder whose subfolders hold metrics.json")
     parser.add_argument("--metric", default="dice", help="the metrics.json key in the table (default: dice, "
                                                          "3D per volume; dice_2d, dice_rv, best_val_dice...)")
     parser.add_argument("--no-plots", action="store_true", help="write the tables only")
-    args = parser.parse_args(argv)
-
-    from seg.summary import write_summary
-
+    args = parser.parse_args(arguments(argv))
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a folder", file=sys.stderr)
         return 1
     if write_summary(args.sweep_dir, metric=args.metric, plots=not args.no_plots) is None:
         print(f"error: no run folder with a metrics.json directly below {args.sweep_dir}", file=sys.stderr)
         return 1
-    table = args.sweep_dir / "paper_table.md"
-    print(table.read_text())
+    print((args.sweep_dir / "paper_table.md").read_text())
     written = sorted(p.name for p in args.sweep_dir.iterdir() if p.suffix in (".md", ".csv", ".png"))
     print(f"Written in {args.sweep_dir}: {', '.join(written)}")
     return 0

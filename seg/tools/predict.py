@@ -1,14 +1,10 @@
-"""Segment NIfTI volumes with a trained run's checkpoint (or an ensemble), writing label volumes on the input's grid.
-
-    python scripts/predict.py ckpt=outputs/<run>/checkpoints/best.pt input=patient001_frame01.nii.gz output=pred/
-    python scripts/predict.py ckpt=<run>/checkpoints/best.pt input=/path/to/ACDC/database/testing output=pred/
-    python scripts/predict.py ckpt=[fold0/best.pt,fold1/best.pt] input=... output=... tta=true
+"""seg-predict: segment NIfTI volumes with a trained run's checkpoint (or an ensemble), on the input's grid.
 
 input: one 3D volume, or a folder searched recursively (ACDC's ``*_gt`` label maps and ``*_4d`` cine
 series are left out by name). Each output ``<name>.nii.gz`` has the input's affine and header and the
 dataset's own label values (ACDC: rv 1, myo 2, lv 3); preprocessing is the training run's own (from
 the checkpoint), and every input is first reoriented by its affine to the orientation of the training
-images, the labels mapped back. Options (docs/inference.md):
+images, the labels mapped back. Options (docs/inference.md)::
 
     ckpt=<best.pt> or [a.pt,b.pt]     one checkpoint, or an ensemble (softmax averaged); must fit together
     device=auto|cpu|cuda|cuda:<n>     batch_size=16
@@ -27,26 +23,25 @@ are written and the exit code is 2.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ..checkpoint import CheckpointError
+from ..data import DataError
+from ..inference import (OptionError, check_orientation, load_segmenter, parse_bool, parse_checkpoints,
+                         parse_key_values, parse_positive_int, plan_outputs, predict_files)
+from ..runtime import DeviceError, resolve_device
+from . import arguments
 
-USAGE = ("usage: python scripts/predict.py ckpt=<best.pt or [a.pt,b.pt]> input=<volume.nii.gz or folder> "
-         "output=<folder> [tta=true] [overwrite=true] ...")
+SKIPPED_EXIT_CODE = 2  # some inputs of a folder could not be read (the others were written)
+
+USAGE = ("usage: seg-predict ckpt=<best.pt or [a.pt,b.pt]> input=<volume.nii.gz or folder> output=<folder> "
+         "[tta=true] [overwrite=true] ...")
 DEFAULTS = {"ckpt": None, "input": None, "output": None, "device": "auto", "batch_size": "16",
             "interpolation": "nearest", "tta": "false", "orientation": "auto", "domain": "", "overwrite": "false"}
-SKIPPED_EXIT_CODE = 2
 
 
-def main(argv: list[str]) -> int:
-    from seg.checkpoint import CheckpointError
-    from seg.data import DataError
-    from seg.inference import (OptionError, check_orientation, load_segmenter, parse_bool, parse_checkpoints,
-                               parse_key_values, parse_positive_int, plan_outputs, predict_files)
-    from seg.runtime import DeviceError, resolve_device
-
-    args = parse_key_values(argv, DEFAULTS, USAGE)
+def main(argv: list[str] | None = None) -> int:
+    """seg-predict with ``argv`` (default: the command line's arguments); returns the exit code."""
+    args = parse_key_values(arguments(argv), DEFAULTS, USAGE)
     try:
         batch_size = parse_positive_int("batch_size", args["batch_size"])
         tta, overwrite = parse_bool("tta", args["tta"]), parse_bool("overwrite", args["overwrite"])
@@ -78,4 +73,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

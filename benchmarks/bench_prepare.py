@@ -1,25 +1,26 @@
 """Benchmark: the first start on an ACDC-size dataset (prepare + cache) vs the second, cached start.
 
-    python scripts/bench_prepare.py                       # 100-patient phantom, ED+ES, training defaults
-    python scripts/bench_prepare.py --patients 20 --root /tmp/seg-bench
+    python benchmarks/bench_prepare.py                       # 100-patient phantom, ED+ES, training defaults
+    python benchmarks/bench_prepare.py --patients 20 --root /tmp/seg-bench
 
 Generates the built-in phantom once (timed apart: it is not data preparation), then times
 ``load_splits`` -- everything a training run does before its first step -- twice: with the cache
 removed (read every NIfTI, preprocess to 256x256 at 1.5 mm, write the cache) and again (cache
-hit). Prints both, their ratio and the cache file's size.
+hit). Writes both, their ratio and the cache file's size to docs/results/bench_prepare.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from hydra import compose, initialize_config_dir
+
+from harness import ROOT, markdown_table, write_result
+from seg.data import clear_cache, ensure_phantom, load_splits, with_defaults
+from seg.launch import register_configs
 
 
 def main() -> None:
@@ -27,13 +28,8 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=100, help="phantom patients (ACDC's training set: 100)")
     parser.add_argument("--root", type=Path, default=None, help="where the phantom goes (default: a temporary folder)")
     parser.add_argument("--cache-dtype", default="float32", choices=("float32", "float16"))
+    parser.add_argument("--out", type=Path, default=None, help="the result page (default: docs/results/)")
     args = parser.parse_args()
-
-    import torch
-    from hydra import compose, initialize_config_dir
-
-    from seg.config import register_configs
-    from seg.data import clear_cache, load_splits, with_defaults
 
     register_configs()
     data_dir = args.root or Path(tempfile.mkdtemp(prefix="seg-bench-"))
@@ -42,31 +38,28 @@ def main() -> None:
                                                       f"data.phantom.num_patients={args.patients}",
                                                       f"data.cache_dtype={args.cache_dtype}"])
     root = Path(cfg.data.root)
-    from seg.data import ensure_phantom
-
     started = time.perf_counter()
     ensure_phantom(root, cfg.data.phantom.num_patients, cfg.data.phantom.seed, progress=True)
     generation = time.perf_counter() - started
     clear_cache(with_defaults(cfg.data), root)
 
     timings = {}
-    for name in ("first start (prepare + write cache)", "second start (cached)"):
+    for name in ("first start: read + preprocess + write cache", "second start: from the cache"):
         started = time.perf_counter()
         splits = load_splits(cfg.data, cfg.seed, progress=True)
         timings[name] = time.perf_counter() - started
     cache = Path(splits.cache["path"])
     slices = sum(len(s) for s in splits.values())
-
-    print(f"\n{args.patients}-patient phantom (ED+ES: {2 * args.patients} volumes, {slices} slices of "
-          f"{cfg.data.image_size}x{cfg.data.image_size} at {cfg.data.spacing} mm) in {root}")
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads; phantom generation (not timed below) {generation:.1f} s\n")
-    print("| start | time (s) |\n|---|---|")
-    for name, seconds in timings.items():
-        print(f"| {name} | {seconds:.2f} |")
     first, second = timings.values()
-    print(f"\ncached start is {first / second:.1f}x faster; cache file {cache.name}: "
-          f"{cache.stat().st_size / 2**20:.0f} MiB ({args.cache_dtype})")
+    about = (f"`load_splits` (everything a training run does before its first step) on the {args.patients}-patient "
+             f"phantom (ED+ES: {2 * args.patients} volumes, {slices} slices of {cfg.data.image_size}x"
+             f"{cfg.data.image_size} at {cfg.data.spacing} mm), first with its cache removed, then again. Generating "
+             f"the phantom itself took {generation:.1f} s and is not included.")
+    body = (markdown_table(["start", "time (s)"], [[name, f"{seconds:.2f}"] for name, seconds in timings.items()])
+            + f"\nThe cached start is {first / second:.1f}x faster; the cache file ({args.cache_dtype}) is "
+              f"{cache.stat().st_size / 2**20:.0f} MiB.")
+    print("\n" + body)
+    write_result("bench_prepare", "Data preparation: the first start and the cached one", body, about, args.out)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 Each case is a command line (and, for the data cases, one thing broken in a small valid ACDC-layout
 tree of real NIfTI files). ``train.py`` must refuse it at start with exit code 1 and one line that
 contains ``expect``, without a traceback. The table is read by tests/test_reliability.py (one
-parametrized test per case) and by scripts/bad_inputs_report.py (the table of docs/results/bad_inputs.md);
-nothing here imports from tests/.
+parametrized test per case) and by benchmarks/bad_inputs_report.py (the table of
+docs/results/bad_inputs.md); nothing here imports from tests/ or from the harness.
 
 Placeholders in a case's overrides: ``{tree}`` the case's data tree, ``{tmp}`` a folder of the case,
 ``{done}`` a finished smoke run on such a tree (made once, shared by the cases that need one; they

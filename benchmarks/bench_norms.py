@@ -1,10 +1,10 @@
 """Forward + backward time of every normalization layer, as a ratio to torch's GroupNorm, in one run.
 
-    python scripts/bench_norms.py                       # CPU, (8, 16, 256, 256)
-    python scripts/bench_norms.py --device cuda
-    python scripts/bench_norms.py --channels-last       # the trainer's memory format
-    python scripts/bench_norms.py --threads 1           # steadier on a machine shared with other jobs
-    python scripts/bench_norms.py --layers bin iln sn   # some layers only (GroupNorm is always timed)
+    python benchmarks/bench_norms.py                       # CPU, (8, 16, 256, 256)
+    python benchmarks/bench_norms.py --device cuda
+    python benchmarks/bench_norms.py --channels-last       # the trainer's memory format
+    python benchmarks/bench_norms.py --threads 1           # steadier on a machine shared with other jobs
+    python benchmarks/bench_norms.py --layers bin iln sn   # some layers only (GroupNorm is always timed)
 
 Two tables. "Layer alone": every layer that sits after a convolution, on the same input tensor,
 against ``torch.nn.GroupNorm(16, 16)``; a straightforward seed-style ILN (three separate
@@ -25,24 +25,21 @@ and every parameter (``torch.autograd.grad``, nothing accumulates). Candidates a
 interleaved rounds and the median round is reported, so drift of the machine affects all alike.
 The median and its ratio are the result; the ratio of the best rounds is printed beside it
 because on a shared machine other load inflates some rounds. Compare numbers within one run only.
+Writes docs/results/bench_norms.md (``--out``: elsewhere).
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from seg.norms import Condition, context_options, make_conv_norm, make_norm, names, spec  # noqa: E402
+from harness import interleaved_times, markdown_table, write_result
+from seg.norms import Condition, context_options, make_conv_norm, make_norm, names, spec
 
 
 class SeedStyleILN(nn.Module):
@@ -106,37 +103,26 @@ def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
 
 def run(candidates: dict, x: torch.Tensor, grad_for, rounds: int, repeats: int) -> dict[str, list[float]]:
     """Seconds per step of every candidate in each round; the candidates are interleaved per round."""
-    device = x.device
     steps = {}
     for name, module in candidates.items():
-        module.to(device).train()
+        module.to(x.device).train()
         probe = module(x)
         steps[name] = step_fn(module, x, grad_for(probe))
         steps[name]()  # warm-up
-    times = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(repeats):
-                step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append((time.perf_counter() - start) / repeats)
-    return times
+    return interleaved_times(steps, rounds, repeats, x.device)
 
 
-def print_table(title: str, times: dict[str, list[float]], reference: str) -> None:
+def table(title: str, times: dict[str, list[float]], reference: str) -> str:
     """Median time and its ratio to the reference; the ratio of the best rounds too (less sensitive
     to other load on the machine)."""
     median = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}
-    print(f"\n{title}\n\n| layer | ms fwd+bwd (median) | ratio to {reference} | ratio, best rounds |\n"
-          f"|---|---|---|---|")
-    for name in times:
-        print(f"| {name} | {1000 * median[name]:.1f} | {median[name] / median[reference]:.2f} | "
-              f"{best[name] / best[reference]:.2f} |")
+    rows = [[name, f"{1000 * median[name]:.1f}", f"{median[name] / median[reference]:.2f}",
+             f"{best[name] / best[reference]:.2f}"] for name in times]
+    text = f"## {title}\n\n" + markdown_table(
+        ["layer", "ms fwd+bwd (median)", f"ratio to {reference}", "ratio, best rounds"], rows)
+    print("\n" + text, flush=True)
+    return text
 
 
 def main() -> None:
@@ -150,6 +136,7 @@ def main() -> None:
     parser.add_argument("--skip-pairs", action="store_true", help="only the layer-alone table")
     parser.add_argument("--layers", nargs="+", choices=names(), help="only these layers (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=None, help="the result page (default: docs/results/)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -159,11 +146,11 @@ def main() -> None:
     torch.manual_seed(0)
     x = torch.randn(n, c, h, w, device=device).contiguous(memory_format=fmt).requires_grad_()
 
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    print(f"Normalization layers, forward + backward on ({n}, {c}, {h}, {w}) float32"
-          f"{', channels_last' if args.channels_last else ''}; device {device} ({where}); torch {torch.__version__}; "
-          f"{args.rounds} interleaved rounds of {args.repeats} steps (layer alone) / {args.pair_repeats} (pairs)")
+    about = (f"Forward + backward of each normalization layer on a ({n}, {c}, {h}, {w}) float32 tensor"
+             f"{', channels_last' if args.channels_last else ''} on {device}, as a ratio to torch's GroupNorm; then "
+             f"each layer with its 3x3 convolution (`make_conv_norm`, the U-Net's pair). Median of {args.rounds} "
+             f"interleaved rounds of {args.repeats} steps (layer alone) / {args.pair_repeats} (pairs).")
+    print(about)
 
     gn = "GroupNorm(16, 16) (torch)"
     layers = {gn: nn.GroupNorm(16, c)}
@@ -174,15 +161,18 @@ def main() -> None:
         layers["iln, seed-style (3 separate norms)"] = SeedStyleILN(c)
     layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
     same_shape = torch.randn_like(x)
-    print_table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats), gn)
+    tables = [table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats), gn)]
 
     if not args.skip_pairs:
         conv_gn = "conv 3x3 + GroupNorm(16, 16)"
         pairs = {conv_gn: make_conv_norm("gn", c, c, 3)}
         pairs.update({f"conv 3x3 + {name}": build(name, make_conv_norm, cond, c, c, 3) for name in chosen})
         pairs = {name: m.to(memory_format=fmt) for name, m in pairs.items()}
-        print_table("Convolution + layer (the U-Net's pair, make_conv_norm)",
-                    run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats), conv_gn)
+        tables.append(table("Convolution + layer (the U-Net's pair, make_conv_norm)",
+                            run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats),
+                            conv_gn))
+    write_result("bench_norms", "Normalization layers: forward + backward against GroupNorm", "\n".join(tables),
+                 about, args.out)
 
 
 if __name__ == "__main__":

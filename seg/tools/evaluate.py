@@ -1,16 +1,14 @@
-"""Per-case, per-class Dice and 95% Hausdorff distance (mm) of predictions against ground truth.
-
-    python scripts/evaluate.py pred=pred/ gt=/path/to/ACDC/database/testing
-    python scripts/evaluate.py pred=pred/ gt=labelsTr/ labels=rv:1,myo:2,lv:3 out=scores.csv
+"""seg-evaluate: per-case, per-class Dice and 95% Hausdorff distance (mm) of predictions against ground truth.
 
 Every ground truth below gt (``<case>_gt.nii.gz``; in a folder without _gt files every
 ``<case>.nii.gz``) is a case, paired with ``<case>.nii.gz`` in pred. A ground truth without
 prediction is an error naming it, unless ``missing=zero``: then it is scored as an empty prediction
 (Dice 0 for each class it holds) and listed. Prints a Markdown table (one row per case, then the
 mean) and writes it as CSV (default ``<pred>/evaluation.csv``; an existing file is replaced only with
-``overwrite=true``). The classes are those predict.py recorded, unless labels= is given.
+``overwrite=true``). The classes are those seg-predict recorded, unless labels= is given.
 Definitions (empty classes, spacing, means): seg/evaluation.py. HD95 needs scipy (the study extra).
-Every option is checked at start; a bad one ends with one line naming it, exit code 1.
+
+Every option is checked at start; a bad one ends the tool with one line naming it, exit code 1.
 """
 
 from __future__ import annotations
@@ -18,20 +16,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ..data import DataError
+from ..evaluation import MISSING, evaluate_folders, parse_labels
+from ..inference import OptionError, parse_bool, parse_key_values
+from . import arguments
 
-USAGE = ("usage: python scripts/evaluate.py pred=<folder> gt=<folder> [labels=rv:1,lv:3] [missing=error|zero] "
+USAGE = ("usage: seg-evaluate pred=<folder> gt=<folder> [labels=rv:1,lv:3] [missing=error|zero] "
          "[out=<file.csv>] [overwrite=true]")
 DEFAULTS = {"pred": None, "gt": None, "labels": "", "missing": "error", "out": "", "overwrite": "false"}
 
 
-def main(argv: list[str]) -> int:
-    from seg.data import DataError
-    from seg.evaluation import MISSING, evaluate_folders, parse_labels
-    from seg.inference import OptionError, parse_bool, parse_key_values
-
-    args = parse_key_values(argv, DEFAULTS, USAGE)
+def main(argv: list[str] | None = None) -> int:
+    """seg-evaluate with ``argv`` (default: the command line's arguments); returns the exit code."""
+    args = parse_key_values(arguments(argv), DEFAULTS, USAGE)
     try:
         overwrite = parse_bool("overwrite", args["overwrite"])
         if args["missing"] not in MISSING:
@@ -61,4 +58,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

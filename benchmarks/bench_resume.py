@@ -1,7 +1,7 @@
 """Soak test of kill-and-resume: stop a real training run at random moments with SIGTERM, SIGINT or
 SIGKILL, resume it, and compare its final weights and metrics with an uninterrupted run, bit for bit.
 
-    python scripts/bench_resume.py --trials 20        # writes docs/results/soak_resume.md
+    python benchmarks/bench_resume.py --trials 20        # writes docs/results/soak_resume.md
 
 Each trial starts ``train.py`` (the smoke experiment on a 6-patient phantom, ``--epochs`` epochs, a
 checkpoint every 2 steps, deterministic kernels), sends it the trial's signal after a random delay
@@ -10,7 +10,8 @@ drawn over the run's duration (the three signals take turns), then runs the same
 the first step -- and compares the final last.pt's weights and metrics.json with the reference
 run's. SIGTERM and SIGINT must end the run with exit code 75 (saved after the step in progress, or
 nothing to save yet) or 0 (it had already finished). Prints one line per trial, then writes the
-table, stamped with the command, the commit and the machine, to ``--out``.
+table through the harness (stamped with the command, the commit and the machine) to
+docs/results/soak_resume.md (``--out``: elsewhere).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from stamp import ROOT, stamp
+from harness import ROOT, markdown_table, write_result
+from seg.checkpoint import read_run_state
 
 SIGNALS = {"TERM": signal.SIGTERM, "INT": signal.SIGINT, "KILL": signal.SIGKILL}
 
@@ -49,11 +51,11 @@ def where_it_stopped(run_dir: Path) -> str:
     checkpoint = run_dir / "checkpoints" / "last.pt"
     if not checkpoint.exists():
         return "before its first checkpoint"
-    progress = torch.load(checkpoint, weights_only=True)["progress"]
+    state = read_run_state(torch.load(checkpoint, weights_only=True))
     status = "?"
     if (run_dir / "metrics.json").exists():
         status = json.loads((run_dir / "metrics.json").read_text()).get("status", "?")
-    return f"epoch {progress['epoch']} batch {progress['batch']} (step {progress['step']}), status {status}"
+    return f"epoch {state.epoch} batch {state.batch} (step {state.step}), status {status}"
 
 
 def main() -> None:
@@ -62,7 +64,7 @@ def main() -> None:
     parser.add_argument("--signals", default="TERM,INT,KILL", help="comma-separated, taking turns")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "soak_resume.md")
+    parser.add_argument("--out", type=Path, default=None, help="the result page (default: docs/results/)")
     args = parser.parse_args()
     names = args.signals.split(",")
     rng = random.Random(args.seed)
@@ -93,8 +95,7 @@ def main() -> None:
             same = all(torch.equal(weights[k], reference_weights[k]) for k in reference_weights) and all(
                 metrics[k] == reference_metrics[k] for k in ("dice", "dice_2d", "best_val_dice", "steps"))
             identical += same
-            rows.append(f"| {trial} | SIG{name} | {delay:.2f} | {code} | {where} | "
-                        f"{'identical' if same else '**different**'} |")
+            rows.append([trial, f"SIG{name}", f"{delay:.2f}", code, where, "identical" if same else "**different**"])
             print(f"trial {trial:2d}: SIG{name} after {delay:5.2f} s, exit code {code}, last.pt: {where}: "
                   f"{'identical' if same else 'DIFFERENT'}"
                   + ("" if clean else f"\n  unexpected exit; stderr:\n{err}"), flush=True)
@@ -102,16 +103,12 @@ def main() -> None:
              f"uninterrupted run; {expected_exit}/{args.trials} interrupted runs exited as documented (75 or 0 for "
              f"SIGTERM and SIGINT). Reference run: {args.epochs} epochs, {duration:.1f} s.")
     print("\n" + total)
-    document = ("# Soak test: kill and resume\n\n"
-                "`scripts/bench_resume.py`: a real `train.py` run (smoke experiment, 6-patient phantom, a checkpoint "
-                "every 2 steps, deterministic kernels) stopped at random moments by SIGTERM, SIGINT or SIGKILL "
-                "(taking turns), then resumed with `trainer.resume=true`; its final weights and metrics compared "
-                "with an uninterrupted run's.\n\n" + stamp() + "\n**" + total + "**\n\n"
-                "| trial | signal | after (s) | exit code | where last.pt stood | final weights and metrics |\n"
-                "|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(document)
-    print(f"written: {args.out}")
+    about = ("A real `train.py` run (smoke experiment, 6-patient phantom, a checkpoint every 2 steps, deterministic "
+             "kernels) stopped at random moments by SIGTERM, SIGINT or SIGKILL (taking turns), then resumed with "
+             "`trainer.resume=true`; its final weights and metrics compared with an uninterrupted run's.")
+    body = f"**{total}**\n\n" + markdown_table(
+        ["trial", "signal", "after (s)", "exit code", "where last.pt stood", "final weights and metrics"], rows)
+    write_result("soak_resume", "Soak test: kill and resume", body, about, args.out)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,9 @@
-"""Prepare a dataset once -- read, preprocess, write the cache -- so that every training run starts in seconds.
-
-    python scripts/prepare_data.py data=acdc data.root=/path/to/ACDC/database
-    python scripts/prepare_data.py data=mnms data.root=/path/to/OpenDataset --clear   # rebuild its cache
+"""seg-prepare-data: read, preprocess and cache a dataset once, so that every training run starts in seconds.
 
 Takes the same overrides as train.py; the data settings that shape the tensors (image_size,
 spacing, clip_percentiles, normalize, cache_dtype, max_patients, on_error) select the cache file,
 so prepare with the settings you will train with. train.py prepares automatically on first use;
-this script only does it ahead of time (and reports bad files before a long run is queued).
+this tool only does it ahead of time (and reports bad files before a long run is queued).
 See data/README.md for the cache file and how to clear it.
 """
 
@@ -17,26 +14,28 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from ..config import validate
+from ..data import DataError, clear_cache, prepare, with_defaults
+from ..launch import register_configs
+from ..schema import ConfigError
+from . import arguments
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's Hydra configs (train.py's)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """seg-prepare-data with ``argv`` (default: the command line's arguments); returns the exit code."""
+    parser = argparse.ArgumentParser(prog="seg-prepare-data", description=__doc__.splitlines()[0].partition(": ")[2])
     parser.add_argument("overrides", nargs="*", help="Hydra overrides as for train.py, e.g. data=acdc data.root=...")
     parser.add_argument("--clear", action="store_true", help="delete this dataset's cache files first")
-    args = parser.parse_args(argv)
-
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from seg.config import ConfigError, register_configs, validate
-    from seg.data import DataError, clear_cache, prepare, with_defaults
-
+    args = parser.parse_args(arguments(argv))
     register_configs()
     try:
-        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
             cfg = compose(config_name="train", overrides=args.overrides)
         validate(cfg)
         if args.clear:

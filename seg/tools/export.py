@@ -1,15 +1,13 @@
-"""Export a trained run's checkpoint as ONNX (opset 18 unless opset= says otherwise), checked against PyTorch.
-
-    python scripts/export.py ckpt=outputs/<run>/checkpoints/best.pt output=model.onnx
-    python scripts/export.py ckpt=<best.pt> output=model.onnx opset=20 check=false overwrite=true
+"""seg-export: a trained run's checkpoint as ONNX (opset 18 unless opset= says otherwise), checked against PyTorch.
 
 The graph is the network: input ``image`` (N, 1, size, size) float32 (and ``domain`` (N,) int64 for
 norm=cin), output ``logits`` (N, 1 + classes, size, size), the batch size free. The preprocessing,
-label values and training orientation that predict.py applies around it are written into the
+label values and training orientation that seg-predict applies around it are written into the
 model's metadata (``seg.*`` keys; docs/inference.md). With check=true (default) onnxruntime runs the
 exported model on a random batch and the file is written only if its logits match PyTorch's to
 1e-4 (relative); the difference is printed. Needs the onnx extra: pip install -e '.[onnx]'.
-Every option is checked at start; a bad one ends with one line naming it, exit code 1.
+
+Every option is checked at start; a bad one ends the tool with one line naming it, exit code 1.
 """
 
 from __future__ import annotations
@@ -17,22 +15,21 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from ..checkpoint import CheckpointError
+from ..data.slices import TASKS, class_names
+from ..export import (EXTRA, MAX_OPSET, OPSET, ExportError, checkpoint_metadata, missing_packages, takes_domain,
+                      write_export)
+from ..inference import (OptionError, dataset_label_values, parse_bool, parse_key_values, read_checkpoint,
+                         trained_model, training_orientation)
+from . import arguments
 
-USAGE = "usage: python scripts/export.py ckpt=<best.pt> output=<model.onnx> [opset=18] [check=true] [overwrite=true]"
+USAGE = "usage: seg-export ckpt=<best.pt> output=<model.onnx> [opset=18] [check=true] [overwrite=true]"
 DEFAULTS = {"ckpt": None, "output": None, "opset": "18", "check": "true", "overwrite": "false"}
 
 
-def main(argv: list[str]) -> int:
-    from seg.checkpoint import CheckpointError
-    from seg.export import (EXTRA, MAX_OPSET, OPSET, ExportError, checkpoint_metadata, missing_packages, takes_domain,
-                            write_export)
-    from seg.inference import (OptionError, build_model, dataset_label_values, parse_bool, parse_key_values,
-                               read_checkpoint, training_orientation)
-    from seg.data.slices import TASKS, class_names
-
-    args = parse_key_values(argv, DEFAULTS, USAGE)
+def main(argv: list[str] | None = None) -> int:
+    """seg-export with ``argv`` (default: the command line's arguments); returns the exit code."""
+    args = parse_key_values(arguments(argv), DEFAULTS, USAGE)
     try:
         check, overwrite = parse_bool("check", args["check"]), parse_bool("overwrite", args["overwrite"])
         opset = int(args["opset"]) if args["opset"].isdigit() else 0
@@ -57,7 +54,7 @@ def main(argv: list[str]) -> int:
         labels = dict(zip(class_names(data["task"]), [values[project] for project in TASKS[data["task"]]]))
         orientation = training_orientation(state)
         metadata = checkpoint_metadata(state, labels, orientation and orientation[0], args["ckpt"])
-        model = build_model(state)
+        model = trained_model(state)
         difference = write_export(model, output, image_size=data["image_size"],
                                   in_channels=state["config"]["model"]["in_channels"], opset=opset,
                                   metadata=metadata, check=check)
@@ -77,4 +74,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

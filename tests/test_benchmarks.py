@@ -1,0 +1,67 @@
+"""The benchmarks' harness: every result page carries the command, the commit and the machine above its
+figures, and every benchmark writes its page through it (none by hand)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+
+import pytest
+
+import harness  # benchmarks/harness.py (benchmarks/ is on pytest's pythonpath, as it is on a benchmark's)
+from conftest import ROOT
+
+BENCHMARKS = ROOT / "benchmarks"
+PAGES = {"bench.py": "bench", "bench_default_run.py": "bench_default_run", "bench_norms.py": "bench_norms",
+         "bench_prepare.py": "bench_prepare", "bench_resume.py": "soak_resume",
+         "bench_train_step.py": "bench_train_step", "bad_inputs_report.py": "bad_inputs"}
+
+
+def test_a_result_page_has_its_stamp_above_its_figures(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / "bench_x.py"), "--steps", "3"])
+    table = harness.markdown_table(["layer", "ms"], [["bn", "1.5"], ["a|b", "2"]])
+    page = harness.write_result("bench_x", "A title", table, "What was measured.", out=tmp_path / "bench_x.md")
+    lines = page.read_text().splitlines()
+    assert lines[0] == "# A title" and lines[2] == "What was measured."
+    stamp = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines if line.startswith("- ")}
+    assert stamp["- command"] == "`python benchmarks/bench_x.py --steps 3`"
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    assert stamp["- commit"].strip("`").split()[0] == head and stamp["- commit"].strip("`") in (head, f"{head} (dirty)")
+    assert "CPU cores" in stamp["- machine"] and "RAM" in stamp["- machine"]
+    assert ("no GPU" in stamp["- machine"]) != harness.torch.cuda.is_available()
+    assert stamp["- torch"] == harness.torch.__version__ and len(stamp["- date"]) == 10
+    assert "(1 / 5 / 15 minutes)" in stamp["- load average"]
+    assert lines.index("| layer | ms |") > max(i for i, line in enumerate(lines) if line.startswith("- "))
+    assert "| a\\|b | 2 |" in lines  # a cell's | does not break the table
+    assert harness.write_result.__defaults__[-1] is None and harness.RESULTS == ROOT / "docs" / "results"
+
+
+def test_every_benchmark_writes_its_page_through_the_harness():
+    """Each benchmark calls harness.write_result once, with its page's name; none writes a page (or a stamp)
+    itself."""
+    pages = {}
+    for path in sorted(BENCHMARKS.glob("*.py")):
+        if path.name in ("harness.py", "bad_inputs.py"):  # the harness, and the bad-input table (no page)
+            continue
+        calls = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
+                 and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_result"]
+        assert len(calls) == 1 and isinstance(calls[0].args[0], ast.Constant), f"{path.name}: one write_result"
+        pages[path.name] = calls[0].args[0].value
+        source = path.read_text()
+        assert "write_text(" not in source and "def stamp" not in source, f"{path.name} writes a page itself"
+    assert PAGES.items() <= pages.items()
+    assert len(set(pages.values())) == len(pages)  # a page each
+
+
+@pytest.mark.slow
+def test_the_train_step_benchmark_writes_a_stamped_page(tmp_path):
+    """bench_train_step.py end to end at a tiny size (the trainer's step on our U-Net and MONAI's BasicUNet)."""
+    out = tmp_path / "bench_train_step.md"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_train_step.py"), "--size", "32", "--batch-size",
+                             "2", "--rounds", "1", "--steps", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = out.read_text()
+    assert page.startswith("# Train step") and "- command: `python benchmarks/bench_train_step.py --size 32" in page
+    assert "seg.step.train_step" in page and "| MONAI BasicUNet (as shipped) |" in page
