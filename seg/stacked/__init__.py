@@ -23,9 +23,10 @@ generator per run, each with its own seed)::
             model = stack.write_back(k)            # run k's state into models[k] and optimizers[k]
             ...evaluate(model, ...), checkpoint models[k], optimizers[k], schedulers[k], feeds[k]
 
-A run whose loss is non-finite is not updated by that step (nor afterwards): the step's gate
-leaves its weights, momentum and running statistics as they were, and nothing of it reaches the
-other runs. ``freeze(k)`` takes it (or any run) out of the following steps.
+A run whose loss is non-finite is updated as it would be alone (its values become non-finite
+too), but nothing of it reaches the other runs: no operation of the stack mixes two runs.
+``freeze(k)`` takes it (or any run) out of the following steps; a run outside a step keeps its
+weights, momentum and running statistics exactly.
 
 Why channel folding and not ``torch.func.vmap``: docs/stacking.md (measured).
 """
@@ -129,37 +130,45 @@ class Stack:
             raise StackError("a layer of this model has a buffer that is not per run")
         self.autocast = autocast if autocast is not None else contextlib.nullcontext()
         self.device = self.model.steps.device
+        self.gates: dict[tuple[bool, ...], torch.Tensor] = {}
 
     # ---------------------------------------------------------------- training
 
     def step(self, images: torch.Tensor, labels: torch.Tensor, runs: list[int] | None = None) -> torch.Tensor:
         """One training step of ``runs`` (default: every active run) on the stacked batch (images
         (N, K*C, H, W), labels (N, K, H, W)); returns the (K,) losses (detached; those of other runs are
-        meaningless). A run whose loss is not finite is not updated."""
-        runs = [k for k in (range(self.runs) if runs is None else runs) if self.active[k]]
-        taking = torch.zeros(self.runs, dtype=torch.bool)
-        taking[runs] = True
-        taking = taking.to(self.device, non_blocking=True)
-        saved = [b.clone() for b in self.buffers]  # the statistics of runs outside the step are put back
+        meaningless). Runs outside the step keep their weights, momentum and statistics exactly."""
+        chosen = set(range(self.runs) if runs is None else runs)
+        gate = tuple(self.active[k] and k in chosen for k in range(self.runs))
+        everyone = all(gate)
+        saved = None if everyone else [b.clone() for b in self.buffers]  # put back for the runs outside
         self.model.train()
         with self.autocast:
             logits = self.model(images)
         losses = per_run_cross_entropy(logits, labels, self.runs)
-        gate = taking & torch.isfinite(losses)
         for _, param in self.optimizer.params:
             param.grad = None
         losses.sum().backward()  # each run's gradient is that of its own loss: the runs share no operation
         self.optimizer.step(gate)
-        for k in runs:  # what torch's schedulers check: the run's optimizer has stepped before its scheduler
-            self.optimizer.optimizers[k]._opt_called = True
+        for k in range(self.runs):  # what torch's schedulers check: the run's optimizer has stepped
+            if gate[k]:
+                self.optimizer.optimizers[k]._opt_called = True
         for layer in self.post_step_layers:  # e.g. BIN clips its gates to [0, 1]
             layer.after_optimizer_step()
         with torch.no_grad():
-            for buffer, before in zip(self.buffers, saved):
-                kept = buffer.view(self.runs, -1)
-                kept.copy_(torch.where(gate[:, None], kept, before.view(self.runs, -1)))
-            self.model.steps.add_(gate.long())
+            if saved is not None:
+                taking = self.gate_column(gate)
+                for buffer, before in zip(self.buffers, saved):
+                    kept = buffer.view(self.runs, -1)
+                    kept.copy_(torch.where(taking, kept, before.view(self.runs, -1)))
+            self.model.steps.add_(self.gate_column(gate)[:, 0].long())
         return losses.detach()
+
+    def gate_column(self, gate: tuple[bool, ...]) -> torch.Tensor:
+        """(K, 1) bool on the device, made once per gate."""
+        if gate not in self.gates:
+            self.gates[gate] = torch.tensor(gate, device=self.device)[:, None]
+        return self.gates[gate]
 
     def train_step(self, feeds: list[RunFeed]) -> StepResult:
         """One step of every active run that has not finished its epochs, each on the next batch of its own
@@ -188,9 +197,14 @@ class Stack:
         return all(not self.active[k] or feeds[k].finished for k in range(self.runs))
 
     def freeze(self, k: int) -> None:
-        """Take run k out of every following step (a diverged run, or one the caller stops): its state stays
-        as it is and costs only its share of the stacked computation."""
+        """Take run k out of every following step (a diverged run, or one the caller stops). Its state stays as
+        it is, except that non-finite values (a diverged run's) are replaced by 0, so that its share of the
+        stacked computation stays finite."""
         self.active[k] = False
+        with torch.no_grad():
+            for tensor in (*self.model.parameters(), *self.buffers):
+                tensor.view(self.runs, -1)[k].nan_to_num_(0.0, 0.0, 0.0)
+        self.optimizer.clear_nonfinite(k)
 
     # ---------------------------------------------------------------- one run's state
 
@@ -208,5 +222,7 @@ class Stack:
         self.optimizer.read_back(k)
 
     def tune(self, example: torch.Tensor, repeats: int = 3) -> dict:
-        """Choose how each convolution runs, by timing, on the shape of ``example`` (see ``tune_convolutions``)."""
-        return tune_convolutions(self.model, example, repeats)
+        """Choose how each convolution runs, by timing (in the stack's autocast context), on the shape of
+        ``example`` (a stacked input; see ``tune_convolutions``). Returns the times per layer and mode."""
+        with self.autocast:
+            return tune_convolutions(self.model, example, repeats)

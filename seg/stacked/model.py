@@ -278,12 +278,21 @@ def time_mode(conv: StackedConv, shape: tuple[int, ...], mode: str, repeats: int
 
 
 def tune_convolutions(model: StackedUNet, example: torch.Tensor, repeats: int = 3,
-                      modes: tuple[str, ...] = CONV_MODES) -> dict[str, dict[str, float]]:
+                      modes: tuple[str, ...] = CONV_MODES, margin: float = 0.1) -> dict[str, dict[str, float]]:
     """Set each convolution's ``mode`` to the fastest of ``modes`` on this machine, at the shapes of
-    ``example`` (a stacked input); returns the times (s) per layer and mode. The weights, buffers and
-    results are unchanged (every mode computes the same)."""
+    ``example`` (a stacked input); returns the times (s) per layer and mode. A mode replaces
+    ``grouped`` only if it is faster by more than ``margin`` (a fraction: timing noise of a shared
+    machine should not decide). Call it in the forward pass's autocast context, if any, so that the
+    convolutions are timed in the precision they will run in. The weights, buffers and results are
+    unchanged (every mode computes the same)."""
     shapes: dict[str, tuple[int, ...]] = {}
-    hooks = [module.register_forward_pre_hook(lambda m, args, name=name: shapes.setdefault(name, tuple(args[0].shape)))
+
+    def recorder(name: str):
+        def record(module, args) -> None:
+            shapes[name] = tuple(args[0].shape)
+        return record
+
+    hooks = [module.register_forward_pre_hook(recorder(name))
              for name, module in model.named_modules() if isinstance(module, StackedConv)]
     training = model.training
     try:
@@ -299,7 +308,9 @@ def tune_convolutions(model: StackedUNet, example: torch.Tensor, repeats: int = 
         if isinstance(module, StackedConv):
             first_layer = name == "down.0.first.conv_norm.conv"  # the input needs no gradient
             times[name] = {mode: time_mode(module, shapes[name], mode, repeats, not first_layer) for mode in modes}
-            module.mode = min(times[name], key=times[name].get)
+            fastest = min(times[name], key=times[name].get)
+            baseline = times[name].get("grouped", float("inf"))
+            module.mode = fastest if times[name][fastest] < (1 - margin) * baseline else "grouped"
     return times
 
 

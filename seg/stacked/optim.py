@@ -9,13 +9,15 @@ torch's SGD (dampening 0) with (K,) vectors in place of its scalars:
 
     g = grad + wd * p;   buf = momentum * buf + g;   d = g + momentum * buf (nesterov) or buf;   p -= lr * d
 
-A run outside the step's ``gate`` (finished, frozen, diverged) is left exactly as it was: its
-gradient is replaced (not multiplied: NaN * 0 is NaN) by 0, its momentum factor by 1 and its rate
-by 0, so neither its weights nor its momentum move. A zero momentum buffer makes the first step
-``buf = g``, as torch's SGD does when it creates the buffer.
+A run outside the step's ``gate`` (finished, frozen) is left exactly as it was: its momentum
+factor is 1, its gradient's factor 0 and its rate 0, so neither its weights nor its momentum move
+(exactly, for finite values: a diverged run's non-finite values stay in its own block until
+``Stack.freeze`` clears them). A zero momentum buffer makes the first step ``buf = g``, as torch's
+SGD does when it creates the buffer. The gate is known to the host, so the step needs no
+synchronization with the device.
 
-``momentum_buffers(k)`` / ``write_back(k, optimizer)`` put run k's buffers into its own optimizer,
-so that ``optimizer.state_dict()`` is what the single-run trainer would save.
+``write_back(k)`` puts run k's buffers into its own optimizer, so that ``optimizer.state_dict()``
+is what the single-run trainer would save; ``read_back(k)`` takes them from it.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ class StackedSGD:
                         self.block(self.buffers[name], k).copy_(state["momentum_buffer"].reshape(-1))
         self.device, self.dtype = self.params[0][1].device, self.params[0][1].dtype
         self.seen: tuple | None = None  # the hyperparameters the vectors below were made from
-        self.vectors: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}
+        self.vectors: dict[tuple[int, ...], dict[str, torch.Tensor]] = {}  # per group pattern: (K,) lr, ...
+        self.vectors_by_gate: dict[tuple[bool, ...], dict] = {}
 
     def block(self, tensor: torch.Tensor, k: int) -> torch.Tensor:
         """Run k's part of a stacked tensor, flat."""
@@ -94,7 +97,7 @@ class StackedSGD:
         current = self.hyperparameters()
         if current == self.seen:
             return
-        self.seen, self.vectors = current, {}
+        self.seen, self.vectors, self.vectors_by_gate = current, {}, {}
         for pattern in set(self.groups.values()):
             values = torch.tensor([current[k][g] for k, g in enumerate(pattern)], dtype=torch.float64)
             self.vectors[pattern] = {key: values[:, i].to(self.device, self.dtype)
@@ -103,42 +106,48 @@ class StackedSGD:
 
     # ---------------------------------------------------------------- the step
 
-    @torch.no_grad()
-    def step(self, gate: torch.Tensor) -> None:
-        """One SGD step of the runs in ``gate`` ((K,) bool on the device); the others do not move."""
+    def gated(self, gate: tuple[bool, ...]) -> dict[tuple[int, ...], dict[str, torch.Tensor]]:
+        """Per group pattern, the (K, 1) factors of a step of the runs in ``gate`` (made once per gate and
+        hyperparameters: no small tensors are made at every step)."""
         self.refresh()
-        column = gate[:, None]
-        clip = self.clip_coefficients(gate) if any(c for c in self.grad_clip) else None
-        gated = {}
-        for pattern, vectors in self.vectors.items():
-            gated[pattern] = {"lr": torch.where(gate, vectors["lr"], 0)[:, None],
-                              "momentum": torch.where(gate, vectors["momentum"], 1)[:, None],
-                              "nesterov_momentum": vectors["momentum"][:, None],
-                              "weight_decay": torch.where(gate, vectors["weight_decay"], 0)[:, None]}
+        if gate not in self.vectors_by_gate:
+            on = torch.tensor(gate, device=self.device)
+            self.vectors_by_gate[gate] = {
+                pattern: {"gate": on.to(self.dtype)[:, None],
+                          "lr": torch.where(on, vectors["lr"], 0)[:, None],
+                          "momentum": torch.where(on, vectors["momentum"], 1)[:, None],
+                          "nesterov_momentum": vectors["momentum"][:, None],
+                          "weight_decay": vectors["weight_decay"][:, None]}
+                for pattern, vectors in self.vectors.items()}
+        return self.vectors_by_gate[gate]
+
+    @torch.no_grad()
+    def step(self, gate: tuple[bool, ...]) -> None:
+        """One SGD step of the runs k with ``gate[k]``; the others do not move."""
+        factors = self.gated(tuple(bool(g) for g in gate))
+        clip = self.clip_coefficients() if any(c for c in self.grad_clip) else None
         for name, param in self.params:
             if param.grad is None:
                 continue
-            v = gated[self.groups[name]]
-            p, buf = param.view(self.runs, -1), self.buffers[name].view(self.runs, -1)
-            g = torch.where(column, param.grad.view(self.runs, -1), 0)
+            v = factors[self.groups[name]]
+            p, buf, g = param.view(self.runs, -1), self.buffers[name].view(self.runs, -1), param.grad.view(self.runs, -1)
             if clip is not None:
-                g.mul_(clip)
+                g = g * clip
             if self.decay:
                 g = g.addcmul(p, v["weight_decay"])
-            buf.mul_(v["momentum"]).add_(g)
+            buf.mul_(v["momentum"]).addcmul_(g, v["gate"])
             direction = g.addcmul(buf, v["nesterov_momentum"]) if self.nesterov else buf
             p.addcmul_(direction, v["lr"], value=-1)
 
-    def clip_coefficients(self, gate: torch.Tensor) -> torch.Tensor:
+    def clip_coefficients(self) -> torch.Tensor:
         """(K, 1): per run, ``torch.nn.utils.clip_grad_norm_``'s factor min(1, max_norm / (norm + 1e-6)) over
-        that run's gradients (1 for a run without grad_clip or outside the gate)."""
+        that run's gradients (1 for a run without grad_clip)."""
         squares = torch.zeros(self.runs, device=self.device, dtype=self.dtype)
         for _, param in self.params:
             if param.grad is not None:
                 squares += param.grad.view(self.runs, -1).square().sum(1)
         limits = torch.tensor([c if c else float("inf") for c in self.grad_clip], device=self.device, dtype=self.dtype)
-        coefficients = (limits / (squares.sqrt() + 1e-6)).clamp(max=1.0)
-        return torch.where(gate & torch.isfinite(limits), coefficients, 1.0)[:, None]
+        return (limits / (squares.sqrt() + 1e-6)).clamp(max=1.0)[:, None]
 
     # ---------------------------------------------------------------- one run's state
 
@@ -159,3 +168,9 @@ class StackedSGD:
             buffer = state.get("momentum_buffer")
             target = self.block(self.buffers[name], k)
             target.copy_(buffer.reshape(-1) if buffer is not None else torch.zeros_like(target))
+
+    @torch.no_grad()
+    def clear_nonfinite(self, k: int) -> None:
+        """Replace non-finite values of run k's momentum by 0 (a diverged run taken out of the stack)."""
+        for name, _ in self.params:
+            self.block(self.buffers[name], k).nan_to_num_(0.0, 0.0, 0.0)
