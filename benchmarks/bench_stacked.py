@@ -261,14 +261,14 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--runs", type=int, nargs="+", default=[1, 4, 16, 64], help="the stack sizes K")
     parser.add_argument("--norm", default="bn")
-    parser.add_argument("--design-norms", nargs="*", default=["bn", "iln"],
+    parser.add_argument("--design-norms", nargs="*", default=["bn", "iln", "bin"],
                         help="norms of the design comparison (torch.func vs channel folding) at K = 8")
     parser.add_argument("--size", type=int, help="image size (default: 64 on CPU, 256 on CUDA)")
     parser.add_argument("--depth", type=int, help="U-Net depth (default: 4 on CPU, the model's default; 5 on CUDA)")
     parser.add_argument("--up", help="up-convolution (default: transpose2 on CPU; transpose3 on CUDA, the paper's)")
     parser.add_argument("--precision", help="fp32 or bf16 (default: fp32 on CPU, bf16 on CUDA, as trainer.precision=auto)")
     parser.add_argument("--steps", type=int, default=2, help="steps per run per round")
-    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per variant")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     parser.add_argument("--slices", type=int, default=64, help="slices in the synthetic pool")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that the script runs")

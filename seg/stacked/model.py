@@ -19,9 +19,10 @@ non-finite value of one run stays in that run's channels.
 
 How a convolution runs (``StackedConv.mode``) does not change what it computes: ``grouped`` (one
 grouped convolution), ``channels_last`` (the same, on a channels-last input: oneDNN's fastest form
-for wide maps on CPU) or ``loop`` (one convolution per run: faster for tiny maps, where grouped
-kernels are poor). ``tune_convolutions`` times them on the real shapes and keeps the fastest per
-layer (docs/stacking.md has the figures).
+for wide maps on CPU), ``loop`` (one convolution per run) or ``matmul`` (not transposed
+convolutions: im2col and one batched matrix product over the runs, which beats grouped kernels on
+the tiny maps of the deepest levels). ``tune_convolutions`` times them on the real shapes and keeps
+the fastest per layer (docs/stacking.md has the figures).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from torch import nn
 from ..norms import ConvNorm, make_norm, names, spec
 from ..unet import TransposeConv3, UNet
 
-CONV_MODES = ("grouped", "channels_last", "loop")
+CONV_MODES = ("grouped", "channels_last", "loop", "matmul")
 
 
 class StackError(ValueError):
@@ -84,11 +85,18 @@ class StackedConv(nn.Module):
         return (f"{self.runs} runs x {kind}{self.in_channels} -> {self.out_channels}, "
                 f"kernel {tuple(self.weight.shape[-2:])}, stride {self.stride}, mode={self.mode}")
 
+    @property
+    def modes(self) -> tuple[str, ...]:
+        """The modes this convolution can run in (``matmul``: not for transposed ones)."""
+        return tuple(m for m in CONV_MODES if not (m == "matmul" and self.transposed))
+
     def forward(self, x: torch.Tensor, cond=None) -> torch.Tensor:
         return self.convolve(x, self.weight, self.bias, self.mode)
 
     def convolve(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, mode: str) -> torch.Tensor:
         """The stacked convolution of ``x`` with these weights, run as ``mode``."""
+        if mode == "matmul" and not self.transposed:
+            return self.matmul(x, weight, bias)
         if mode == "loop":
             biases = bias.chunk(self.runs) if bias is not None else [None] * self.runs
             out = torch.cat([self.single(part, w, b, 1) for part, w, b in
@@ -100,6 +108,21 @@ class StackedConv(nn.Module):
             height, width = x.shape[-2:]
             out = out[..., : 2 * height, : 2 * width]
         return out
+
+    def matmul(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution as im2col (``unfold``) and one batched matrix product over the runs."""
+        n, _, h, w = x.shape
+        runs, (kh, kw) = self.runs, weight.shape[-2:]
+        cols = F.unfold(x.reshape(n * runs, -1, h, w), (kh, kw), dilation=self.dilation, padding=self.padding,
+                        stride=self.stride)  # (n K, C_in kh kw, L)
+        length = cols.shape[-1]
+        cols = cols.view(n, runs, -1, length).permute(1, 2, 0, 3).reshape(runs, -1, n * length)
+        kernels = weight.reshape(runs, self.out_channels, -1)
+        out = torch.bmm(kernels, cols) if bias is None else torch.baddbmm(bias.view(runs, -1, 1), kernels, cols)
+        height = (h + 2 * self.padding[0] - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        width = (w + 2 * self.padding[1] - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        out = out.view(runs, self.out_channels, n, height, width).permute(2, 0, 1, 3, 4)
+        return out.reshape(n, runs * self.out_channels, height, width)
 
     def single(self, x, weight, bias, groups: int) -> torch.Tensor:
         if self.transposed:
@@ -307,7 +330,8 @@ def tune_convolutions(model: StackedUNet, example: torch.Tensor, repeats: int = 
     for name, module in model.named_modules():
         if isinstance(module, StackedConv):
             first_layer = name == "down.0.first.conv_norm.conv"  # the input needs no gradient
-            times[name] = {mode: time_mode(module, shapes[name], mode, repeats, not first_layer) for mode in modes}
+            times[name] = {mode: time_mode(module, shapes[name], mode, repeats, not first_layer)
+                           for mode in modes if mode in module.modes}
             fastest = min(times[name], key=times[name].get)
             baseline = times[name].get("grouped", float("inf"))
             module.mode = fastest if times[name][fastest] < (1 - margin) * baseline else "grouped"
