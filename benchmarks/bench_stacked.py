@@ -275,6 +275,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="steps per run per round")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per variant")
     parser.add_argument("--slices", type=int, default=64, help="slices in the synthetic pool")
+    parser.add_argument("--paper-runs", type=int, default=8,
+                        help="CPU only: also time K runs at the paper's size (256x256, depth 5, transpose3), "
+                             "2 rounds of 1 step, for the grid projection at that size (0: skip)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that the script runs")
     parser.add_argument("--out", default=str(ROOT / "docs" / "results" / "stacked.md"))
@@ -351,6 +354,25 @@ def main() -> None:
         del base, variants
     lines += ["", f"Grid: the projected wall time of {GRID_IMAGE_STEPS:.3g} image-steps at that rate, at this "
               f"input size ({args.size}x{args.size}).", ""]
+
+    # ---- the paper's size on this CPU (on CUDA the table above is at that size already)
+    if not gpu and args.paper_runs and not args.smoke:
+        paper = argparse.Namespace(**{**vars(args), "size": 256, "depth": 5, "up": "transpose3", "steps": 1})
+        base = Runs(args.paper_runs, paper, device)
+        variants = {"sequential": sequential(base.clone(), paper, device),
+                    "stacked": stacked(base.clone(), paper, device, tune=True)}
+        seconds = interleaved(variants, 2)
+        seq, stk = (rate(args.paper_runs, seconds[n]) for n in ("sequential", "stacked"))
+        lines += [f"## The paper's size on this machine: K = {args.paper_runs}", "",
+                  "256x256, U-Net depth 5 with `transpose3` (experiment=iln_paper's model), otherwise as above; median of "
+                  "2 interleaved rounds of 1 step per run.", "",
+                  "| K | sequential (image-steps/s) | stacked (image-steps/s) | ratio | grid, sequential | grid, stacked |",
+                  "|---|---|---|---|---|---|",
+                  f"| {args.paper_runs} | {seq:.2f} | {stk:.2f} | {stk / seq:.2f}x | {duration(GRID_IMAGE_STEPS / seq)} | "
+                  f"{duration(GRID_IMAGE_STEPS / stk)} |", "",
+                  f"Grid: {GRID_IMAGE_STEPS:.3g} image-steps at that rate, a projection.", ""]
+        log(f"paper size, K={args.paper_runs}: sequential {seq:.2f}, stacked {stk:.2f} image-steps/s")
+        del base, variants
 
     # ---- the target, measured twice
     target_runs = 2 if args.smoke else TARGET_RUNS
