@@ -149,10 +149,12 @@ def train_stacked(runs: list[Run]) -> dict:
         values = result.losses.tolist()
         for k in result.runs:
             losses[k].append(values[k])
-            if not math.isfinite(values[k]):
-                diverged[k] = len(losses[k])
-                stack.freeze(k)
+        for k in result.nonfinite():
+            diverged[k] = len(losses[k])
+            stack.freeze(k)
         for k in result.epoch_ended:
+            if not stack.active[k]:
+                continue
             runs[k].scheduler.step()
             epoch_ends[k].append(len(losses[k]))
     for k in range(len(runs)):

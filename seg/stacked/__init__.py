@@ -17,8 +17,9 @@ generator per run, each with its own seed)::
     feeds = [RunFeed(train.images, train.labels, batch_size=..., epochs=..., generator=g, ...) ...]
     while not stack.done(feeds):
         result = stack.train_step(feeds)           # one step of every active run
-        ...log result.losses[k] for k in result.runs; a non-finite one: stack.freeze(k) (diverged)
-        for k in result.epoch_ended:
+        ...log result.losses[k] for k in result.runs; a non-finite one (result.nonfinite()): the run
+        ...diverged at this step (metrics.json as the trainer writes it), stack.freeze(k)
+        for k in result.epoch_ended:               # (a run frozen in this step has no epoch end)
             schedulers[k].step()                   # run k's rate changes at its own epoch end
             model = stack.write_back(k)            # run k's state into models[k] and optimizers[k]
             ...evaluate(model, ...), checkpoint models[k], optimizers[k], schedulers[k], feeds[k]
@@ -34,6 +35,7 @@ Why channel folding and not ``torch.func.vmap``: docs/stacking.md (measured).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +108,12 @@ class StepResult:
     runs: list[int]
     losses: torch.Tensor
     epoch_ended: list[int]
+
+    def nonfinite(self) -> list[int]:
+        """The runs whose loss in this step is not finite (diverged: freeze them). Reads the losses from the
+        device; a launcher that logs every few steps checks the losses it gathered instead."""
+        values = self.losses.tolist()
+        return [k for k in self.runs if not math.isfinite(values[k])]
 
 
 class Stack:
