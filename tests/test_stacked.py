@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -353,3 +355,17 @@ def test_a_run_taken_out_of_the_stack_and_put_back_continues_unchanged():
     restored = stack.optimizer.write_back(1).state_dict()["state"]
     for index, state in saved[1]["state"].items():
         assert torch.equal(restored[index]["momentum_buffer"], state["momentum_buffer"])
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_and_writes_its_page(tmp_path):
+    """benchmarks/bench_stacked.py at tiny sizes (its figures mean nothing here): the page it writes has its
+    stamp and every section."""
+    out = tmp_path / "stacked.md"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_stacked.py"), "--smoke", "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    page = out.read_text()
+    for part in ("- command: `python benchmarks/bench_stacked.py --smoke", "- commit: `", "- torch: ",
+                 "## The two designs at K = 2", "## Stacked against sequential", "| 2 | ", "measured twice"):
+        assert part in page, part
