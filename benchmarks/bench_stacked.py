@@ -303,14 +303,14 @@ def main() -> None:
     params = sum(p.numel() for p in UNet(norm=args.norm, depth=args.depth, up=args.up).parameters())
     setting = (f"{args.size}x{args.size} input, batch 1, U-Net depth {args.depth} ({params / 1e6:.2f} M parameters), "
                f"up={args.up}, {args.precision}, norm={args.norm}, augmentation (rotation 15 deg, flips), SGD momentum 0.9")
-    lines = [f"# Stacked runs: image-steps per second ({device.type.upper()})", "",
+    lines = [f"# Stacked runs: image-steps per second ({device.type.upper()})", "", stamp(device),
              "`benchmarks/bench_stacked.py`: K training runs of one U-Net stacked into one computation "
              "(`seg.stacked`) against the same K runs trained one after another as the trainer trains them. "
              "A step is: gather, augment, forward, cross-entropy, backward, SGD; each run takes one image per step. "
              f"Median of {args.rounds} interleaved rounds of {args.steps} steps per run (best: the fastest round, "
              "the least disturbed by other work on a shared machine). The grid projection is "
              f"{GRID_IMAGE_STEPS:.3g} image-steps (experiment=iln_paper) at the measured rate: a projection, "
-             "not a measured sweep.", "", stamp(device), f"Setting: {setting}.", ""]
+             "not a measured sweep.", "", f"Setting: {setting}.", ""]
 
     # ---- the two designs, at K = 8
     design_runs = 2 if args.smoke else TARGET_RUNS
