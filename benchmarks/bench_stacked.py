@@ -295,7 +295,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if gpu:
         torch.backends.cudnn.benchmark = True  # both variants: cuDNN picks its algorithms per shape
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()[0]
 
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - started:6.1f} s] {text}", flush=True)
@@ -389,7 +389,9 @@ def main() -> None:
                      f"{stk / seq:.2f}x (best rounds {stk_best / seq_best:.2f}x) | "
                      f"{'yes' if stk / seq >= TARGET_RATIO else 'no'} |")
         log(f"target, measurement {attempt}: {stk / seq:.2f}x")
-    lines += ["", f"Total time of this benchmark: {(time.perf_counter() - started) / 60:.1f} min.", ""]
+    lines += ["", f"Total time of this benchmark: {(time.perf_counter() - started) / 60:.1f} min; the machine's load "
+              f"average (1 min) was {load_before:.1f} at its start and {os.getloadavg()[0]:.1f} at its end (other work "
+              f"on a shared machine slows both variants, not always alike).", ""]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
