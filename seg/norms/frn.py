@@ -7,6 +7,7 @@ from torch import nn
 
 from .fused import compute_dtype, full_precision
 from .registry import register_norm
+from .standard import check_runs
 
 
 @register_norm("frn")
@@ -45,9 +46,11 @@ class FilterResponseNorm(nn.Module):
     """
 
     kind = "post_conv"
+    can_stack = True  # per sample and channel: stacked runs (``runs``) change nothing but the width
 
-    def __init__(self, num_channels: int, eps: float = 1e-6):
+    def __init__(self, num_channels: int, eps: float = 1e-6, runs: int = 1):
         super().__init__()
+        check_runs(num_channels, runs, "frn")
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(num_channels))  # gamma
         self.bias = nn.Parameter(torch.zeros(num_channels))  # beta

@@ -21,8 +21,9 @@ The instance statistics are returned too, differentiable: a caller that builds m
 same elementwise pass (d var / dx = 2 (x - mean) / (H W), d mean / dx = 1 / (H W)).
 
 It is used when a gradient is needed and the code runs eagerly; under ``torch.compile`` (which fuses
-the plain formulation by itself) and without gradients the plain formulation is used. The two are
-tested against each other (gradcheck in float64).
+the plain formulation by itself), under torch.func transforms (``vmap``, ``grad``: the function has no
+batching rule, and its forward branches on the data) and without gradients the plain formulation is
+used. The two are tested against each other (gradcheck in float64).
 """
 
 from __future__ import annotations
@@ -179,7 +180,8 @@ class _InstanceAffine(torch.autograd.Function):
 
 
 def instance_affine_reference(x: torch.Tensor, coefficients: Coefficients, *params: torch.Tensor):
-    """The plain autograd formulation of ``instance_affine`` (under torch.compile, without gradients)."""
+    """The plain autograd formulation of ``instance_affine`` (under torch.compile and torch.func, without
+    gradients)."""
     var, mean = torch.var_mean(x, dim=(2, 3), correction=0)
     scale, shift = coefficients(var, mean, *params)
     return torch.addcmul(_broadcast(shift), x, _broadcast(scale)), var, mean
@@ -196,6 +198,6 @@ def instance_affine(x: torch.Tensor, coefficients: Coefficients, *params: torch.
     x = compute_dtype(x)
     with full_precision(x):
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params))
-        if needs_grad and not torch.compiler.is_compiling():
+        if needs_grad and not torch.compiler.is_compiling() and not torch._C._are_functorch_transforms_active():
             return _InstanceAffine.apply(x, coefficients, *params)
         return instance_affine_reference(x, coefficients, *params)

@@ -10,6 +10,7 @@ from torch import nn
 
 from .fused import compute_dtype, full_precision
 from .registry import register_norm
+from .standard import check_runs
 
 
 def _affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -33,19 +34,28 @@ class PositionalNorm(nn.Module):
 
     Implementation: that is exactly layer norm over the last axis of the (N, H, W, C) view, so
     torch's fused layer-norm kernel does it (free view for channels_last input, one copy otherwise).
+    Stacked (``runs`` = R > 1): over the last axis of the (N, H, W, R, C) view, each run's own
+    channels, then the per-channel affine.
     """
 
     kind = "post_conv"
+    can_stack = True
 
-    def __init__(self, num_channels: int, eps: float = 1e-5):
+    def __init__(self, num_channels: int, eps: float = 1e-5, runs: int = 1):
         super().__init__()
-        self.eps = eps
+        check_runs(num_channels, runs, "pn")
+        self.eps, self.runs = eps, runs
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
     def forward(self, x, cond=None):
         x = compute_dtype(x)
         with full_precision(x):
+            if self.runs > 1:
+                n, c, h, w = x.shape
+                per_run = x.permute(0, 2, 3, 1).reshape(n, h, w, self.runs, c // self.runs)
+                normalized = F.layer_norm(per_run, (c // self.runs,), eps=self.eps).view(n, h, w, c)
+                return _affine(normalized.permute(0, 3, 1, 2), self.weight, self.bias)
             channels_last = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
             return channels_last.permute(0, 3, 1, 2)
 
@@ -133,15 +143,17 @@ class LocalContextNorm(nn.Module):
       falls back to group norm with the unbiased variance (this layer stays local until the window
       spans the map from every pixel, then equals group norm with the biased variance; at 128 px:
       1.1e-2 / 1.2e-2).
-    The window must be odd (centred).
+    The window must be odd (centred). Stacked runs (``runs``) need nothing more: a group of
+    ``channels_per_group`` consecutive channels never straddles two runs when it divides each run's width.
     """
 
     kind = "post_conv"
+    can_stack = True
 
     def __init__(self, num_channels: int, channels_per_group: int = 2, window: int = 227, eps: float = 1e-5,
-                 stop_stat_grad: bool = False):
+                 stop_stat_grad: bool = False, runs: int = 1):
         super().__init__()
-        check_channels_per_group(num_channels, channels_per_group, "lcn")
+        check_channels_per_group(check_runs(num_channels, runs, "lcn"), channels_per_group, "lcn")
         if window < 1 or window % 2 == 0:
             raise ValueError(f"lcn: the window must be a positive odd number of pixels, got {window}")
         self.channels_per_group, self.window, self.eps = channels_per_group, window, eps

@@ -5,6 +5,10 @@ and group statistics are exact functions of them (means of means; variances by t
 variance), so no second full-size pass over the feature map and no full-size intermediate per
 ingredient is needed -- each output is one fused ``x * scale + shift`` with per-(sample, channel)
 scale and shift, computed by ``fused.instance_affine`` (hand-written backward).
+
+All three stack (``can_stack``, seg/stacked.py): with ``runs=R`` over R*C channels, the layer and
+group statistics are pooled over each run's own C channels (``per_run``), the batch statistics
+are per channel anyway, and SN's mixing weights are R triples.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from torch import nn
 
 from .fused import instance_affine
 from .registry import register_norm
-from .standard import check_groups
+from .standard import check_groups, check_runs
 from .sync import global_batch_stats, synchronized
 
 
@@ -32,6 +36,12 @@ def pooled_stats(var: torch.Tensor, mean: torch.Tensor, groups: int) -> tuple[to
     pooled_mean = mean.mean(-1)
     pooled_var = var.mean(-1) + (mean - pooled_mean.unsqueeze(-1)).square().mean(-1)
     return pooled_var, pooled_mean
+
+
+def per_run(t: torch.Tensor, runs: int, channels: int) -> torch.Tensor:
+    """A per-run statistic (N, runs) spread over each run's channels: (N, runs * channels); with one
+    run, (N, 1) as it is (it broadcasts)."""
+    return t if runs == 1 else t.repeat_interleave(channels, dim=1)
 
 
 def batch_stats(var: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,19 +81,22 @@ class InstanceLayerNorm(nn.Module):
     Implementation: every step is affine per (sample, channel), so the layer is computed as
     x * scale + shift from the instance statistics alone (LN and GN statistics of the mix are
     derived from them exactly); the result equals the three-step formula to float precision.
+    Stacked (``runs`` > 1): the LN statistics and the ``groups`` groups are those of each run.
     """
 
     kind = "post_conv"
+    can_stack = True
 
-    def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5, rho_init: float = 0.0):
+    def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5, rho_init: float = 0.0,
+                 runs: int = 1):
         super().__init__()
-        check_groups(num_channels, groups, "iln")
-        self.groups, self.eps = groups, eps
+        check_groups(check_runs(num_channels, runs, "iln"), groups, "iln")
+        self.groups, self.eps, self.runs = groups, eps, runs
         self.rho = nn.Parameter(torch.full((num_channels,), float(rho_init)))
         self.weight = nn.Parameter(torch.ones(num_channels))  # alpha
         self.bias = nn.Parameter(torch.zeros(num_channels))  # beta
         # why the mixing weights have no effect in this layer, or None where they act
-        self.mixing_weights_inert = "rho has no effect (channels = groups)" if num_channels == groups else None
+        self.mixing_weights_inert = "rho has no effect (channels = groups)" if num_channels == groups * runs else None
 
     def mixing_weights(self) -> dict[str, torch.Tensor]:
         """The learned choice, logged per layer: s = sigmoid(rho), the weight of IN in the mix
@@ -92,7 +105,8 @@ class InstanceLayerNorm(nn.Module):
 
     def coefficients(self, var_in, mean_in, rho, weight, bias):
         """(scale, shift) of y = x * scale + shift, per (sample, channel), from instance statistics."""
-        var_ln, mean_ln = pooled_stats(var_in, mean_in, 1)
+        channels = var_in.shape[1] // self.runs  # of one run
+        var_ln, mean_ln = (per_run(t, self.runs, channels) for t in pooled_stats(var_in, mean_in, self.runs))
         inv_in = torch.rsqrt(var_in + self.eps)
         inv_ln = torch.rsqrt(var_ln + self.eps)
         s = torch.sigmoid(rho)
@@ -101,8 +115,8 @@ class InstanceLayerNorm(nn.Module):
         b = -(s * mean_in * inv_in + (1 - s) * mean_ln * inv_ln)
         # per-channel statistics of F_IL, pooled into the cascaded group norm's groups
         var_il, mean_il = a.square() * var_in, a * mean_in + b
-        var_g, mean_g = pooled_stats(var_il, mean_il, self.groups)
-        per_group = var_in.shape[1] // self.groups
+        var_g, mean_g = pooled_stats(var_il, mean_il, self.groups * self.runs)
+        per_group = channels // self.groups
         inv_g = torch.rsqrt(var_g + self.eps).repeat_interleave(per_group, dim=1)
         mean_g = mean_g.repeat_interleave(per_group, dim=1)
         scale = weight * a * inv_g
@@ -136,16 +150,19 @@ class BatchInstanceNorm(nn.Module):
 
     Implementation: the batch statistics are derived from the instance statistics (mean over N of
     the means; variance by the law of total variance), and the output is one fused
-    x * scale + shift (see ``fused.instance_affine``).
+    x * scale + shift (see ``fused.instance_affine``). Every statistic is per channel, so stacked
+    runs (``runs``) change nothing but the width.
     """
 
     kind = "post_conv"
     batch_statistics = True
     can_sync = True
+    can_stack = True
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, rho_lr_scale: float = 10.0,
-                 rho_weight_decay: float = 0.0, sync: bool = False):
+                 rho_weight_decay: float = 0.0, sync: bool = False, runs: int = 1):
         super().__init__()
+        check_runs(num_channels, runs, "bin")
         self.eps, self.momentum, self.sync = eps, momentum, sync
         self.rho = nn.Parameter(torch.ones(num_channels))
         self.rho.optim_group = {"lr_scale": float(rho_lr_scale), "weight_decay": float(rho_weight_decay)}
@@ -222,28 +239,41 @@ class SwitchableNorm(nn.Module):
 
     Implementation: LN and BN statistics are derived from the instance statistics (law of total
     variance, algebraically the official formulas without their cancellation) and the output is
-    one fused x * scale + shift (see ``fused.instance_affine``).
+    one fused x * scale + shift (see ``fused.instance_affine``). Stacked (``runs`` = R > 1): the LN
+    statistics are each run's, and the mixing weights are R triples, (3 R,) = run 0's three, run 1's...
     """
 
     kind = "post_conv"
     batch_statistics = True
+    can_stack = True
     STATISTICS = ("in", "ln", "bn")  # the order of the mixing weights
 
-    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.9, unbiased: bool = True):
+    def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.9, unbiased: bool = True,
+                 runs: int = 1):
         super().__init__()
-        self.eps, self.momentum, self.unbiased = eps, momentum, unbiased
+        check_runs(num_channels, runs, "sn")
+        self.eps, self.momentum, self.unbiased, self.runs = eps, momentum, unbiased, runs
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
-        self.mean_weight = nn.Parameter(torch.ones(3))  # lambda_mean over (in, ln, bn)
-        self.var_weight = nn.Parameter(torch.ones(3))  # lambda_var over (in, ln, bn)
+        self.mean_weight = nn.Parameter(torch.ones(3 * runs))  # lambda_mean over (in, ln, bn), per run
+        self.var_weight = nn.Parameter(torch.ones(3 * runs))  # lambda_var over (in, ln, bn), per run
         self.register_buffer("running_mean", torch.zeros(num_channels))
         self.register_buffer("running_var", torch.zeros(num_channels))
 
     def mixing_weights(self) -> dict[str, torch.Tensor]:
-        """The learned choice, logged per layer: the softmaxed weights of IN, LN and BN."""
-        means, variances = torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
+        """The learned choice, logged per layer: the softmaxed weights of IN, LN and BN (stacked: each
+        a vector, one weight per run)."""
+        means, variances = (torch.softmax(w.view(self.runs, 3), 1).t().squeeze(1)
+                            for w in (self.mean_weight, self.var_weight))
         return {**{f"mean_{k}": means[i] for i, k in enumerate(self.STATISTICS)},
                 **{f"var_{k}": variances[i] for i, k in enumerate(self.STATISTICS)}}
+
+    def per_run_weights(self, weights: torch.Tensor, channels: int) -> torch.Tensor:
+        """The softmaxed mixing weights: (3,) with one run; stacked, (3, R * channels), each run's
+        three weights spread over its channels."""
+        if self.runs == 1:
+            return torch.softmax(weights, 0)
+        return torch.softmax(weights.view(self.runs, 3), 1).t().repeat_interleave(channels, dim=1)
 
     def unbiased_factor(self, count: int) -> float:
         return count / max(count - 1, 1) if self.unbiased else 1.0
@@ -252,12 +282,13 @@ class SwitchableNorm(nn.Module):
         """(scale, shift) per (sample, channel) for ``count`` = H * W pixels per instance;
         ``running`` = (mean, var) in evaluation."""
         var_in = var_in * self.unbiased_factor(count)
-        var_ln, mean_ln = pooled_stats(var_in, mean_in, 1)
+        channels = var_in.shape[1] // self.runs  # of one run
+        var_ln, mean_ln = (per_run(t, self.runs, channels) for t in pooled_stats(var_in, mean_in, self.runs))
         if running:
             mean_bn, var_bn = running
         else:
             var_bn, mean_bn = batch_stats(var_in, mean_in)
-        wm, wv = torch.softmax(mean_weight, 0), torch.softmax(var_weight, 0)
+        wm, wv = (self.per_run_weights(w, channels) for w in (mean_weight, var_weight))
         mean = wm[0] * mean_in + wm[1] * mean_ln + wm[2] * mean_bn
         var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
         scale = weight * torch.rsqrt(var + self.eps)

@@ -30,6 +30,14 @@ Capabilities, declared as class attributes (a class that does not declare one do
 * ``batch_statistics`` -- in training, its output for one image can depend on the other images of
   the batch (with its default options; spade and sean only with ``base: bn``). Tested for every
   layer, both ways, and in evaluation no layer may depend on the batch.
+* ``can_stack`` -- one instance can hold the layers of several independent runs side by side on
+  the channel axis (``seg.stacked``: K runs trained as one computation, their channels folded into
+  one tensor, run k's C channels at k*C..(k+1)*C-1): it takes the size ``runs`` (a context option,
+  set by the stacker, never by the user), and with ``runs=R`` over R*C channels it computes
+  exactly what R instances over C channels would, each on its own block -- statistics over the
+  channel axis (layer, group, positional) per run, never across runs. Its state is the runs'
+  states concatenated on the first axis. Only a ``post_conv`` layer can declare it (the stacker
+  builds the convolutions itself).
 
 Read from the class, never declared twice:
 
@@ -37,7 +45,8 @@ Read from the class, never declared twice:
   defaults; each annotation is the option's type, checked by ``check_options``.
   ``configs/norm/<name>.yaml`` exposes exactly these, with the same defaults (tested). Sizes that
   come from the data -- ``CONTEXT_OPTIONS``: the input's channels, the number of domains, the
-  number of regions (classes) -- are options the U-Net fills in, not the user;
+  number of regions (classes) -- are options the U-Net fills in, not the user; so is ``runs``, the
+  number of stacked runs a layer holds, which the stacker (seg/stacked.py) fills in;
 * ``mixing_weights``: the class defines ``mixing_weights() -> dict[str, Tensor]``, the layer's
   learned choice between normalizations (BIN's rho, ILN's sigmoid(rho), SN's weights), logged per
   layer every epoch; an attribute ``mixing_weights_inert`` (None, or a short reason why this
@@ -70,7 +79,8 @@ from torch import nn
 NORMS: dict[str, type[nn.Module]] = {}
 KINDS = ("post_conv", "conv_pair", "conditional")
 # options a layer may take that the U-Net sets from the model and data, never the user
-CONTEXT_OPTIONS = ("image_channels", "num_domains", "num_regions")
+# (``runs``: how many stacked runs one layer holds, set by seg.stacked)
+CONTEXT_OPTIONS = ("image_channels", "num_domains", "num_regions", "runs")
 
 Norm = Union[str, type, functools.partial]  # a registered name, a protocol class, or a partial of one
 
@@ -122,6 +132,7 @@ class NormSpec:
     kind: str
     can_sync: bool
     batch_statistics: bool
+    can_stack: bool
     condition_inputs: tuple[str, ...]
     mixing_weights: bool
     options: Mapping[str, Any]  # the user's options -> their defaults (configs/norm/<name>.yaml)
@@ -140,7 +151,7 @@ class NormSpec:
 
 
 # what ``names`` can select on, besides the kind
-CAPABILITIES = ("can_sync", "batch_statistics", "mixing_weights", "needs_domain", "fits_monai")
+CAPABILITIES = ("can_sync", "batch_statistics", "mixing_weights", "needs_domain", "fits_monai", "can_stack")
 
 
 def layer_spec(cls: type, name: str | None = None) -> NormSpec:
@@ -153,7 +164,7 @@ def layer_spec(cls: type, name: str | None = None) -> NormSpec:
     kind = getattr(cls, "kind", None)
     if kind not in KINDS:
         raise refuse(f"kind = {kind!r}; a layer declares its kind, one of: {', '.join(KINDS)}")
-    flags = {flag: getattr(cls, flag, False) for flag in ("can_sync", "batch_statistics")}
+    flags = {flag: getattr(cls, flag, False) for flag in ("can_sync", "batch_statistics", "can_stack")}
     for flag, value in flags.items():
         if not isinstance(value, bool):
             raise refuse(f"{flag} must be True or False, got {value!r}")
@@ -182,6 +193,10 @@ def layer_spec(cls: type, name: str | None = None) -> NormSpec:
         raise refuse("a layer declares can_sync exactly when it takes the option sync")
     if flags["can_sync"] and not flags["batch_statistics"]:
         raise refuse("can_sync without batch_statistics: there would be nothing to synchronize")
+    if flags["can_stack"] != any(p.name == "runs" for p in params):
+        raise refuse("a layer declares can_stack exactly when it takes the size runs")
+    if flags["can_stack"] and kind != "post_conv":
+        raise refuse("only a post_conv layer can declare can_stack (the stacker builds the convolutions)")
 
     conditioner = getattr(cls, "conditioner", None)
     if conditioner is not None:
@@ -271,7 +286,7 @@ def _check(found: NormSpec, options: dict[str, Any]) -> None:
         if key not in accepted:
             raise ValueError(
                 f"normalization {name!r} has no option {key!r}; its options are: "
-                f"{', '.join(sorted(accepted)) or '(none)'}"
+                f"{', '.join(sorted(found.options)) or '(none)'}"  # the user's: the sizes are filled in
             )
         expected = accepted[key]
         if isinstance(expected, str):  # postponed annotations (from __future__ import annotations)

@@ -4,6 +4,10 @@ Each is torch's own kernel behind the registry protocol (``forward(x, cond=None)
 keyword arguments); batch norm also offers its frozen (BN*) and synchronized variants. Instance
 and layer norm are expressed as group norm (C groups, 1 group), which is mathematically the same
 layer with a per-channel affine and uses torch's fast fused group-norm kernel.
+
+All of them stack (``can_stack``, seg/stacked.py): with ``runs=R`` over R*C channels, batch and
+instance norm are per channel already, and layer and group norm take R times as many groups, so
+that no group straddles two runs.
 """
 
 from __future__ import annotations
@@ -15,6 +19,14 @@ from torch import nn
 from .fused import instance_affine
 from .registry import register_norm
 from .sync import global_batch_stats, synchronized
+
+
+def check_runs(num_channels: int, runs: int, layer: str) -> int:
+    """The channels of one run of a stacked layer (``runs`` runs side by side on ``num_channels``); refuses
+    a count that ``runs`` does not divide, naming both."""
+    if runs < 1 or num_channels % runs != 0:
+        raise ValueError(f"{layer}: {num_channels} channels cannot hold {runs} stacked runs of equal width")
+    return num_channels // runs
 
 
 def check_groups(num_channels: int, groups: int, layer: str) -> None:
@@ -31,9 +43,11 @@ class NoNorm(nn.Identity):
     """No normalization: the block is conv -> ReLU (the study's baseline)."""
 
     kind = "post_conv"
+    can_stack = True
 
-    def __init__(self, num_channels: int):
+    def __init__(self, num_channels: int, runs: int = 1):
         super().__init__()
+        check_runs(num_channels, runs, "none")
 
     def forward(self, x, cond=None):
         return x
@@ -64,9 +78,11 @@ class BatchNorm(nn.BatchNorm2d):
     kind = "post_conv"
     batch_statistics = True
     can_sync = True
+    can_stack = True  # per channel: R runs are R*C channels, nothing else changes
 
     def __init__(self, num_channels: int, eps: float = 1e-5, momentum: float = 0.1, freeze: bool = False,
-                 freeze_affine: bool = True, sync: bool = False):
+                 freeze_affine: bool = True, sync: bool = False, runs: int = 1):
+        check_runs(num_channels, runs, "bn")
         super().__init__(num_channels, eps=eps, momentum=momentum)
         self.freeze, self.sync = freeze, sync
         if freeze and freeze_affine:
@@ -116,8 +132,10 @@ class InstanceNorm(_GroupNormLayer):
     """
 
     kind = "post_conv"
+    can_stack = True
 
-    def __init__(self, num_channels: int, eps: float = 1e-5):
+    def __init__(self, num_channels: int, eps: float = 1e-5, runs: int = 1):
+        check_runs(num_channels, runs, "in")
         super().__init__(num_channels, num_channels, eps=eps)
 
 
@@ -130,9 +148,11 @@ class LayerNorm(_GroupNormLayer):
     """
 
     kind = "post_conv"
+    can_stack = True
 
-    def __init__(self, num_channels: int, eps: float = 1e-5):
-        super().__init__(1, num_channels, eps=eps)
+    def __init__(self, num_channels: int, eps: float = 1e-5, runs: int = 1):
+        check_runs(num_channels, runs, "ln")
+        super().__init__(runs, num_channels, eps=eps)  # one group per run
 
 
 @register_norm("gn")
@@ -144,7 +164,8 @@ class GroupNorm(_GroupNormLayer):
     """
 
     kind = "post_conv"
+    can_stack = True
 
-    def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5):
-        check_groups(num_channels, groups, "gn")
-        super().__init__(groups, num_channels, eps=eps)
+    def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5, runs: int = 1):
+        check_groups(check_runs(num_channels, runs, "gn"), groups, "gn")
+        super().__init__(groups * runs, num_channels, eps=eps)  # ``groups`` per run
