@@ -17,6 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from .distributed import is_main_process
+from .temporaries import temporary_path
 
 
 class SilentWriter:
@@ -103,7 +104,7 @@ def write_metrics(output_dir: Path, metrics: dict) -> None:
             return [clean(v) for v in value]
         return value
 
-    temporary = output_dir / f".metrics.json.tmp-{os.getpid()}"  # one per process
+    temporary = temporary_path(output_dir / "metrics.json", hidden=True)  # one per process
     try:
         temporary.write_text(json.dumps(clean(metrics), indent=2, default=str))
         os.replace(temporary, output_dir / "metrics.json")
