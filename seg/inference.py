@@ -606,3 +606,14 @@ def parse_positive_int(key: str, value: str) -> int:
     if number < 1:
         raise OptionError(f"{key}={value}: must be an integer >= 1")
     return number
+
+
+def check_new_file(key: str, value: str, path: Path, suffix: str, overwrite: bool) -> None:
+    """Refuse, naming ``key``, a file a tool is to write (``path``; ``value`` as the user gave it) that has
+    another extension, lies in a folder that does not exist, or exists without ``overwrite=true``."""
+    if path.suffix != suffix:
+        raise OptionError(f"{key}={value}: must end in {suffix}")
+    if not path.parent.is_dir():
+        raise OptionError(f"{key}={path}: folder {path.parent} does not exist")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OptionError(f"{key}={path}: exists (pass overwrite=true to replace it)")
