@@ -44,8 +44,8 @@ from .model import build_model, load_weights, norm_options
 from .norms import spec
 from .optimizers import build_optimizer
 from .ordering import epoch_order
-from .reporting import (image_panel, inert_mixing_weights, log_hparams, log_mixing_weights, mixing_weights, nan_to_none, print_report,
-                        quiet_writer_thread_errors, tensorboard_writer, write_metrics)
+from .reporting import (image_panel, inert_mixing_weights, log_hparams, log_mixing_weights, mixing_weights,
+                        nan_to_none, print_report, quiet_writer_thread_errors, tensorboard_writer, write_metrics)
 from .runs import RunFolderError, holds_run, open_run_folder, scheduler_job
 from .runtime import (autocast_context, check_compile, configure_determinism, describe_device, graph_breaks,
                       resolve_device, resolve_precision, seed_everything)
