@@ -7,7 +7,7 @@
     python benchmarks/bench_norms.py --layers bin iln sn   # some layers only (GroupNorm is always timed)
 
 Two tables. "Layer alone": every layer that sits after a convolution, on the same input tensor,
-against ``torch.nn.GroupNorm(16, 16)``; a straightforward seed-style ILN (three separate
+against ``torch.nn.GroupNorm(16, 16)``; a straightforward ILN (three separate
 normalizations, then the mix and a group norm, all through autograd) is listed for comparison
 with our one-pass ILN. "Convolution + layer": the 3x3 conv + norm pair as the U-Net builds it
 (``make_conv_norm``), so that the layers that replace the pair (kn, wn, bkn) are timed too,
@@ -42,7 +42,7 @@ from harness import interleaved_times, markdown_table, write_result
 from seg.norms import Condition, context_options, make_conv_norm, make_norm, names, spec
 
 
-class SeedStyleILN(nn.Module):
+class UnfusedILN(nn.Module):
     """ILN computed the straightforward way: IN, LN and GN each as its own normalization."""
 
     def __init__(self, num_channels: int, groups: int = 16, eps: float = 1e-5):
@@ -158,7 +158,7 @@ def main() -> None:
     chosen = sorted(args.layers or names())
     layers.update({name: build(name, make_norm, cond, c) for name in chosen if spec(name).kind != "conv_pair"})
     if "iln" in chosen:
-        layers["iln, seed-style (3 separate norms)"] = SeedStyleILN(c)
+        layers["iln, unfused (3 separate norms)"] = UnfusedILN(c)
     layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
     same_shape = torch.randn_like(x)
     tables = [table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats), gn)]

@@ -92,9 +92,14 @@ def load() -> str:
     return f"{one:.1f} / {five:.1f} / {fifteen:.1f} (1 / 5 / 15 minutes) on {os.cpu_count()} cores"
 
 
+# The commit the benchmark started at: one that runs for an hour must not be stamped with a commit made
+# while it ran (the code it measured is the code it imported).
+STARTED_AT = git_commit()
+
+
 def stamp() -> str:
-    """Markdown lines: command, commit, machine, its load, torch's version, date."""
-    return (f"- command: `{command_line()}`\n- commit: `{git_commit()}`\n- machine: {machine()}\n"
+    """Markdown lines: command, commit (when the benchmark started), machine, its load, torch's version, date."""
+    return (f"- command: `{command_line()}`\n- commit: `{STARTED_AT}`\n- machine: {machine()}\n"
             f"- load average: {load()}\n- torch: {torch.__version__}\n- date: {datetime.date.today().isoformat()}\n")
 
 

@@ -5,7 +5,7 @@ its top (never inside a function); a package (data, norms, tools) counts as one 
 modules import each other freely. tests/test_structure.py reads the table below and checks the
 imports against it, so a new module is placed here when it is added.
 
-    layer 0  schema identity stopping distributed stats metrics ordering augment orientation schedules
+    layer 0  schema identity stopping temporaries distributed stats metrics ordering augment orientation schedules
     layer 1  data norms checkpoint losses optimizers runtime launch reporting claims
     layer 2  unet runs step summary
     layer 3  model stacked
@@ -15,8 +15,9 @@ imports against it, so a new module is placed here when it is added.
 
     layer 0   what needs nothing of the project: the config schema and its error (schema), the keys
               that do not define a run (identity), signals (stopping), what the processes of a
-              data-parallel run do together (distributed), statistics, Dice, the epoch order, the
-              augmentation, orientations, the learning-rate schedules
+              data-parallel run do together (distributed), files written under a temporary name and
+              the removal of those a killed process left (temporaries), statistics, Dice, the epoch
+              order, the augmentation, orientations, the learning-rate schedules
     layer 1   data: files -> slices; norms: the normalization layers; checkpoints and RunState;
               the loss and optimizer tables; device, precision and seeds (runtime); the process
               group and Hydra's resolvers (launch); metrics.json and TensorBoard (reporting)

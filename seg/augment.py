@@ -24,15 +24,27 @@ def augment_batch(images: torch.Tensor, labels: torch.Tensor, *, rotate_deg: flo
     if rotate_deg <= 0 and not flip:
         return images, labels
     rank, size = shard
-    n, device = images.shape[0] * size, images.device
+    draws = draw_augmentation(images.shape[0] * size, generator, images.device, rotate_deg, flip)
+    return rotate_and_flip(images, labels, *(t[rank::size] for t in draws))
+
+
+def draw_augmentation(n: int, generator: torch.Generator, device, rotate_deg: float, flip: bool):
+    """The random numbers of n samples' augmentation, in the order ``augment_batch`` draws them: the
+    rotation's (cos, sin) and the mirrorings (sx, sy) in {-1, 1}, each (n,)."""
     angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(rotate_deg)
     cos, sin = torch.cos(angle), torch.sin(angle)
     sx = sy = torch.ones(n, device=device)
     if flip:
         sx = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
         sy = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
-    cos, sin, sx, sy = (t[rank::size] for t in (cos, sin, sx, sy))
-    zero = torch.zeros(cos.shape[0], device=device)
+    return cos, sin, sx, sy
+
+
+def rotate_and_flip(images: torch.Tensor, labels: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    sx: torch.Tensor, sy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The geometry, sample by sample: bilinear with border padding for the images (N, C, H, W), nearest
+    with zeros for the labels (N, H, W) uint8."""
+    zero = torch.zeros(cos.shape[0], device=images.device)
     theta = torch.stack([torch.stack([cos * sx, -sin * sy, zero], 1), torch.stack([sin * sx, cos * sy, zero], 1)], 1)
     grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .identity import identity_differences
+from .temporaries import temporary_path
 
 # 2: last.pt also holds the best epoch's weights (``best_model``) and the scheduler job that wrote it;
 # best.pt holds the best epoch's weights and the configuration (what seg-predict needs)
@@ -43,7 +44,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     writing fails (a full disk), the temporary file is removed and the previous checkpoint stays.
     """
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # one per process
+    temporary = temporary_path(path, hidden=True)  # one per process
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(temporary, "wb") as handle:

@@ -1,4 +1,4 @@
-"""The seed papers' claims about normalization layers, tested on the runs of a sweep (claims.md).
+"""The normalization papers' claims, tested on the runs of a sweep (claims.md).
 
 Each claim is checked wherever the sweep holds the runs it needs (``experiment=claims`` holds all
 of them), separately in each *context*: the runs that share everything but the layer, the batch
@@ -249,7 +249,7 @@ def mean_validation(runs: list[dict]) -> float | None:
 def write_claims(path: Path, claims: list[Claim], scope: str) -> Path:
     """claims.md: the verdict table, then each claim's comparisons with their statistics."""
     lines = [
-        "# The seed papers' claims, tested on this sweep", "",
+        "# The normalization papers' claims, tested on this sweep", "",
         f"**Scope: {scope}** These verdicts say whether each claim holds for these runs; they say nothing "
         "about the papers' own data sets.", "",
         "How: each layer's learning rate was chosen on validation Dice (per fold and seed); two layers are "

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .norms import spec
+from .temporaries import temporary_path
 
 OPSET = 18  # the first opset of the exporter, and the one the widest range of runtimes reads
 MAX_OPSET = 23  # the newest opset torch 2.13's exporter writes
@@ -136,7 +137,7 @@ def write_export(model: torch.nn.Module, path: Path, *, image_size: int, in_chan
                  metadata: dict[str, str], check: bool, seed: int = 0) -> float | None:
     """Export to a temporary file beside ``path``, check parity (``check``), then rename it into place;
     returns the relative difference (None unchecked). A failed check leaves nothing behind."""
-    temporary = path.with_name(f".{path.stem}.tmp-{os.getpid()}.onnx")
+    temporary = temporary_path(path, hidden=True, keep_suffix=".onnx")
     try:
         try:
             export_onnx(model, temporary, image_size=image_size, in_channels=in_channels, opset=opset,

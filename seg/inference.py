@@ -52,6 +52,7 @@ from .model import build_model
 from .norms import spec
 from .orientation import axis_codes, from_orientation, orientation_of_files, to_orientation, valid_axis_codes
 from .runtime import resolve_device
+from .temporaries import temporary_path
 
 INTERPOLATIONS = {"nearest": "nearest-exact", "linear": "bilinear"}
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -486,7 +487,7 @@ def write_labels(path: Path, labels: np.ndarray, like) -> None:
     header.set_data_dtype(np.uint8)
     image = type(like)(labels.reshape(like.shape).astype(np.uint8), like.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
-    temporary = path.with_name(f".{path.name[:-len('.nii.gz')]}.tmp-{os.getpid()}.nii.gz")
+    temporary = temporary_path(path, hidden=True, keep_suffix=".nii.gz")  # nibabel reads the format from it
     try:
         image.to_filename(str(temporary))
         os.replace(temporary, path)
@@ -495,7 +496,7 @@ def write_labels(path: Path, labels: np.ndarray, like) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary = temporary_path(path, hidden=True)
     try:
         temporary.write_text(text)
         os.replace(temporary, path)
@@ -605,3 +606,14 @@ def parse_positive_int(key: str, value: str) -> int:
     if number < 1:
         raise OptionError(f"{key}={value}: must be an integer >= 1")
     return number
+
+
+def check_new_file(key: str, value: str, path: Path, suffix: str, overwrite: bool) -> None:
+    """Refuse, naming ``key``, a file a tool is to write (``path``; ``value`` as the user gave it) that has
+    another extension, lies in a folder that does not exist, or exists without ``overwrite=true``."""
+    if path.suffix != suffix:
+        raise OptionError(f"{key}={value}: must end in {suffix}")
+    if not path.parent.is_dir():
+        raise OptionError(f"{key}={path}: folder {path.parent} does not exist")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise OptionError(f"{key}={path}: exists (pass overwrite=true to replace it)")

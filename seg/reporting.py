@@ -17,6 +17,7 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from .distributed import is_main_process
+from .temporaries import temporary_path
 
 
 class SilentWriter:
@@ -51,9 +52,18 @@ def quiet_writer_thread_errors():
 
 
 def mixing_weights(model: torch.nn.Module) -> dict[str, dict[str, float]]:
-    """Per normalization layer with a learned choice: the mean of each of its mixing weights."""
+    """Per normalization layer with a learned choice: the mean of each of its mixing weights. A layer whose
+    weights cannot act (its ``mixing_weights_inert`` gives the reason, e.g. ILN where channels = groups)
+    is left out: its weights stay where they started, which is not a choice (``inert_mixing_weights``)."""
     return {name: {key: float(value.detach().float().mean()) for key, value in module.mixing_weights().items()}
-            for name, module in model.named_modules() if hasattr(module, "mixing_weights")}
+            for name, module in model.named_modules()
+            if hasattr(module, "mixing_weights") and not getattr(module, "mixing_weights_inert", None)}
+
+
+def inert_mixing_weights(model: torch.nn.Module) -> dict[str, str]:
+    """{layer: why its mixing weights have no effect} for the layers ``mixing_weights`` leaves out."""
+    return {name: module.mixing_weights_inert for name, module in model.named_modules()
+            if getattr(module, "mixing_weights_inert", None)}
 
 
 def log_mixing_weights(writer, model: torch.nn.Module, step: int) -> None:
@@ -103,7 +113,7 @@ def write_metrics(output_dir: Path, metrics: dict) -> None:
             return [clean(v) for v in value]
         return value
 
-    temporary = output_dir / f".metrics.json.tmp-{os.getpid()}"  # one per process
+    temporary = temporary_path(output_dir / "metrics.json", hidden=True)  # one per process
     try:
         temporary.write_text(json.dumps(clean(metrics), indent=2, default=str))
         os.replace(temporary, output_dir / "metrics.json")

@@ -39,6 +39,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 from .checkpoint import (CheckpointError, check_compatible, holds_run_state, load_checkpoint, repair_best,
                          resume_request, run_folder_of)
 from .identity import identity_differences
+from .temporaries import remove_stale
 
 try:
     import fcntl
@@ -105,31 +106,12 @@ def restarted_job() -> str | None:
     return os.environ.get("SUBMITIT_LOCAL_JOB_ID") or None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_stale_temporaries(run_dir: Path, locked: bool) -> list[Path]:
-    """Remove the temporary files (``.<name>.tmp-<pid>``) that processes left in a run folder when they
-    died. With the folder's lock held, all are stale; without (no file locks here), those of dead pids."""
-    removed = []
-    candidates = [*run_dir.glob(".*.tmp-*"), *run_dir.glob("metrics.json.tmp"),
-                  *(run_dir / "checkpoints").glob(".*.tmp-*")]
-    for path in candidates:
-        pid = path.name.rpartition("-")[2]
-        if locked or not pid.isdigit() or not pid_alive(int(pid)):
-            try:
-                path.unlink()
-                removed.append(path)
-            except OSError:
-                pass
-    return removed
+    """Remove the temporary files that processes left in a run folder and its checkpoints/ when they died
+    (seg.temporaries). With the folder's lock held, all are stale; without (no file locks here), those
+    of dead processes."""
+    return [path for folder in (run_dir, run_dir / "checkpoints")
+            for path in remove_stale(folder, writers_gone=locked)]
 
 
 # ---------------------------------------------------------------------------- the lock
@@ -287,8 +269,7 @@ def open_run(resume, run_dir: Path) -> Path | None:
     """Take ``run_dir`` for this process: its lock, the removal of stale temporaries, and the checkpoint
     the run continues (``resume_source``)."""
     locked = lock_run(run_dir)
-    for path in remove_stale_temporaries(run_dir, locked):
-        print(f"Removed {path.relative_to(run_dir)}, left by a process that ended while writing it")
+    remove_stale_temporaries(run_dir, locked)  # each removal printed
     return resume_source(resume, run_dir)
 
 

@@ -16,7 +16,7 @@ in configs/train.yaml), or by ``seg-summarize <sweep folder>`` (seg/tools/summar
 - ``comparison.md`` / ``comparison.csv`` / ``comparison.png``: the norms compared pairwise on
   per-volume test Dice of the runs they share (fold and seed), with Wilcoxon tests (Holm),
   bootstrap intervals and average ranks (seg/stats.py);
-- ``claims.md``: the seed papers' claims tested on the sweep's runs, where it holds the runs a
+- ``claims.md``: the normalization papers' claims tested on the sweep's runs, where it holds the runs a
   claim needs (seg/claims.py; ``experiment=claims`` holds all of them);
 - ``dice_vs_lr.png`` (or ``dice_vs_batch_size.png``), ``learning_curves.png`` and
   ``mixing_weights.png`` when matplotlib is installed (the ``study`` extra).

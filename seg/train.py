@@ -44,8 +44,8 @@ from .model import build_model, load_weights, norm_options
 from .norms import spec
 from .optimizers import build_optimizer
 from .ordering import epoch_order
-from .reporting import (image_panel, log_hparams, log_mixing_weights, mixing_weights, nan_to_none, print_report,
-                        quiet_writer_thread_errors, tensorboard_writer, write_metrics)
+from .reporting import (image_panel, inert_mixing_weights, log_hparams, log_mixing_weights, mixing_weights,
+                        nan_to_none, print_report, quiet_writer_thread_errors, tensorboard_writer, write_metrics)
 from .runs import RunFolderError, holds_run, open_run_folder, scheduler_job
 from .runtime import (autocast_context, check_compile, configure_determinism, describe_device, graph_breaks,
                       resolve_device, resolve_precision, seed_everything)
@@ -177,6 +177,11 @@ def set_up(cfg, output_dir: Path, resume_from: Path | None, world: World, job_nu
                         memory_format=memory_format, aux_weight=cfg.model.aux_weight, grad_clip=cfg.optim.grad_clip)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)  # shuffling and augmentation
     metrics["num_parameters"] = num_parameters = sum(p.numel() for p in model.parameters())
+    metrics["mixing_weights_inert"] = inert = inert_mixing_weights(model)
+    if inert:  # e.g. ILN's rho where channels = groups: its value would read as a choice the network made
+        reasons = sorted(set(inert.values()))
+        print(f"Note: the mixing weights of {len(inert)} layers cannot act ({'; '.join(reasons)}): "
+              f"{', '.join(inert)}; they are not logged")
     if cfg.trainer.save_checkpoints:
         check_free_space(output_dir, 10 * num_parameters * 4 + 2**20)  # last (with best) + best + temporaries
     return Run(cfg, output_dir, resume_from, world, stop, metrics, started, device, autocast, splits, domains,

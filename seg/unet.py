@@ -86,6 +86,21 @@ class DoubleConv(nn.Module):
         return self.second(self.first(x, cond), cond)
 
 
+def down_and_up(unet: nn.Module, x: torch.Tensor, cond, join) -> torch.Tensor:
+    """The U-Net's path, before its head: down its levels (``unet.down``, max-pooling between them) keeping
+    each level's output, then up (``unet.upsample``, then ``unet.up`` on ``join(skip, x)``). ``join`` is the
+    skip connection's concatenation (of the channels; per run in a stack of runs, seg.stacked)."""
+    skips = []
+    for level, block in enumerate(unet.down):
+        x = block(x if level == 0 else unet.pool(x), cond)
+        skips.append(x)
+    x = skips.pop()
+    for level in reversed(range(unet.depth)):
+        x = unet.upsample[level](x, cond)
+        x = unet.up[level](join(skips.pop(), x), cond)
+    return x
+
+
 class UNet(nn.Module):
     """U-Net for 2D segmentation; ``forward(x, domain=None)`` returns class logits (N, classes, H, W).
 
@@ -132,15 +147,7 @@ class UNet(nn.Module):
             raise ValueError(f"U-Net of depth {self.depth} needs (N, C, H, W) input with H and W multiples of "
                              f"{multiple}; got shape {tuple(x.shape)}")
         cond = self.conditioner(x, domain)
-        skips = []
-        for level, block in enumerate(self.down):
-            x = block(x if level == 0 else self.pool(x), cond)
-            skips.append(x)
-        x = skips.pop()
-        for level in reversed(range(self.depth)):
-            x = self.upsample[level](x, cond)
-            x = self.up[level](torch.cat([skips.pop(), x], dim=1), cond)
-        logits = self.head(x)
+        logits = self.head(down_and_up(self, x, cond, join=lambda skip, x: torch.cat([skip, x], dim=1)))
         return (logits, cond.aux_logits) if with_aux else logits
 
 

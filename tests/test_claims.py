@@ -1,4 +1,4 @@
-"""The seeds' claims (claims.md, seg/claims.py): the verdict logic on synthetic run folders whose answer is
+"""The papers' claims (claims.md, seg/claims.py): the verdict logic on synthetic run folders whose answer is
 known, the experiment=claims preset, and the preset run end to end at a tiny size."""
 
 import json

@@ -2,7 +2,7 @@
 
 References: torch's own BatchNorm2d / InstanceNorm2d / GroupNorm for bn, in, ln, gn; the official
 SwitchNorm2d (tests/official.py) for sn; "KernelNorm on unfolded windows, then the
-convolution" for kn; the formulas of NORMS.md written naively here for bin, iln, pn, lcn and bkn.
+convolution" for kn; the formulas of docs/layers.md written naively here for bin, iln, pn, lcn and bkn.
 Comparisons run in float64 so that tolerances can be tight.
 """
 
@@ -345,7 +345,7 @@ def test_sync_bn_without_distributed_is_bn(tmp_path):
 
 
 def bin_naive(x, layer, running=None):
-    """NORMS.md: (rho BN(x) + (1 - rho) IN(x)) gamma + beta, BN from running statistics in eval."""
+    """docs/layers.md: (rho BN(x) + (1 - rho) IN(x)) gamma + beta, BN from running statistics in eval."""
     mean_bn, var_bn = batch_moments(x) if running is None else running
     bn = bn_naive(x, mean_bn, var_bn, layer.eps)
     inst = bn_naive(x, *instance_moments_naive(x), layer.eps)
@@ -756,7 +756,7 @@ def conv_prior_naive(conv, relu_mean, relu_var):
 
 
 def bkn_naive(y, layer, prior=None, p=0.9):
-    """NORMS.md's Kalman combination of the batch statistics of y with a prior (mean, var)."""
+    """docs/layers.md's Kalman combination of the batch statistics of y with a prior (mean, var)."""
     mean_b, var_b = batch_moments(y)
     if prior is None:
         mean, var = mean_b, var_b

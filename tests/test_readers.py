@@ -584,7 +584,7 @@ def test_rvsc_slice_step_comes_from_slice_location_and_test_sets_are_unlabeled(t
 def test_a_killed_runs_cache_temporary_is_removed_and_a_live_ones_kept(tmp_path, capsys):
     import subprocess
 
-    from seg.data.temporaries import host_name
+    from seg.temporaries import host_name
 
     root = make_acdc_tree(tmp_path / "acdc", num_patients=3, shape=(16, 16, 2))
     load_splits(tiny_acdc(root), seed=0, progress=False)

@@ -18,6 +18,7 @@ from bad_inputs import CASES, run_case  # the shared table of bad inputs (benchm
 from conftest import ROOT, run_train
 from seg.checkpoint import (CheckpointError, RunState, check_free_space, last_record, load_checkpoint, restore_run,
                             save_checkpoint)
+from seg.temporaries import TEMPORARY, host_name, remove_stale, temporary_path
 
 
 def resumable(acdc_root, run_dir, *extra):
@@ -198,6 +199,24 @@ def assert_same_weights(run_dir, reference_dir):
         assert torch.equal(final[key], expected[key]), key  # bit for bit
 
 
+def test_every_writer_names_its_temporary_so_that_the_next_run_can_remove_it(tmp_path):
+    """Checkpoints, metrics.json, predicted label maps and ONNX files are written under seg.temporaries' one
+    naming (host, pid, a token; the extension kept where the writer needs it); a dead writer's is removed,
+    a live one's kept."""
+    for target, options in (("best.pt", {"hidden": True}), ("metrics.json", {"hidden": True}),
+                            ("case_0001.nii.gz", {"hidden": True, "keep_suffix": ".nii.gz"}),
+                            ("model.onnx", {"hidden": True, "keep_suffix": ".onnx"})):
+        live = temporary_path(tmp_path / target, **options)
+        match = TEMPORARY.match(live.name)
+        assert live.name.startswith(".") and match and int(match["pid"]) == os.getpid(), live.name
+        assert live.name.endswith(options.get("keep_suffix", match["token"]))
+        dead = live.with_name(live.name.replace(f"-{os.getpid()}-", f"-{DEAD_PID}-"))
+        live.write_bytes(b"being written")
+        dead.write_bytes(b"half a file")
+        assert remove_stale(tmp_path) == [dead] and live.exists()
+        live.unlink()
+
+
 @pytest.fixture(scope="module")
 def reference(acdc_root, tmp_path_factory):
     """The uninterrupted run that interrupted and resumed runs must end identical to."""
@@ -267,9 +286,9 @@ def test_a_run_without_its_best_pt_resumes_without_a_traceback(acdc_root, tmp_pa
     finished = json.loads((run / "metrics.json").read_text())
     (run / "checkpoints" / "best.pt").unlink()
     (run / "metrics.json").unlink()
-    (run / "checkpoints" / f".best.pt.tmp-{DEAD_PID}").write_bytes(b"half a checkpoint")
-    (run / f".metrics.json.tmp-{DEAD_PID}").write_bytes(b"")
-    (run / "metrics.json.tmp").write_bytes(b"")  # the single name every process used to share
+    (run / "checkpoints" / f".best.pt.tmp-{host_name()}-{DEAD_PID}-0badc0de").write_bytes(b"half a checkpoint")
+    (run / f".metrics.json.tmp-{host_name()}-{DEAD_PID}-0badc0de").write_bytes(b"")
+    (run / "metrics.json.tmp").write_bytes(b"")  # a shared name: the folder's lock says no writer is left
 
     result = run_train(*resumable(acdc_root, run, "trainer.epochs=2", "trainer.resume=true"))
     assert "Traceback" not in result.stderr and "Rebuilt" in result.stdout

@@ -18,7 +18,7 @@ from seg.data.splits import kfold_split
 from seg.inference import load_segmenter
 from seg.summary import write_summary
 from seg.unet import TransposeConv3
-from sweeps import run_metrics, write_run as write_synthetic_run
+from sweeps import run_metrics, write_run
 
 # Shrinks any preset to seconds (the smoke experiment's sizes) on a 6-patient phantom.
 TINY = ["data.max_patients=6", "data.image_size=64", "data.spacing=6.0", "data.max_slices_per_volume=2",
@@ -126,14 +126,6 @@ def test_lr_optuna_search_at_tiny_size(data_dir, tmp_path):
 # ---------------------------------------------------------------------------- summary of a sweep
 
 
-def write_run(sweep: Path, name: str, metrics: dict, overrides: list[str] | None = None) -> None:
-    folder = sweep / name
-    (folder / ".hydra").mkdir(parents=True)
-    (folder / "metrics.json").write_text(json.dumps(metrics))
-    if overrides is not None:
-        (folder / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-
-
 def finished(norm, lr, fold, dice, **extra):
     """A metrics.json as the trainer writes it for a run that finished."""
     history = [{"epoch": 1, "step": 5, "train_loss": 0.6, "val_dice": dice - 0.1},
@@ -225,7 +217,7 @@ def test_learning_rate_is_chosen_on_validation_not_on_test(tmp_path):
                                   (1, 0.1, 0.85, 0.0)):
         metrics = run_metrics("bn", patients=[fold * 3 + i for i in range(3)], lr=lr, fold=fold, val=val)
         metrics["dice"] = {(0, 0.5): 0.70, (0, 0.1): 0.85, (1, 0.5): 0.72, (1, 0.1): 0.80}[(fold, lr)]
-        write_synthetic_run(sweep, f"bn_{lr}_f{fold}", metrics)
+        write_run(sweep, f"bn_{lr}_f{fold}", metrics)
     write_summary(sweep, plots=False)
     table = (sweep / "paper_table.md").read_text()
     chosen, inspection = table.split("## Test Dice per learning rate — for inspection, not for selection")
@@ -243,8 +235,8 @@ def test_selection_ties_and_runs_without_validation(tmp_path):
     """A tie goes to the larger rate; several rates without any validation Dice cannot be chosen between."""
     sweep = tmp_path / "sweep"
     for lr, dice in ((0.5, 0.6), (0.1, 0.7)):
-        write_synthetic_run(sweep, f"bn_{lr}", {**run_metrics("bn", patients=[1, 2], lr=lr, val=0.8), "dice": dice})
-        write_synthetic_run(sweep, f"gn_{lr}", {**run_metrics("gn", patients=[1, 2], lr=lr), "best_val_dice": None})
+        write_run(sweep, f"bn_{lr}", {**run_metrics("bn", patients=[1, 2], lr=lr, val=0.8), "dice": dice})
+        write_run(sweep, f"gn_{lr}", {**run_metrics("gn", patients=[1, 2], lr=lr), "best_val_dice": None})
     write_summary(sweep, plots=False)
     chosen = (sweep / "paper_table.md").read_text().split("for inspection")[0]
     assert "| bn | 0.600 (lr 0.5×1) |" in chosen.replace("**", "")
@@ -266,8 +258,8 @@ def test_held_in_runs_are_not_given_a_held_out_vendor(tmp_path):
     """A sweep with runs on held-in patients and runs on a held-out vendor: the vendor is a factor (its own
     tables), not a setting "fixed in this sweep" that the held-in runs would wrongly be listed under."""
     sweep = tmp_path / "sweep"
-    write_synthetic_run(sweep, "held_in", run_metrics("bn", patients=[1, 2], fold=None))
-    write_synthetic_run(sweep, "held_out", run_metrics("bn", patients=[3, 4], fold=None, test_vendors=["C"]))
+    write_run(sweep, "held_in", run_metrics("bn", patients=[1, 2], fold=None))
+    write_run(sweep, "held_out", run_metrics("bn", patients=[3, 4], fold=None, test_vendors=["C"]))
     write_summary(sweep, plots=False)
     table = (sweep / "paper_table.md").read_text()
     fixed = next(line for line in table.splitlines() if line.startswith("Fixed in this sweep"))

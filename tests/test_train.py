@@ -33,12 +33,17 @@ def test_smoke_run_on_the_phantom(data_dir, tmp_path):
     assert REQUIRED <= set(metrics)
     assert metrics["status"] == "ok" and (metrics["norm"], metrics["lr"], metrics["batch_size"]) == ("iln", 0.5, 2)
     assert 0 <= metrics["dice"] <= 1 and 0 <= metrics["dice_2d"] <= 1 and metrics["images_per_s"] > 0
-    assert set(metrics["mixing_weights"]["down.0.first.conv_norm.norm"]) == {"sigmoid_rho"}
+    # 16 channels in 16 groups: rho cannot act there (docs/layers.md), so it is named, not logged as a choice
+    assert metrics["mixing_weights_inert"]["down.0.first.conv_norm.norm"] == "rho has no effect (channels = groups)"
+    assert "down.0.first.conv_norm.norm" not in metrics["mixing_weights"]
+    assert set(metrics["mixing_weights"]["down.1.first.conv_norm.norm"]) == {"sigmoid_rho"}
+    assert "the mixing weights of 5 layers cannot act" in result.stdout
 
     events = EventAccumulator(str(tmp_path)).Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "val/dice", "val/dice_2d", "perf/images_per_s", "test/dice"} <= scalars
-    assert "norm/down.0.first.conv_norm.norm/sigmoid_rho" in scalars
+    assert "norm/down.1.first.conv_norm.norm/sigmoid_rho" in scalars
+    assert "norm/down.0.first.conv_norm.norm/sigmoid_rho" not in scalars
     assert "val/input_truth_prediction" in events.Tags()["images"]
     assert len(events.Scalars("train/loss")) == metrics["steps"]
     assert len(events.Scalars("perf/images_per_s")) == metrics["epochs"]  # throughput every epoch

@@ -17,6 +17,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from ..schema import DataConfig
+from ..temporaries import remove_stale
 from .cache import Prepared, clear_cache, prepare_dataset
 from .formats import READERS, reader_options
 from .options import check_options
@@ -24,7 +25,6 @@ from .phantom import generate_phantom
 from .readers import ON_ERROR, iter_volumes, warn
 from .slices import TASKS, SliceSet, class_names, make_slice_set, split_patients, task_annotation_mask
 from .splits import SPLIT_NAMES, assign_splits, split_mode
-from .temporaries import remove_stale
 from .volumes import LABELS, DataError, Volume, annotation_bit
 
 __all__ = ["LABELS", "ON_ERROR", "READERS", "TASKS", "DataError", "SliceSet", "Splits", "Volume", "check_options",

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
+from ..temporaries import remove_stale, temporary_path
 from .formats import READERS, reader_options
 from .readers import iter_volumes, summarize, summary_line, warn
 from .slices import PreparedVolume, prepare_volume
-from .temporaries import remove_stale, temporary_path
 from .volumes import DataError
 
 CACHE_VERSION = 2  # 2: nnU-Net case ids kept and cases grouped by the conversion's naming
@@ -205,7 +205,7 @@ def save_cache(path: Path, volumes: list[PreparedVolume], skipped: list[dict], s
         text = json.dumps(description, indent=2).encode()
         writers = ((path, lambda f: torch.save(payload, f)), (path.with_suffix(".json"), lambda f: f.write(text)))
         for target, write in writers:
-            temporary = temporary_path(target.with_name(f".{target.name}"))  # names its host and pid
+            temporary = temporary_path(target, hidden=True)  # names its host and pid
             handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666 & ~umask)
             with os.fdopen(handle, "wb") as file:
                 write(file)

@@ -229,7 +229,7 @@ class SwitchableNorm(nn.Module):
     As the official ``SwitchNorm2d`` (the defaults match it to float tolerance):
     * ``unbiased`` (default true): var_in is torch's default *unbiased* variance over (H, W), and
       the LN and BN variances are built from it (var_ln = mean_c(var_in + mean_in^2) - mean_ln^2,
-      the same for BN over N). ``unbiased: false`` uses the biased variance of NORMS.md's notation.
+      the same for BN over N). ``unbiased: false`` uses the biased variance of docs/layers.md's notation.
     * running BN statistics by moving average in the official convention
       running = momentum * running + (1 - momentum) * batch with ``momentum`` = 0.9 (= torch's
       momentum 0.1), buffers starting at 0 (also the variance); no unbiasing of the batch variance

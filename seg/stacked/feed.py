@@ -18,8 +18,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
+from ..augment import draw_augmentation, rotate_and_flip
 from ..ordering import epoch_order
 
 
@@ -75,28 +75,10 @@ class RunFeed:
         return True
 
 
-def draw_augmentation(n: int, generator: torch.Generator, device, rotate_deg: float, flip: bool):
-    """``augment_batch``'s random numbers for n samples, in its order: (cos, sin, sx, sy), each (n,)."""
-    angle = (torch.rand(n, generator=generator, device=device) * 2 - 1) * math.radians(rotate_deg)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    sx = sy = torch.ones(n, device=device)
-    if flip:
-        sx = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
-        sy = torch.where(torch.rand(n, generator=generator, device=device) < 0.5, -1.0, 1.0)
-    return cos, sin, sx, sy
-
-
 def augment_together(images: torch.Tensor, labels: torch.Tensor, draws: list[tuple[torch.Tensor, ...]]):
     """Rotate and flip (M, C, H, W) images and (M, H, W) labels, sample by sample, by the concatenated draws
     -- ``augment_batch``'s geometry: bilinear with border padding for images, nearest with zeros for labels."""
-    cos, sin, sx, sy = (torch.cat(parts) for parts in zip(*draws))
-    zero = torch.zeros(cos.shape[0], device=images.device)
-    theta = torch.stack([torch.stack([cos * sx, -sin * sy, zero], 1), torch.stack([sin * sx, cos * sy, zero], 1)], 1)
-    grid = F.affine_grid(theta.to(images.dtype), list(images.shape), align_corners=False)
-    images = F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    labels = F.grid_sample(labels.unsqueeze(1).to(images.dtype), grid, mode="nearest", padding_mode="zeros",
-                           align_corners=False)
-    return images, labels[:, 0].to(torch.uint8)
+    return rotate_and_flip(images, labels, *(torch.cat(parts) for parts in zip(*draws)))
 
 
 def augmented_batches(feeds: list[RunFeed | None]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..norms import ConvNorm, make_norm, names, spec
-from ..unet import TransposeConv3, UNet
+from ..unet import TransposeConv3, UNet, down_and_up
 
 CONV_MODES = ("grouped", "channels_last", "loop", "matmul")
 
@@ -231,15 +231,7 @@ class StackedUNet(nn.Module):
             raise ValueError(f"a stack of {self.runs} U-Nets of depth {self.depth} needs (N, {self.runs}*C, H, W) "
                              f"input with H and W multiples of {multiple}; got shape {tuple(x.shape)}")
         cond = self.conditioner(x, None)  # stackable layers read no condition
-        skips = []
-        for level, block in enumerate(self.down):
-            x = block(x if level == 0 else self.pool(x), cond)
-            skips.append(x)
-        x = skips.pop()
-        for level in reversed(range(self.depth)):
-            x = self.upsample[level](x, cond)
-            x = self.up[level](concat_runs([skips.pop(), x], self.runs), cond)
-        return self.head(x)
+        return self.head(down_and_up(self, x, cond, join=lambda skip, x: concat_runs([skip, x], self.runs)))
 
     # ---------------------------------------------------------------- one run's state
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..data import DataError
 from ..evaluation import MISSING, evaluate_folders, parse_labels
-from ..inference import OptionError, parse_bool, parse_key_values
+from ..inference import OptionError, check_new_file, parse_bool, parse_key_values
 from . import arguments
 
 USAGE = ("usage: seg-evaluate pred=<folder> gt=<folder> [labels=rv:1,lv:3] [missing=error|zero] "
@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if pred.resolve() == gt.resolve():
             raise OptionError(f"gt={args['gt']}: the same folder as pred=; the predictions would be their own truth")
         out = Path(args["out"]) if args["out"] else pred / "evaluation.csv"
-        if out.suffix != ".csv":
-            raise OptionError(f"out={args['out']}: must end in .csv")
-        if not out.parent.is_dir():
-            raise OptionError(f"out={out}: folder {out.parent} does not exist")
-        if (out.exists() or out.is_symlink()) and not overwrite:
-            raise OptionError(f"out={out}: exists (pass overwrite=true to replace it)")
+        check_new_file("out", args["out"], out, ".csv", overwrite)
         evaluation = evaluate_folders(pred, gt, labels, missing=args["missing"])
     except (OptionError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -19,8 +19,8 @@ from ..checkpoint import CheckpointError
 from ..data.slices import TASKS, class_names
 from ..export import (EXTRA, MAX_OPSET, OPSET, ExportError, checkpoint_metadata, missing_packages, takes_domain,
                       write_export)
-from ..inference import (OptionError, dataset_label_values, parse_bool, parse_key_values, read_checkpoint,
-                         trained_model, training_orientation)
+from ..inference import (OptionError, check_new_file, dataset_label_values, parse_bool, parse_key_values,
+                         read_checkpoint, trained_model, training_orientation)
 from . import arguments
 
 USAGE = "usage: seg-export ckpt=<best.pt> output=<model.onnx> [opset=18] [check=true] [overwrite=true]"
@@ -36,12 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         if not OPSET <= opset <= MAX_OPSET:
             raise OptionError(f"opset={args['opset']}: choose an integer from {OPSET} to {MAX_OPSET}")
         output = Path(args["output"])
-        if output.suffix != ".onnx":
-            raise OptionError(f"output={args['output']}: must end in .onnx")
-        if not output.parent.is_dir():
-            raise OptionError(f"output={output}: folder {output.parent} does not exist")
-        if (output.exists() or output.is_symlink()) and not overwrite:
-            raise OptionError(f"output={output}: exists (pass overwrite=true to replace it)")
+        check_new_file("output", args["output"], output, ".onnx", overwrite)
         if not Path(args["ckpt"]).is_file():
             raise OptionError(f"ckpt={args['ckpt']}: no such file")
         missing = missing_packages(check)
