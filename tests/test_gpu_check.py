@@ -68,9 +68,13 @@ def test_a_step_past_its_limit_is_stopped_and_reported_as_timed_out(tmp_path):
 
 
 def test_bad_command_lines_are_refused_in_one_line(tmp_path):
-    for args, key in [(["--device", "cpu"], "--out"), (["--wheels", str(tmp_path / "none"), "--out", str(tmp_path)],
-                                                       "--wheels"),
-                      (["--limit-scale", "0", "--out", str(tmp_path)], "--limit-scale")]:
+    import torch
+
+    cases = [(["--device", "cpu"], "--out"), (["--wheels", str(tmp_path / "none"), "--out", str(tmp_path)], "--wheels"),
+             (["--limit-scale", "0", "--out", str(tmp_path)], "--limit-scale")]
+    if not torch.cuda.is_available():  # the default device, where there is none
+        cases.append((["--out", str(tmp_path)], "--device cuda"))
+    for args, key in cases:
         result = check(*args, timeout=120)
         assert result.returncode == 1 and result.stderr.strip().startswith(key), result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
