@@ -151,7 +151,7 @@ def table(title: str, times: dict[str, list[float]], reference: str, step_bytes:
             figures[name]["gb_per_s"] = step_bytes / median[name] / 1e9
             figures[name]["copy_fraction"] = step_bytes / median[name] / copy_bytes_per_s
     rows = [[name, f"{f['ms']:.1f}", f"{f['ratio']:.2f}", f"{f['ratio_best']:.2f}"]
-            + ([f"{f['gb_per_s']:.1f}", f"{f['copy_fraction']:.2f}"] if "gb_per_s" in f else [])
+            + ([f"{f['gb_per_s']:.3g}", f"{f['copy_fraction']:.2f}"] if "gb_per_s" in f else [])
             for name, f in figures.items()]
     text = f"## {title}\n\n" + markdown_table(header, rows)
     print("\n" + text, flush=True)
@@ -197,9 +197,9 @@ def main() -> None:
     same_shape = torch.randn_like(x)
     copy_bytes = max(x.numel() * x.element_size(), 2**30 if device.type == "cuda" else 0)
     copy_rate = copy_bandwidth(device, copy_bytes, args.rounds)
-    about += (f" Copy bandwidth on {device}: {copy_rate / 1e9:.1f} GB/s (read + written, {copy_bytes / 2**20:.0f} MiB "
+    about += (f" Copy bandwidth on {device}: {copy_rate / 1e9:.3g} GB/s (read + written, {copy_bytes / 2**20:.3g} MiB "
               f"buffers); a layer's bandwidth counts {PASSES} passes of the input ({PASSES} x "
-              f"{x.numel() * x.element_size() / 2**20:.0f} MiB per step).")
+              f"{x.numel() * x.element_size() / 2**20:.3g} MiB per step).")
     alone, alone_figures = table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats),
                                  gn, PASSES * x.numel() * x.element_size(), copy_rate)
     tables, figures = [alone], {"layer_alone": alone_figures}

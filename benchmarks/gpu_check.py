@@ -323,7 +323,8 @@ def step_correctness(args, partial: Partial) -> None:
     device = torch.device(args.device)
     torch.backends.cudnn.allow_tf32 = False  # float32 convolutions in float32 (TF32 would be a bf16-like 10 bits)
     torch.backends.cuda.matmul.allow_tf32 = False
-    same = " (the device is the CPU: it is compared with itself, the path is exercised only)" if device.type == "cpu" else ""
+    same = (" (the device is the CPU: it is compared with itself, the path is exercised only)"
+            if device.type == "cpu" else "")
     shape = (2, 16, 16, 16) if args.quick else (4, 16, 64, 64)
 
     def cast(cond: Condition, dtype, to) -> Condition:
@@ -421,7 +422,8 @@ def step_correctness(args, partial: Partial) -> None:
         abs(on_cpu[k] - on_device[k]) <= 1e-12 or (math.isnan(on_cpu[k]) and math.isnan(on_device[k])) for k in on_cpu)
     partial.result["figures"]["dice"] = {"cpu": on_cpu, "device": on_device}
     partial.add(f"### Dice on {device} against the CPU\n\n24 slices of 256x256, 3 classes, 4 volumes, the same "
-                f"predictions: {'equal (within 1e-12)' if equal else 'DIFFERENT'} (3D {on_device['dice']:.6f} on the device, "
+                f"predictions: {'equal (within 1e-12)' if equal else 'DIFFERENT'} "
+                f"(3D {on_device['dice']:.6f} on the device, "
                 f"{on_cpu['dice']:.6f} on the CPU).\n")
     if not equal:
         partial.fail("Dice on the device differs from the CPU")
@@ -476,6 +478,14 @@ def train_overrides(args, data: Path) -> list[str]:
     return overrides
 
 
+def embedded(page: Path) -> str:
+    """A benchmark's result page inside the report: what it measured and its tables, without its title and stamp
+    (the report's own stamp says the same), its sections one level down."""
+    stamp = ("- command:", "- commit:", "- machine:", "- load average:", "- torch:", "- date:")
+    lines = [line for line in page.read_text().splitlines()[1:] if not line.startswith(stamp)]
+    return "\n".join("#" + line if line.startswith("## ") else line for line in lines).strip() + "\n"
+
+
 def metrics_of(folder: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(folder.rglob("metrics.json"))]
 
@@ -491,9 +501,9 @@ def step_train_default(args, partial: Partial) -> None:
         return
     run = json.loads(figures.read_text())["figures"]
     partial.result["figures"] = run
-    partial.add(f"`python train.py {' '.join(quick)}` on {run['device']} ({run['precision']}), "
-                f"{'from a fresh data folder (generating the phantom included)' if run['fresh_data'] else 'existing data'}"
-                f": wall {run['wall_s']:.1f} s, {run['images_per_s']:.1f} training images/s, test Dice "
+    partial.add(f"`python train.py {' '.join(run['overrides'])}` on {run['device']} ({run['precision']}), "
+                + ("from a fresh data folder (generating the phantom included)" if run["fresh_data"] else "existing data")
+                + f": wall {run['wall_s']:.1f} s, {run['images_per_s']:.1f} training images/s, test Dice "
                 f"{run['dice']:.4f} (3D), {run['dice_2d']:.4f} (2D).\n")
     if not str(run["device"]).startswith(args.device):
         partial.fail(f"the run used {run['device']}, not {args.device}")
@@ -551,7 +561,7 @@ def step_throughput(args, partial: Partial, compiled: bool) -> None:
         return
     measured = json.loads(figures.read_text())["figures"]
     partial.result["figures"] = measured
-    partial.add(page.read_text().split("\n- date:", 1)[-1].split("\n", 1)[-1].strip() + "\n")
+    partial.add(embedded(page))
     failed = [norm for norm, r in measured["devices"][args.device].items() if "error" in (r["ours"] or {})]
     if failed:
         partial.fail(f"our pipeline failed for {', '.join(failed)}")
@@ -568,14 +578,15 @@ def step_layer_bandwidth(args, partial: Partial) -> None:
         partial.fail(f"bench_norms.py: exit code {result.returncode}")
         return
     partial.result["figures"] = json.loads(figures.read_text())["figures"]
-    partial.add(page.read_text().split("\n- date:", 1)[-1].split("\n", 1)[-1].strip() + "\n")
+    partial.add(embedded(page))
 
 
 def grid_size() -> tuple[int, dict]:
     """The number of runs of the full experiment=iln_paper grid, from its config's sweeper parameters."""
     import yaml
 
-    params = yaml.safe_load((ROOT / "configs" / "experiment" / "iln_paper.yaml").read_text())["hydra"]["sweeper"]["params"]
+    preset = yaml.safe_load((ROOT / "configs" / "experiment" / "iln_paper.yaml").read_text())
+    params = preset["hydra"]["sweeper"]["params"]
     counts = {key: len(str(value).split(",")) for key, value in params.items()}
     return math.prod(counts.values()), counts
 
@@ -603,7 +614,8 @@ def step_study(args, partial: Partial) -> None:
                                  "extrapolated_s": per_job * total, "size": size,
                                  "device": runs[0].get("device")}
     partial.add(f"`python train.py -m experiment=iln_paper {' '.join(reduced + tiny)}` at {size} on "
-                f"{runs[0].get('device')}: {len(runs)} jobs in {wall:.0f} s (the sweep's summary included), "
+                f"{runs[0].get('device')}: {len(runs)} job{'s' if len(runs) != 1 else ''} in {wall:.0f} s (the sweep's "
+                f"summary included), "
                 f"{per_job:.1f} s a job. **Extrapolation, not a measurement:** the full grid "
                 f"({' x '.join(f'{n} {k}' for k, n in counts.items())} = {total} runs, one after another) would "
                 f"take about {per_job * total / 3600:.2f} h ({per_job * total / 60:.0f} min) on this machine.\n")
@@ -798,8 +810,8 @@ def main() -> None:
     if args.limit_scale <= 0:
         sys.exit("--limit-scale: must be positive")
     if args.device == "cuda":  # torch's answer, from a child: this process stays free of torch until the report
-        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, torch.cuda.is_available())"],
-                               capture_output=True, text=True)
+        probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__, "
+                                "torch.cuda.is_available())"], capture_output=True, text=True)
         answer = probe.stdout.split()
         if probe.returncode != 0 or answer[-1:] != ["True"]:
             sys.exit(f"--device cuda: {'torch ' + answer[0] if answer else 'torch (not importable)'} sees no CUDA "
