@@ -238,8 +238,10 @@ class Partial:
 
     def save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "w") as file:
+        part = self.path.with_suffix(".part")
+        with open(part, "w") as file:
             json.dump(self.result, file, indent=1, default=str)
+        os.replace(part, self.path)  # whole or not at all: the step may be killed at its limit at any moment
 
 
 def python_command(args: list[str], limit_s: float | None = None, cwd: Path = ROOT,
@@ -276,7 +278,8 @@ def step_install(args, partial: Partial) -> None:
 
     before = torch_version()
     constraints = partial.path.with_suffix(".constraints.txt")
-    constraints.write_text(f"torch=={before.split()[0]}\n")  # pip may not touch torch, whatever a package asks for
+    with open(constraints, "w") as file:  # pip's constraints file (no page): pip may not touch torch
+        file.write(f"torch=={before.split()[0]}\n")
     requirements = project_requirements()
     common = ["install", "--no-index", "--find-links", str(wheels), "--only-binary=:all:", "--no-cache-dir",
               "--disable-pip-version-check"]
@@ -502,7 +505,8 @@ def step_train_default(args, partial: Partial) -> None:
     run = json.loads(figures.read_text())["figures"]
     partial.result["figures"] = run
     partial.add(f"`python train.py {' '.join(run['overrides'])}` on {run['device']} ({run['precision']}), "
-                + ("from a fresh data folder (generating the phantom included)" if run["fresh_data"] else "existing data")
+                + ("from a fresh data folder (generating the phantom included)" if run["fresh_data"]
+                   else "existing data")
                 + f": wall {run['wall_s']:.1f} s, {run['images_per_s']:.1f} training images/s, test Dice "
                 f"{run['dice']:.4f} (3D), {run['dice_2d']:.4f} (2D).\n")
     if not str(run["device"]).startswith(args.device):
@@ -679,7 +683,7 @@ def run_step(step: Step, args, log) -> dict:
     seconds = time.perf_counter() - started
     path = args.work / "steps" / f"{step.name}.json"
     result = json.loads(path.read_text()) if path.exists() else {"verdict": "fail", "reason": "", "figures": {},
-                                                                 "details": []}
+                                                                 "details": ["(the step wrote no result)"]}
     if timed_out:
         result.update(verdict="timed out", reason=f"stopped at its limit of {limit} s (what it finished is below)")
     elif code != 0 and result["verdict"] != "fail":
