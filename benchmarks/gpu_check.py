@@ -128,7 +128,10 @@ def run_pip(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
 def closure_without_torch(report: dict, roots: list[str]) -> dict[str, str]:
     """The packages (name -> version) of pip's resolution ``report`` that ``roots`` need, not counting what
     only torch needs: the requirement graph walked from the roots, never through torch."""
-    from packaging.requirements import Requirement
+    try:
+        from packaging.requirements import Requirement
+    except ImportError:  # pip carries its own copy
+        from pip._vendor.packaging.requirements import Requirement
 
     resolved = {canonical(item["metadata"]["name"]): item["metadata"] for item in report["install"]}
     wanted: dict[str, str] = {}
