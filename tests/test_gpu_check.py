@@ -108,3 +108,24 @@ def test_the_wheelhouse_leaves_out_what_only_torch_needs():
     wanted = gpu_check.closure_without_torch(report, ["monai>=1.4", "nibabel>=5", "hydra-core[fancy]>=1.3"])
     assert wanted == {"monai": "1.4.0", "numpy": "2.1.0", "nibabel": "5.3.0", "typing-extensions": "4.12.0",
                       "hydra-core": "1.3.2", "omegaconf": "2.3.0", "fancy": "1.0"}
+
+
+def test_each_target_is_judged_on_its_steps_figures():
+    """The GPU branch of the verdicts, on figures of the shape the steps write (no GPU needed to judge them)."""
+    def passed(figures):
+        return {"verdict": "pass", "figures": figures}
+
+    alone = {"bin": {"ratio": 1.2, "copy_fraction": 0.7}, "iln": {"ratio": 1.4, "copy_fraction": 0.65},
+             "sn": {"ratio": 1.6, "copy_fraction": 0.61}, "gn": {"ratio": 1.0, "copy_fraction": 0.9}}
+    results = {"layer_bandwidth": passed({"layer_alone": alone, "copy_bytes_per_s": 4.3e12}),
+               "throughput_compiled": passed({"devices": {"cuda": {"bn": {"ratio": 3.4}, "cin": {"ratio": None}}}}),
+               "train_default": passed({"wall_s": 71.0, "dice": 0.88, "fresh_data": True})}
+    status = {g["target"]: g["status"] for g in gpu_check.targets(results, "cuda")}
+    assert list(status.values()) == ["not met", "met", "met", "not met", "met"], status  # sn is 1.6x GroupNorm
+    evidence = {g["target"]: g["evidence"] for g in gpu_check.targets(results, "cuda")}
+    assert "sn 1.60x" in evidence["fused bin/iln/sn forward+backward on CUDA <= 1.5x torch's GroupNorm"]
+
+    results["train_default"] = {"verdict": "timed out", "figures": {}}
+    status = [g["status"] for g in gpu_check.targets(results, "cuda")]
+    assert status[3].startswith("not measured") and status[4].startswith("not measured")
+    assert all(g["status"].startswith("not measured") for g in gpu_check.targets(results, "cpu"))
