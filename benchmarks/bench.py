@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from harness import cpu_model, markdown_table, sgd_options, write_result
+from harness import cpu_model, markdown_table, sgd_options, write_json, write_result
 from seg.augment import augment_batch
 from seg.losses import build_loss
 from seg.norms import names, register_monai
@@ -209,6 +209,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="MONAI DataLoader workers")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads of torch (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="the result page (default: docs/results/)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="also write the figures as JSON (per device and norm: ours, MONAI, their ratio)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -220,7 +222,7 @@ def main() -> None:
         parser.error("--samples must be at least --batch-size")
     devices = args.devices or ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-    sections = []
+    sections, figures = [], {}
     for device in devices:
         bf16 = args.precision == "bf16" or (args.precision == "auto" and device.startswith("cuda")
                                             and torch.cuda.is_bf16_supported())
@@ -251,12 +253,19 @@ def main() -> None:
                 row.append(cell(ours_result, "graph_breaks", 0))
             rows.append(row)
             print("| " + " | ".join(row) + " |", flush=True)
+            figures.setdefault(device, {})[norm] = {
+                "ours": ours_result, "monai": monai_result,
+                "ratio": ours_result["images_per_s"] / monai_result["images_per_s"] if both else None}
         sections.append(f"{title}\n\n{markdown_table(header, rows)}")
     about = ("Training throughput and peak memory per normalization: this pipeline (the data on the device, "
              "augmented there, the trainer's `seg.step.train_step`) against MONAI's `BasicUNet` fed by "
              "`CacheDataset` + `DataLoader`, same widths, same precision and compilation; every measurement in a "
              "fresh process. Compare figures within one table only.")
     write_result("bench", "Training throughput: this pipeline and MONAI's", "\n".join(sections), about, args.out)
+    if args.json:
+        write_json(args.json, {"batch_size": args.batch_size, "size": args.size, "compile": args.compile,
+                               "compile_backend": args.compile_backend, "precision": args.precision,
+                               "steps": args.steps, "devices": figures})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,15 @@ and every parameter (``torch.autograd.grad``, nothing accumulates). Candidates a
 interleaved rounds and the median round is reported, so drift of the machine affects all alike.
 The median and its ratio are the result; the ratio of the best rounds is printed beside it
 because on a shared machine other load inflates some rounds. Compare numbers within one run only.
-Writes docs/results/bench_norms.md (``--out``: elsewhere).
+
+These layers are memory-bound, so the "Layer alone" table also gives each layer's achieved memory
+bandwidth against the machine's measured copy bandwidth (``Tensor.copy_`` of a buffer of at least
+1 GiB on a GPU, well beyond its L2 cache; of the input's size on a CPU; bytes read plus bytes
+written per second), the physical limit for them. A layer's bytes are the least any implementation
+of a step must move: five passes over the input's size (forward: read x, write y; backward: read x
+and the upstream gradient, write the input's gradient); the parameters and statistics are (C,)-sized
+and not counted. A fraction near 1 means nothing is left to gain; extra passes show as a lower one.
+Writes docs/results/bench_norms.md (``--out``: elsewhere; ``--json``: the figures as JSON too).
 """
 
 from __future__ import annotations
@@ -38,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from harness import interleaved_times, markdown_table, write_result
+from harness import interleaved_times, markdown_table, write_json, write_result
 from seg.norms import Condition, context_options, make_conv_norm, make_norm, names, spec
 
 
@@ -112,17 +120,42 @@ def run(candidates: dict, x: torch.Tensor, grad_for, rounds: int, repeats: int) 
     return interleaved_times(steps, rounds, repeats, x.device)
 
 
-def table(title: str, times: dict[str, list[float]], reference: str) -> str:
+PASSES = 5  # the least a forward + backward step moves, in input-sized tensors: x, y; x, grad y, grad x
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, rounds: int) -> float:
+    """Bytes per second that ``Tensor.copy_`` moves (read + written) between two float32 buffers of ``nbytes``
+    on ``device``: the median of ``rounds`` interleaved rounds."""
+    source = torch.randn(max(nbytes // 4, 1), device=device)
+    target = torch.empty_like(source)
+    target.copy_(source)  # warm-up
+    seconds = statistics.median(interleaved_times({"copy": lambda: target.copy_(source)}, rounds, 10,
+                                                  device)["copy"])
+    return 2 * source.numel() * source.element_size() / seconds
+
+
+def table(title: str, times: dict[str, list[float]], reference: str, step_bytes: int | None = None,
+          copy_bytes_per_s: float | None = None) -> tuple[str, dict]:
     """Median time and its ratio to the reference; the ratio of the best rounds too (less sensitive
-    to other load on the machine)."""
+    to other load on the machine); with ``step_bytes`` (the least bytes a step moves) and
+    ``copy_bytes_per_s``, the achieved bandwidth and its fraction of the copy bandwidth. The table and
+    its figures per layer."""
     median = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}
-    rows = [[name, f"{1000 * median[name]:.1f}", f"{median[name] / median[reference]:.2f}",
-             f"{best[name] / best[reference]:.2f}"] for name in times]
-    text = f"## {title}\n\n" + markdown_table(
-        ["layer", "ms fwd+bwd (median)", f"ratio to {reference}", "ratio, best rounds"], rows)
+    figures = {name: {"ms": 1000 * median[name], "ratio": median[name] / median[reference],
+                      "ratio_best": best[name] / best[reference]} for name in times}
+    header = ["layer", "ms fwd+bwd (median)", f"ratio to {reference}", "ratio, best rounds"]
+    if step_bytes is not None and copy_bytes_per_s is not None:
+        header += [f"GB/s ({PASSES} passes of the input)", "fraction of copy bandwidth"]
+        for name in times:
+            figures[name]["gb_per_s"] = step_bytes / median[name] / 1e9
+            figures[name]["copy_fraction"] = step_bytes / median[name] / copy_bytes_per_s
+    rows = [[name, f"{f['ms']:.1f}", f"{f['ratio']:.2f}", f"{f['ratio_best']:.2f}"]
+            + ([f"{f['gb_per_s']:.3g}", f"{f['copy_fraction']:.2f}"] if "gb_per_s" in f else [])
+            for name, f in figures.items()]
+    text = f"## {title}\n\n" + markdown_table(header, rows)
     print("\n" + text, flush=True)
-    return text
+    return text, figures
 
 
 def main() -> None:
@@ -137,6 +170,7 @@ def main() -> None:
     parser.add_argument("--layers", nargs="+", choices=names(), help="only these layers (default: all)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=None, help="the result page (default: docs/results/)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,18 +195,29 @@ def main() -> None:
         layers["iln, unfused (3 separate norms)"] = UnfusedILN(c)
     layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
     same_shape = torch.randn_like(x)
-    tables = [table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats), gn)]
+    copy_bytes = max(x.numel() * x.element_size(), 2**30 if device.type == "cuda" else 0)
+    copy_rate = copy_bandwidth(device, copy_bytes, args.rounds)
+    about += (f" Copy bandwidth on {device}: {copy_rate / 1e9:.3g} GB/s (read + written, {copy_bytes / 2**20:.3g} MiB "
+              f"buffers); a layer's bandwidth counts {PASSES} passes of the input ({PASSES} x "
+              f"{x.numel() * x.element_size() / 2**20:.3g} MiB per step).")
+    alone, alone_figures = table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats),
+                                 gn, PASSES * x.numel() * x.element_size(), copy_rate)
+    tables, figures = [alone], {"layer_alone": alone_figures}
 
     if not args.skip_pairs:
         conv_gn = "conv 3x3 + GroupNorm(16, 16)"
         pairs = {conv_gn: make_conv_norm("gn", c, c, 3)}
         pairs.update({f"conv 3x3 + {name}": build(name, make_conv_norm, cond, c, c, 3) for name in chosen})
         pairs = {name: m.to(memory_format=fmt) for name, m in pairs.items()}
-        tables.append(table("Convolution + layer (the U-Net's pair, make_conv_norm)",
-                            run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats),
-                            conv_gn))
+        pair_table, figures["pairs"] = table(
+            "Convolution + layer (the U-Net's pair, make_conv_norm)",
+            run(pairs, x, lambda probe: torch.randn_like(probe), args.rounds, args.pair_repeats), conv_gn)
+        tables.append(pair_table)
     write_result("bench_norms", "Normalization layers: forward + backward against GroupNorm", "\n".join(tables),
                  about, args.out)
+    if args.json:
+        write_json(args.json, {"device": str(device), "shape": [n, c, h, w], "channels_last": args.channels_last,
+                               "copy_bytes_per_s": copy_rate, "reference": gn, **figures})
 
 
 if __name__ == "__main__":

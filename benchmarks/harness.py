@@ -6,7 +6,8 @@ command that produced it, the git commit (and ``dirty`` when the tree had uncomm
 machine (CPU model and cores, RAM, the GPU if any) and its load average when the page was written,
 torch's version and the date -- and then the tables. No figure is typed by hand. ``interleaved_times`` is the timing loop of the benchmarks that
 compare candidates (each round times every candidate once, so a drift of the machine affects all
-alike), ``markdown_table`` their tables, and ``sgd_options`` the optimizer they train with.
+alike), ``markdown_table`` their tables, ``write_json`` the same figures for a program to read
+(``--json``), and ``sgd_options`` the optimizer they train with.
 
 The benchmarks import this module as ``harness`` (Python puts a script's own folder first on its
 path); the tests find it the same way (pyproject.toml's pytest ``pythonpath``).
@@ -15,6 +16,7 @@ path); the tests find it the same way (pyproject.toml's pytest ``pythonpath``).
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import shlex
@@ -119,6 +121,19 @@ def write_result(name: str, title: str, body: str, about: str = "", out: Path | 
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(page)
     print(f"written: {path}")
+    return path
+
+
+def write_json(path: Path, figures: dict) -> Path:
+    """Write ``figures`` (a benchmark's measured values, for a program to read: gpu_check.py's report) to
+    ``path`` as JSON, under the same stamp as a result page: {"stamp": {...}, "figures": figures}."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamped = {"stamp": {"command": command_line(), "commit": git_commit(), "machine": machine(), "load": load(),
+                         "torch": torch.__version__, "date": datetime.date.today().isoformat()},
+               "figures": figures}
+    with open(path, "w") as file:
+        json.dump(stamped, file, indent=1, default=str)
     return path
 
 

@@ -15,7 +15,7 @@ from conftest import ROOT
 BENCHMARKS = ROOT / "benchmarks"
 PAGES = {"bench.py": "bench", "bench_default_run.py": "bench_default_run", "bench_norms.py": "bench_norms",
          "bench_prepare.py": "bench_prepare", "bench_resume.py": "soak_resume",
-         "bench_train_step.py": "bench_train_step", "bad_inputs_report.py": "bad_inputs"}
+         "bench_train_step.py": "bench_train_step", "bad_inputs_report.py": "bad_inputs", "gpu_check.py": "gpu_check"}
 
 
 def test_a_result_page_has_its_stamp_above_its_figures(tmp_path, monkeypatch):
