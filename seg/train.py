@@ -254,11 +254,9 @@ def train_epoch(run: Run, state: RunState) -> float | None:
         stopping = not at_epoch_end and world.any(run.stop.requested is not None)
         checkpoint_due = bool(checkpoint_every) and state.step % checkpoint_every == 0
         if state.step % log_every == 0 or at_epoch_end or stopping or checkpoint_due:
-            diverged_loss = flush_losses(run, state)
+            diverged_loss = log_losses(run, state)
             if diverged_loss is not None:
                 return diverged_loss
-            run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], state.step)
-            run.bar.set_postfix(loss=f"{state.epoch_losses[-1]:.4f}")
             if (stopping or checkpoint_due) and not at_epoch_end:
                 state.train_time += time.perf_counter() - epoch_start
                 epoch_start = time.perf_counter()
@@ -266,6 +264,17 @@ def train_epoch(run: Run, state: RunState) -> float | None:
         if stopping:
             stop_if_requested(run, state, "mid-epoch")
     state.train_time += time.perf_counter() - epoch_start
+    return None
+
+
+def log_losses(run: Run, state: RunState) -> float | None:
+    """The losses since the last log (``flush_losses``) and the learning rate, to TensorBoard and the progress bar;
+    a non-finite loss is returned (the run diverged at ``state.step``). Also the stacked sweep's (seg/train_stacked.py)."""
+    diverged_loss = flush_losses(run, state)
+    if diverged_loss is not None:
+        return diverged_loss
+    run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], state.step)
+    run.bar.set_postfix(loss=f"{state.epoch_losses[-1]:.4f}")
     return None
 
 
