@@ -32,6 +32,7 @@ sweep as a whole trains K runs in that time.
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -248,7 +249,8 @@ def where_it_stands(stack: Stack, job: Job, k: int) -> RunState:
 
 
 def stopped(stack: Stack, job: Job, k: int, interrupted: Interrupted) -> None:
-    print(f"{job.label}{interrupted}", flush=True)
+    """Run k was saved and recorded ``interrupted``: one line, as train.py prints it, and out of the stack."""
+    print(f"{job.label}{interrupted}", file=sys.stderr, flush=True)
     stack.freeze(k)
     job.outcome = interrupted
     unlock_run(job.output_dir)

@@ -18,9 +18,12 @@ be stacked runs alone through the trainer; resuming a stacked sweep retrains no 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -196,3 +199,39 @@ def test_a_diverging_run_of_a_stack_is_diverged_and_a_norm_that_cannot_stack_run
     assert runs[("kn", 0.02)]["status"] == "ok"
     finished = Path(runs[("none", 0.02)]["output_dir"])
     assert (finished / "checkpoints" / "best.pt").is_file() and (finished / "checkpoints" / "last.pt").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_saves_every_run_of_the_stack_and_resuming_ends_as_if_uninterrupted(data_dir, tmp_path):
+    """SIGTERM in the middle of a stack's epoch: every run saved after the step in progress (last.pt, status
+    interrupted), exit code 75; the sweep resumed with trainer.resume=true ends each run bit for bit as the
+    same sweep uninterrupted."""
+    grid = ["experiment=smoke", "data.image_size=32", "data.phantom.num_patients=6", "trainer.progress=false",
+            "norm=gn", "lr=0.05,0.02", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2",
+            "trainer.deterministic=true", f"paths.data_dir={data_dir}"]
+    sweep(data_dir, tmp_path / "reference", "stacked", *grid)
+    stopped_dir = tmp_path / "stopped"
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=stacked", *grid,
+                                f"hydra.sweep.dir={stopped_dir}"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    deadline = time.monotonic() + 300
+    while not list(stopped_dir.glob("*/checkpoints/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 75, out + err
+    runs = sorted(p for p in stopped_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    assert len(runs) == 2
+    for run in runs:
+        metrics = metrics_of(run)
+        assert metrics["status"] == "interrupted" and metrics["signal"] == "SIGTERM", run.name
+        assert metrics["steps"] < 18 and (run / "checkpoints" / "last.pt").is_file()
+    assert err.count("Interrupted by SIGTERM") == 2 and "Traceback" not in err
+
+    sweep(data_dir, stopped_dir, "stacked", *grid, "trainer.resume=true")
+    for run in runs:
+        metrics = metrics_of(run)
+        assert metrics["status"] == "ok" and metrics["steps"] == 18
+        final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+        expected = torch.load(tmp_path / "reference" / run.name / "checkpoints" / "last.pt", weights_only=True)["model"]
+        assert all(torch.equal(final[k], expected[k]) for k in expected), run.name
