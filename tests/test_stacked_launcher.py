@@ -235,3 +235,12 @@ def test_sigterm_saves_every_run_of_the_stack_and_resuming_ends_as_if_uninterrup
         final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
         expected = torch.load(tmp_path / "reference" / run.name / "checkpoints" / "last.pt", weights_only=True)["model"]
         assert all(torch.equal(final[k], expected[k]) for k in expected), run.name
+
+
+def test_a_bad_max_runs_is_refused_in_one_line(tmp_path):
+    result = run_train("-m", "hydra/launcher=stacked", "hydra.launcher.max_runs=0", "experiment=smoke", "lr=0.1,0.05",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}", check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: hydra.launcher.max_runs=0 is out of range: it must be an integer of at "
+                                     "least 1")
+    assert not list(tmp_path.glob("sweep/*/metrics.json"))
