@@ -23,6 +23,7 @@ import errno
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -445,6 +446,21 @@ def record_end(output_dir: Path, metrics: dict, err: BaseException, opened: bool
     metrics["wall_time_s"] = time.perf_counter() - started
     with contextlib.suppress(OSError):
         write_metrics(output_dir, metrics)
+
+
+# the errors a user can fix: their message is the one line a failed run or sweep job prints
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingFailed, RunFolderError)
+
+
+def sweep_job_error(err: BaseException, output_dir: Path) -> str:
+    """The line a sweep job that failed prints (train.py, the stacked launcher): the message of an error a user
+    can fix; for another error (a bug) its type and message, its traceback written to output_dir/traceback.txt."""
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    trace = Path(output_dir) / "traceback.txt"
+    with contextlib.suppress(OSError):
+        trace.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    return f"{type(err).__name__}: {' '.join(str(err).split())} (traceback in {trace})"
 
 
 def one_line(err: BaseException) -> str:

@@ -244,3 +244,23 @@ def test_a_bad_max_runs_is_refused_in_one_line(tmp_path):
     assert result.stderr.strip() == ("error: hydra.launcher.max_runs=0 is out of range: it must be an integer of at "
                                      "least 1")
     assert not list(tmp_path.glob("sweep/*/metrics.json"))
+
+
+@pytest.mark.slow
+def test_a_job_that_fails_in_a_stack_is_failed_and_the_others_finish(data_dir, tmp_path):
+    """A member whose set-up fails (a missing model.init_from) is recorded ``failed`` with its one line, as train.py
+    records a failed sweep job; its stack trains the others; the sweep's exit code counts the failed job."""
+    missing = "no-such-checkpoint.pt"  # relative (a path with / would nest the job's folder name)
+    assert not (ROOT / missing).exists()
+    result = sweep(data_dir, tmp_path / "sweep", "stacked", "experiment=smoke", "data.image_size=32",
+                   "data.phantom.num_patients=6", "trainer.progress=false", "trainer.batch_size=6", "norm=gn",
+                   f"model.init_from=null,{missing}", "lr=0.05,0.02", check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "4 jobs, 4 in 1 stack(s)" in result.stdout
+    runs = [metrics_of(p.parent) for p in (tmp_path / "sweep").glob("*/metrics.json")]
+    assert sorted(m["status"] for m in runs) == ["failed", "failed", "ok", "ok"]
+    for metrics in runs:
+        if metrics["status"] == "failed":
+            assert metrics["error"] == f"model.init_from={missing}: no such checkpoint file"
+    assert result.stderr.count(f"model.init_from={missing}: no such checkpoint file") >= 2
+    assert "Traceback" not in result.stderr

@@ -23,7 +23,6 @@ project (torch) is imported only when a sweep is launched.
 
 import logging
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -199,20 +198,7 @@ class StackedLauncher(Launcher):
 
 
 def report_failure(job, err: BaseException) -> None:
-    """One line on standard error, as train.py prints a failed sweep job; a bug's traceback in the run folder."""
-    from seg.checkpoint import CheckpointError
-    from seg.data import DataError
-    from seg.runs import RunFolderError
-    from seg.schema import ConfigError
-    from seg.train import TrainingFailed
+    """One line on standard error, as train.py prints a failed sweep job (a bug's traceback in the run folder)."""
+    from seg.train import sweep_job_error
 
-    if isinstance(err, (ConfigError, DataError, CheckpointError, TrainingFailed, RunFolderError)):
-        message = str(err)
-    else:
-        trace = job.output_dir / "traceback.txt"
-        try:
-            trace.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
-        except OSError:
-            pass
-        message = f"{type(err).__name__}: {' '.join(str(err).split())} (traceback in {trace})"
-    print(f"error: {job.label}{message}", file=sys.stderr, flush=True)
+    print(f"error: {job.label}{sweep_job_error(err, job.output_dir)}", file=sys.stderr, flush=True)
