@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from .checkpoint import RunState
 from .config import validate
@@ -106,6 +107,17 @@ def start(job: Job, world: World, stop: StopSignals) -> None:
         fail(job, err)
 
 
+def one_bar(jobs: list[Job]):
+    """One progress bar for the stack (the steps of its longest run) in place of the runs' own bars."""
+    for job in jobs:
+        job.run.bar.leave = False  # cleared, not left on the terminal
+        job.run.bar.close()
+        job.run.bar = tqdm(disable=True)
+    total = max((job.feed.epochs - job.feed.epoch + 1) * job.feed.batches_per_epoch - job.feed.batch for job in jobs)
+    return tqdm(total=total, unit="step", desc=f"stack of {len(jobs)} runs",
+                disable=not (jobs[0].cfg.trainer.progress and jobs[0].run.world.is_main))
+
+
 def share_data(jobs: list[Job]) -> None:
     """Runs of one data configuration and seed (the same split) share one copy of its slices on the device (one
     gather per step for all of them); then each run's ``RunFeed`` over its training slices, from where it stands."""
@@ -165,6 +177,7 @@ def train_together(jobs: list[Job], stop: StopSignals, tune: bool) -> None:
     """The loop: one stacked step of every active run, then each run's bookkeeping as ``train_epoch`` does."""
     first = jobs[0]
     feeds = [job.feed for job in jobs]
+    bar = one_bar(jobs)
     try:
         stack = Stack([job.run.model for job in jobs], [job.run.optimizer for job in jobs],
                       norm_options=norm_options(first.cfg), grad_clip=[job.cfg.optim.grad_clip for job in jobs],
@@ -177,11 +190,13 @@ def train_together(jobs: list[Job], stop: StopSignals, tune: bool) -> None:
             stepped = time.perf_counter()
             result = stack.train_step(feeds)
             seconds = time.perf_counter() - stepped
+            bar.update()
             stopping = stop.requested is not None
             for k in result.runs:
                 after_step(stack, jobs, k, result, seconds, stopping)
             if stopping:
                 stop_all(stack, jobs)
+        bar.close()
     except torch.OutOfMemoryError:
         device = first.run.device
         for k, job in enumerate(jobs):
