@@ -148,8 +148,11 @@ def first_metrics(cfg, output_dir: Path) -> dict:
 
 
 def set_up(cfg, output_dir: Path, resume_from: Path | None, world: World, job_num: int | None, stop: StopSignals,
-           metrics: dict, started: float) -> Run:
-    """Seeds, the device, the data on it, then the model with its optimizer, schedule and loss."""
+           metrics: dict, started: float, load=None) -> Run:
+    """Seeds, the device, the data on it, then the model with its optimizer, schedule and loss.
+
+    ``load``: what gets the data, called as ``load_data`` (default); the stacked sweep passes one that loads
+    the data of a (data configuration, seed) once for all the runs that read it."""
     seed_everything(cfg.seed)
     configure_determinism(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device, world, job_num)
@@ -160,7 +163,7 @@ def set_up(cfg, output_dir: Path, resume_from: Path | None, world: World, job_nu
           + (f"; compiled ({cfg.trainer.compile_backend})" if cfg.trainer.compile else "")
           + (f"; {world.size} processes (DDP), batch {cfg.trainer.batch_size} each" if world.size > 1 else ""))
     metrics.update(device=str(device), precision=precision, compile=cfg.trainer.compile, world_size=world.size)
-    splits, domains, domain_of = load_data(cfg, world, device, metrics)
+    splits, domains, domain_of = (load or load_data)(cfg, world, device, metrics)
 
     model = build_model(cfg, num_domains=max(len(domains), 1)).to(device)
     if cfg.model.init_from:

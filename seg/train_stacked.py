@@ -32,6 +32,7 @@ sweep as a whole trains K runs in that time.
 
 from __future__ import annotations
 
+import copy
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,17 +40,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from .checkpoint import RunState
 from .config import validate
 from .distributed import World
-from .model import norm_options
+from .model import build_model, norm_options
 from .runs import open_run_folder, unlock_run
-from .stacked import RunFeed, Stack
+from .stacked import RunFeed, Stack, StackedUNet, StackError, check_stackable
 from .stopping import Interrupted, StopSignals
 from .train import (Run, TrainingFailed, end_epoch, failures_in_one_line, finish, finish_diverged, first_metrics,
-                    log_losses, record_end, report, save, set_up, starting_state, stop_if_requested)
+                    load_data, log_losses, record_end, report, save, set_up, starting_state, stop_if_requested)
 
 
 @dataclass
@@ -80,10 +82,11 @@ def train_stack(jobs: list[Job], stop: StopSignals, tune: bool = False) -> list[
     A signal saves every unfinished run and raises ``Interrupted``. ``stop``: the entered StopSignals.
     ``tune``: choose how each stacked convolution runs by timing it first (``Stack.tune``; the same results)."""
     world = World.current()
+    load = SharedData()
     for job in jobs:
-        start(job, world, stop)
+        start(job, world, stop, load)
     training = [job for job in jobs if not job.done and not finished_epochs(job)]
-    share_data(training)
+    make_feeds(training)
     if training:
         train_together(training, stop, tune)
     for job in jobs:
@@ -92,7 +95,39 @@ def train_stack(jobs: list[Job], stop: StopSignals, tune: bool = False) -> list[
     return [job.outcome for job in jobs]
 
 
-def start(job: Job, world: World, stop: StopSignals) -> None:
+def check_stack(cfg) -> None:
+    """Refuse (StackError, naming why) a configuration whose runs cannot share a stack: ``check_stackable``'s keys,
+    then a stack of two of its models built for real (e.g. lcn's channel groups must lie inside each run)."""
+    check_stackable([cfg])
+    try:
+        StackedUNet([build_model(cfg), build_model(cfg)], norm_options(cfg))
+    except (ValueError, TypeError) as err:
+        if isinstance(err, StackError):
+            raise
+        raise StackError(f"norm={cfg.norm.name} with {norm_options(cfg)} cannot be stacked: {err}") from None
+
+
+class SharedData:
+    """``load_data`` for the runs of a stack: the slices of one data configuration and seed (one split) are loaded
+    once, on the device, and shared by every run that reads them (one copy in memory, one gather per step);
+    each run's metrics.json gets the same data entries as if it had loaded them itself."""
+
+    def __init__(self) -> None:
+        self.loaded: dict[tuple, tuple] = {}
+
+    def __call__(self, cfg, world: World, device: torch.device, metrics: dict):
+        key = (repr(OmegaConf.to_container(cfg.data, resolve=True)), cfg.seed, str(device))
+        if key not in self.loaded:
+            before = dict(metrics)
+            data = load_data(cfg, world, device, metrics)
+            entries = {k: v for k, v in metrics.items() if k not in before or before[k] != v}
+            self.loaded[key] = data, entries
+        data, entries = self.loaded[key]
+        metrics.update(copy.deepcopy(entries))
+        return data
+
+
+def start(job: Job, world: World, stop: StopSignals, load: SharedData) -> None:
     """The trainer's first phases for one run: metrics.json's first keys, the config checked, the folder taken,
     the run set up and where it stands (``train`` up to its loop)."""
     job.started = time.perf_counter()
@@ -101,7 +136,8 @@ def start(job: Job, world: World, stop: StopSignals) -> None:
         validate(job.cfg)
         resume_from = open_run_folder(job.cfg, job.output_dir)
         job.opened = True
-        job.run = set_up(job.cfg, job.output_dir, resume_from, world, job.job_num, stop, job.metrics, job.started)
+        job.run = set_up(job.cfg, job.output_dir, resume_from, world, job.job_num, stop, job.metrics, job.started,
+                         load=load)
         job.state = starting_state(job.run)
     except (Exception, Interrupted) as err:
         fail(job, err)
@@ -118,16 +154,9 @@ def one_bar(jobs: list[Job]):
                 disable=not (jobs[0].cfg.trainer.progress and jobs[0].run.world.is_main))
 
 
-def share_data(jobs: list[Job]) -> None:
-    """Runs of one data configuration and seed (the same split) share one copy of its slices on the device (one
-    gather per step for all of them); then each run's ``RunFeed`` over its training slices, from where it stands."""
-    shared: dict[tuple, Job] = {}
+def make_feeds(jobs: list[Job]) -> None:
+    """Each run's ``RunFeed`` over its training slices (shared by the runs of one split), from where it stands."""
     for job in jobs:
-        owner = shared.setdefault((repr(job.run.config["data"]), job.cfg.seed), job)
-        same = all(len(owner.run.splits[name]) == len(split) and torch.equal(owner.run.splits[name].images, split.images)
-                   for name, split in job.run.splits.items()) and owner.run.splits.keys() == job.run.splits.keys()
-        if owner is not job and same:
-            job.run.splits, job.run.domain_of = owner.run.splits, owner.run.domain_of
         cfg, state, train_set = job.cfg, job.state, job.run.splits["train"]
         job.feed = RunFeed(train_set.images, train_set.labels, batch_size=cfg.trainer.batch_size,
                            epochs=cfg.trainer.epochs, generator=job.run.generator,

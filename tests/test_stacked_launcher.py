@@ -207,7 +207,7 @@ def test_sigterm_saves_every_run_of_the_stack_and_resuming_ends_as_if_uninterrup
     interrupted), exit code 75; the sweep resumed with trainer.resume=true ends each run bit for bit as the
     same sweep uninterrupted."""
     grid = ["experiment=smoke", "data.image_size=32", "data.phantom.num_patients=6", "trainer.progress=false",
-            "norm=gn", "lr=0.05,0.02", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=2",
+            "trainer.batch_size=6", "norm=gn", "lr=0.05,0.02", "trainer.epochs=2", "trainer.checkpoint_every_n_steps=1",
             "trainer.deterministic=true", f"paths.data_dir={data_dir}"]
     sweep(data_dir, tmp_path / "reference", "stacked", *grid)
     stopped_dir = tmp_path / "stopped"
@@ -225,13 +225,13 @@ def test_sigterm_saves_every_run_of_the_stack_and_resuming_ends_as_if_uninterrup
     for run in runs:
         metrics = metrics_of(run)
         assert metrics["status"] == "interrupted" and metrics["signal"] == "SIGTERM", run.name
-        assert metrics["steps"] < 18 and (run / "checkpoints" / "last.pt").is_file()
+        assert metrics["steps"] < 6 and (run / "checkpoints" / "last.pt").is_file()
     assert err.count("Interrupted by SIGTERM") == 2 and "Traceback" not in err
 
     sweep(data_dir, stopped_dir, "stacked", *grid, "trainer.resume=true")
     for run in runs:
         metrics = metrics_of(run)
-        assert metrics["status"] == "ok" and metrics["steps"] == 18
+        assert metrics["status"] == "ok" and metrics["steps"] == 6
         final = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
         expected = torch.load(tmp_path / "reference" / run.name / "checkpoints" / "last.pt", weights_only=True)["model"]
         assert all(torch.equal(final[k], expected[k]) for k in expected), run.name

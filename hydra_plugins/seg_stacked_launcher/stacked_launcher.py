@@ -109,16 +109,20 @@ class StackedLauncher(Launcher):
         order of their first job; printed."""
         from seg.config import validate
         from seg.schema import ConfigError
-        from seg.stacked import StackError, check_stackable, stack_key
+        from seg.stacked import StackError, stack_key
+        from seg.train_stacked import check_stack
 
         previous = HydraConfig.instance().cfg
+        checked = set()
         for job in jobs:
             HydraConfig.instance().set_config(job.config)  # for interpolations that read hydra.*
             try:
                 task = OmegaConf.masked_copy(job.config, [key for key in job.config if key != "hydra"])
                 validate(task)
-                check_stackable([task])
                 job.key = (stack_key(task), task.trainer.epochs)
+                if job.key not in checked:  # once per kind of stack
+                    check_stack(task)
+                    checked.add(job.key)
             except (ConfigError, StackError) as err:
                 job.why = str(err)
             except Exception as err:  # noqa: BLE001  (the trainer reports it in the job's folder)
