@@ -273,7 +273,7 @@ def train_epoch(run: Run, state: RunState) -> float | None:
 
 def log_losses(run: Run, state: RunState) -> float | None:
     """The losses since the last log (``flush_losses``) and the learning rate, to TensorBoard and the progress bar;
-    a non-finite loss is returned (the run diverged at ``state.step``). Also the stacked sweep's (seg/train_stacked.py)."""
+    a non-finite loss is returned (the run diverged at ``state.step``). The stacked sweep logs with it too."""
     diverged_loss = flush_losses(run, state)
     if diverged_loss is not None:
         return diverged_loss
