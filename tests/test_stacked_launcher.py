@@ -249,14 +249,15 @@ def test_a_bad_max_runs_is_refused_in_one_line(tmp_path):
 @pytest.mark.slow
 def test_a_job_that_fails_in_a_stack_is_failed_and_the_others_finish(data_dir, tmp_path):
     """A member whose set-up fails (a missing model.init_from) is recorded ``failed`` with its one line, as train.py
-    records a failed sweep job; its stack trains the others; the sweep's exit code counts the failed job."""
+    records a failed sweep job; its stack trains the others; the sweep's exit code counts the failed jobs. With
+    max_runs=3 the 4 jobs make two stacks of 2."""
     missing = "no-such-checkpoint.pt"  # relative (a path with / would nest the job's folder name)
     assert not (ROOT / missing).exists()
     result = sweep(data_dir, tmp_path / "sweep", "stacked", "experiment=smoke", "data.image_size=32",
                    "data.phantom.num_patients=6", "trainer.progress=false", "trainer.batch_size=6", "norm=gn",
-                   f"model.init_from=null,{missing}", "lr=0.05,0.02", check=False)
+                   f"model.init_from=null,{missing}", "lr=0.05,0.02", "hydra.launcher.max_runs=3", check=False)
     assert result.returncode == 2, result.stdout + result.stderr
-    assert "4 jobs, 4 in 1 stack(s)" in result.stdout
+    assert "4 jobs, 4 in 2 stack(s) of at most 3" in result.stdout  # 2 + 2, not 3 + 1 alone
     runs = [metrics_of(p.parent) for p in (tmp_path / "sweep").glob("*/metrics.json")]
     assert sorted(m["status"] for m in runs) == ["failed", "failed", "ok", "ok"]
     for metrics in runs:

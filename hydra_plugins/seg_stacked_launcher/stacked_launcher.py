@@ -105,8 +105,8 @@ class StackedLauncher(Launcher):
         return Planned(num, overrides, config)
 
     def plan(self, jobs: list[Planned]) -> list[list[Planned]]:
-        """Stacks (jobs with one key, in sweep order, at most max_runs each) and the jobs that run alone, in the
-        order of their first job; printed."""
+        """Stacks (jobs with one key, in sweep order, at most max_runs each, as even as possible) and the jobs that
+        run alone, in the order of their first job; printed."""
         from seg.config import validate
         from seg.schema import ConfigError
         from seg.stacked import StackError, stack_key
@@ -129,17 +129,20 @@ class StackedLauncher(Launcher):
                 job.why = f"{type(err).__name__}: {err}"
             finally:
                 HydraConfig.instance().cfg = previous
-        stacks: dict[Any, list[list[Planned]]] = {}
+        kinds: dict[Any, list[Planned]] = {}
         groups: list[list[Planned]] = []
         for job in jobs:
             if job.why is not None:
                 groups.append([job])
-                continue
-            open_stacks = stacks.setdefault(job.key, [])
-            if not open_stacks or len(open_stacks[-1]) >= self.max_runs:
-                open_stacks.append([])
-                groups.append(open_stacks[-1])
-            open_stacks[-1].append(job)
+            else:
+                kinds.setdefault(job.key, []).append(job)
+        for members in kinds.values():  # as few stacks as max_runs allows, of sizes that differ by one at most
+            count = -(-len(members) // self.max_runs)
+            size, extra = divmod(len(members), count)
+            for index in range(count):
+                first = index * size + min(index, extra)
+                groups.append(members[first:first + size + (index < extra)])
+        groups.sort(key=lambda group: group[0].num)
         for group in groups:
             if len(group) == 1 and group[0].why is None:
                 group[0].why = "no other job of the sweep can share its stack"
