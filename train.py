@@ -37,7 +37,7 @@ register_configs()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg) -> float | None:
-    from seg.train import TrainingFailed, train
+    from seg.train import TrainingFailed, sweep_job_error, train
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -66,14 +66,7 @@ def main(cfg) -> float | None:
     except Exception as err:  # a bug: a single run shows its traceback; a sweep records it and goes on
         if not in_sweep:
             raise
-        import traceback
-
-        trace = output_dir / "traceback.txt"
-        try:
-            trace.write_text(traceback.format_exc())
-        except OSError:
-            pass
-        failed(f"{type(err).__name__}: {' '.join(str(err).split())} (traceback in {trace})")
+        failed(sweep_job_error(err, output_dir))
     finally:
         unlock_run(output_dir)
         between_runs()  # a signal from here on finds no run to save

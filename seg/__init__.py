@@ -11,7 +11,7 @@ imports against it, so a new module is placed here when it is added.
     layer 3  model stacked
     layer 4  config inference
     layer 5  train evaluation export
-    layer 6  tools
+    layer 6  tools train_stacked
 
     layer 0   what needs nothing of the project: the config schema and its error (schema), the keys
               that do not define a run (identity), signals (stopping), what the processes of a
@@ -27,7 +27,8 @@ imports against it, so a new module is placed here when it is added.
     layer 4   validate: every config key checked by its owner; prediction from checkpoints
     layer 5   the training loop; evaluation of predictions; ONNX export
     layer 6   the console commands (seg-predict, seg-evaluate, seg-export, seg-summarize,
-              seg-prepare-data); training is ``python train.py``
+              seg-prepare-data); training is ``python train.py``; the runs of a stacked sweep
+              trained with the trainer's phases (train_stacked, for hydra/launcher=stacked)
 """
 
 __version__ = "0.1.0"

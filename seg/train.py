@@ -23,6 +23,7 @@ import errno
 import math
 import os
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,8 +148,11 @@ def first_metrics(cfg, output_dir: Path) -> dict:
 
 
 def set_up(cfg, output_dir: Path, resume_from: Path | None, world: World, job_num: int | None, stop: StopSignals,
-           metrics: dict, started: float) -> Run:
-    """Seeds, the device, the data on it, then the model with its optimizer, schedule and loss."""
+           metrics: dict, started: float, load=None) -> Run:
+    """Seeds, the device, the data on it, then the model with its optimizer, schedule and loss.
+
+    ``load``: what gets the data, called as ``load_data`` (default); the stacked sweep passes one that loads
+    the data of a (data configuration, seed) once for all the runs that read it."""
     seed_everything(cfg.seed)
     configure_determinism(cfg.trainer.deterministic)
     device = resolve_device(cfg.trainer.device, world, job_num)
@@ -159,7 +163,7 @@ def set_up(cfg, output_dir: Path, resume_from: Path | None, world: World, job_nu
           + (f"; compiled ({cfg.trainer.compile_backend})" if cfg.trainer.compile else "")
           + (f"; {world.size} processes (DDP), batch {cfg.trainer.batch_size} each" if world.size > 1 else ""))
     metrics.update(device=str(device), precision=precision, compile=cfg.trainer.compile, world_size=world.size)
-    splits, domains, domain_of = load_data(cfg, world, device, metrics)
+    splits, domains, domain_of = (load or load_data)(cfg, world, device, metrics)
 
     model = build_model(cfg, num_domains=max(len(domains), 1)).to(device)
     if cfg.model.init_from:
@@ -259,11 +263,9 @@ def train_epoch(run: Run, state: RunState) -> float | None:
         stopping = not at_epoch_end and world.any(run.stop.requested is not None)
         checkpoint_due = bool(checkpoint_every) and state.step % checkpoint_every == 0
         if state.step % log_every == 0 or at_epoch_end or stopping or checkpoint_due:
-            diverged_loss = flush_losses(run, state)
+            diverged_loss = log_losses(run, state)
             if diverged_loss is not None:
                 return diverged_loss
-            run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], state.step)
-            run.bar.set_postfix(loss=f"{state.epoch_losses[-1]:.4f}")
             if (stopping or checkpoint_due) and not at_epoch_end:
                 state.train_time += time.perf_counter() - epoch_start
                 epoch_start = time.perf_counter()
@@ -271,6 +273,17 @@ def train_epoch(run: Run, state: RunState) -> float | None:
         if stopping:
             stop_if_requested(run, state, "mid-epoch")
     state.train_time += time.perf_counter() - epoch_start
+    return None
+
+
+def log_losses(run: Run, state: RunState) -> float | None:
+    """The losses since the last log (``flush_losses``) and the learning rate, to TensorBoard and the progress bar;
+    a non-finite loss is returned (the run diverged at ``state.step``). The stacked sweep logs with it too."""
+    diverged_loss = flush_losses(run, state)
+    if diverged_loss is not None:
+        return diverged_loss
+    run.writer.add_scalar("train/lr", run.optimizer.param_groups[0]["lr"], state.step)
+    run.bar.set_postfix(loss=f"{state.epoch_losses[-1]:.4f}")
     return None
 
 
@@ -441,6 +454,21 @@ def record_end(output_dir: Path, metrics: dict, err: BaseException, opened: bool
     metrics["wall_time_s"] = time.perf_counter() - started
     with contextlib.suppress(OSError):
         write_metrics(output_dir, metrics)
+
+
+# the errors a user can fix: their message is the one line a failed run or sweep job prints
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingFailed, RunFolderError)
+
+
+def sweep_job_error(err: BaseException, output_dir: Path) -> str:
+    """The line a sweep job that failed prints (train.py, the stacked launcher): the message of an error a user
+    can fix; for another error (a bug) its type and message, its traceback written to output_dir/traceback.txt."""
+    if isinstance(err, USER_ERRORS):
+        return str(err)
+    trace = Path(output_dir) / "traceback.txt"
+    with contextlib.suppress(OSError):
+        trace.write_text("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+    return f"{type(err).__name__}: {' '.join(str(err).split())} (traceback in {trace})"
 
 
 def one_line(err: BaseException) -> str:

@@ -28,16 +28,16 @@ from omegaconf import OmegaConf
 from acdc_tree import make_acdc_tree
 from conftest import ROOT
 from seg.augment import augment_batch
-from seg.launch import register_configs
 from seg.data import class_names, load_splits
+from seg.launch import register_configs
 from seg.metrics import evaluate
+from seg.model import build_model, norm_options
 from seg.norms import make_norm, names, spec
+from seg.optimizers import build_optimizer
 from seg.ordering import epoch_order
 from seg.schedules import build_schedule
 from seg.stacked import (CONV_MODES, RunFeed, Stack, StackedUNet, StackError, augment_together, check_stackable,
                          conv_modes, draw_augmentation, stack_key)
-from seg.model import build_model, norm_options
-from seg.optimizers import build_optimizer
 from seg.unet import UNet
 
 register_configs()
@@ -367,3 +367,18 @@ def test_the_benchmark_runs_and_writes_its_page(tmp_path):
     for part in ("- command: `python benchmarks/bench_stacked.py --smoke", "- commit: `", "- torch: ",
                  "## The two designs at K = 2", "## Stacked against sequential", "| 2 | ", "measured twice"):
         assert part in page, part
+
+
+def test_a_stack_of_channels_last_models_trains_as_the_contiguous_one():
+    """The trainer keeps its models channels-last (trainer.channels_last, the default): a stack built from them
+    takes its weights as they are and steps them exactly as from contiguous models."""
+    torch.manual_seed(0)
+    models = [UNet(norm="bn", depth=1, base_channels=4).double() for _ in range(2)]
+    twins = [copy.deepcopy(m).to(memory_format=torch.channels_last) for m in models]
+    stacks = [Stack(ms, [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in ms]) for ms in (models, twins)]
+    x, y = torch.randn(2, 2, 8, 8, dtype=torch.float64), torch.randint(0, 2, (2, 2, 8, 8))
+    for stack in stacks:
+        stack.step(x, y)
+        stack.step(x, y)
+    for k in range(2):
+        assert_same_state(stacks[1].model.run_state_dict(k), stacks[0].model.run_state_dict(k), f"run {k}")

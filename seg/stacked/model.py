@@ -76,7 +76,8 @@ class StackedConv(nn.Module):
         self.in_channels, self.out_channels = first.in_channels, first.out_channels  # of one run
         self.stride, self.padding, self.dilation = first.stride, first.padding, first.dilation
         self.output_padding = getattr(first, "output_padding", (0, 0))
-        self.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]))
+        # contiguous whatever the runs' layout (the trainer's models are channels-last): a run is a block of rows
+        self.weight = nn.Parameter(torch.cat([c.weight.detach() for c in convs]).contiguous())
         self.bias = nn.Parameter(torch.cat([c.bias.detach() for c in convs])) if first.bias is not None else None
         self.mode = "grouped"
 
