@@ -342,7 +342,7 @@ def main() -> None:
         log(f"paper size, K={args.paper_runs}: sequential {seq:.2f}, stacked {stk:.2f} image-steps/s")
         del base, variants
 
-    # ---- the target, measured twice
+    # ---- the CPU target, measured twice
     target_runs = 2 if args.smoke else TARGET_RUNS
     lines += [f"## Target: K = {target_runs}, stacked >= {TARGET_RATIO:g}x sequential (measured twice)", "",
               "| measurement | sequential | stacked | ratio | target met |", "|---|---|---|---|---|"]

@@ -58,7 +58,7 @@ VERDICTS = ("pass", "fail", "skipped", "timed out")
 # the extras a GPU node needs besides the dependencies: hydra/launcher=gpus is joblib's launcher
 WHEEL_EXTRAS = ("launchers",)
 COMPILED_NORMS = ("bn", "gn", "iln", "bin", "sn")  # the U-Net step compiled without a graph break
-BENCH_NORMS = ("bn", "in", "gn", "bin", "iln", "sn", "cin", "adain")  # the throughput list
+BENCH_NORMS = ("bn", "in", "gn", "bin", "iln", "sn", "cin", "adain")  # the layers whose throughput the check measures
 FUSED = ("bin", "iln", "sn")  # the fused layers of the bandwidth targets
 # tolerances, relative (max |a - b| / max |b| for the device against the CPU; ||a - b|| / ||b|| for bf16)
 TOL_FLOAT64, TOL_FLOAT32 = 1e-6, 1e-3
