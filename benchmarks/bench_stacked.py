@@ -44,7 +44,7 @@ from seg.stacked import RunFeed, Stack, augmented_batches, conv_modes
 from seg.unet import UNet
 
 GRID_IMAGE_STEPS = 1.24e6  # experiment=iln_paper: 360 runs x 2 epochs over the paper-size training sets
-TARGET_RUNS, TARGET_RATIO = 8, 2.0  # issue: CPU, 64x64, K = 8, stacked >= 2x sequential
+TARGET_RUNS, TARGET_RATIO = 8, 2.0  # the CPU target: 64x64, K = 8, stacked >= 2x sequential
 
 
 # ---------------------------------------------------------------------------- data and runs
