@@ -30,21 +30,18 @@ import copy
 import math
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from harness import write_result  # noqa: E402
-from seg.augment import augment_batch  # noqa: E402
-from seg.ordering import epoch_order  # noqa: E402
-from seg.stacked import RunFeed, Stack, augmented_batches, conv_modes  # noqa: E402
-from seg.unet import UNet  # noqa: E402
+from harness import write_result
+from seg.augment import augment_batch
+from seg.ordering import epoch_order
+from seg.step import TrainStep, train_step
+from seg.stacked import RunFeed, Stack, augmented_batches, conv_modes
+from seg.unet import UNet
 
 GRID_IMAGE_STEPS = 1.24e6  # experiment=iln_paper: 360 runs x 2 epochs over the paper-size training sets
 TARGET_RUNS, TARGET_RATIO = 8, 2.0  # issue: CPU, 64x64, K = 8, stacked >= 2x sequential
@@ -112,25 +109,20 @@ def sequential(runs: Runs, args, device):
     """One round: ``args.steps`` trainer steps of each run, one run after the other."""
     models = [m.to(memory_format=torch.channels_last) for m in runs.models]  # the trainer's default
     orders = [epoch_order(len(runs.images), g, None, device) for g in runs.generators]
-    post_step = [[m for m in model.modules() if hasattr(m, "after_optimizer_step")] for model in models]
+    steps = [TrainStep.of(model, optimizer, F.cross_entropy, autocast=autocast(device, args.precision),
+                          memory_format=torch.channels_last, conditioned=False)
+             for model, optimizer in zip(models, runs.optimizers)]
     cursor = [0] * len(models)
 
     def round_():
-        for k, (model, optimizer) in enumerate(zip(models, runs.optimizers)):
+        for k, (model, step) in enumerate(zip(models, steps)):
             model.train()
             for _ in range(args.steps):
                 batch = orders[k][cursor[k] % len(orders[k])].view(1).to(device)
                 cursor[k] += 1
                 images, labels = augment_batch(runs.images[batch], runs.labels[batch], rotate_deg=15.0, flip=True,
                                                generator=runs.generators[k])
-                with autocast(device, args.precision):
-                    logits = model(images.contiguous(memory_format=torch.channels_last))
-                loss = F.cross_entropy(logits.float(), labels.long())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                for layer in post_step[k]:
-                    layer.after_optimizer_step()
+                train_step(step, images, labels)
         synchronize(device)
     return round_
 

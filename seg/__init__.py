@@ -8,7 +8,7 @@ imports against it, so a new module is placed here when it is added.
     layer 0  schema identity stopping distributed stats metrics ordering augment orientation schedules
     layer 1  data norms checkpoint losses optimizers runtime launch reporting claims
     layer 2  unet runs step summary
-    layer 3  model
+    layer 3  model stacked
     layer 4  config inference
     layer 5  train evaluation export
     layer 6  tools
@@ -21,7 +21,8 @@ imports against it, so a new module is placed here when it is added.
               the loss and optimizer tables; device, precision and seeds (runtime); the process
               group and Hydra's resolvers (launch); metrics.json and TensorBoard (reporting)
     layer 2   the U-Net; run folders; the training step; sweep summaries
-    layer 3   build_model: a configuration -> the network (training, prediction, export)
+    layer 3   build_model: a configuration -> the network (training, prediction, export); K runs of
+              one U-Net trained as one computation (stacked)
     layer 4   validate: every config key checked by its owner; prediction from checkpoints
     layer 5   the training loop; evaluation of predictions; ONNX export
     layer 6   the console commands (seg-predict, seg-evaluate, seg-export, seg-summarize,

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 from acdc_tree import make_acdc_tree
 from conftest import ROOT
 from seg.augment import augment_batch
-from seg.config import register_configs
+from seg.launch import register_configs
 from seg.data import class_names, load_splits
 from seg.metrics import evaluate
 from seg.norms import make_norm, names, spec
@@ -36,7 +36,8 @@ from seg.ordering import epoch_order
 from seg.schedules import build_schedule
 from seg.stacked import (CONV_MODES, RunFeed, Stack, StackedUNet, StackError, augment_together, check_stackable,
                          conv_modes, draw_augmentation, stack_key)
-from seg.train import build_optimizer, norm_options_of
+from seg.model import build_model, norm_options
+from seg.optimizers import build_optimizer
 from seg.unet import UNet
 
 register_configs()
@@ -90,10 +91,7 @@ class Run:
         self.cfg = cfg
         self.train, self.val = train_and_val(cfg)
         torch.manual_seed(cfg.seed)  # the trainer's seed_everything: the initial weights
-        self.model = UNet(in_channels=1, num_classes=len(class_names(cfg.data.task)) + 1,
-                          base_channels=cfg.model.base_channels, depth=cfg.model.depth, norm=cfg.norm.name,
-                          norm_options=norm_options_of(cfg), init=cfg.model.init, bias_init=cfg.model.bias_init,
-                          up=cfg.model.up).double()
+        self.model = build_model(cfg).double()
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_schedule(self.optimizer, OmegaConf.to_container(cfg.schedule, resolve=True),
                                         cfg.trainer.epochs)
@@ -140,7 +138,7 @@ def train_alone(run: Run) -> dict:
 
 def train_stacked(runs: list[Run]) -> dict:
     """The same runs as one stack, as the launcher drives it; a run with a non-finite loss is frozen."""
-    stack = Stack([r.model for r in runs], [r.optimizer for r in runs], norm_options=norm_options_of(runs[0].cfg),
+    stack = Stack([r.model for r in runs], [r.optimizer for r in runs], norm_options=norm_options(runs[0].cfg),
                   grad_clip=[r.cfg.optim.grad_clip for r in runs])
     feeds = [r.feed() for r in runs]
     losses = [[] for _ in runs]

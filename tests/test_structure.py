@@ -164,11 +164,20 @@ def test_nothing_edits_sys_path():
     assert not (ROOT / "scripts").exists()
 
 
+# The torch.func (vmap) design that stacked runs were measured against: its own step, by design.
+OTHER_DESIGNS = {"bench_stacked.py": "functorch"}
+
+
 def test_the_benchmarks_time_the_trainers_own_step():
     """No benchmark re-implements the training step: those that train call seg.step.train_step, and none calls
     backward() or an optimizer's step itself."""
     for path in sorted((ROOT / "benchmarks").glob("*.py")):
         source = path.read_text()
+        if path.name in OTHER_DESIGNS:  # drop the function that times another design, not the trainer's step
+            node = next(n for n in ast.parse(source).body
+                        if isinstance(n, ast.FunctionDef) and n.name == OTHER_DESIGNS[path.name])
+            source = "\n".join(line for number, line in enumerate(source.splitlines(), start=1)
+                               if not node.lineno <= number <= node.end_lineno)
         assert ".backward(" not in source and "optimizer.step(" not in source, path.name
     for name in ("bench.py", "bench_train_step.py"):
         assert "train_step(" in (ROOT / "benchmarks" / name).read_text(), name
