@@ -19,12 +19,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
 import official
-from conftest import ROOT, randn, randomize
+from conftest import ROOT, compose_train, randn, randomize
 from seg.config import validate
 from seg.launch import register_configs
 from seg.norms import NORMS, layer_spec, make_conv_norm, make_norm, names, register_monai, spec
@@ -80,8 +79,7 @@ def per_channel(t):
 
 
 def compose_norm(name):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(config_name="train", overrides=[f"norm={name}"])
+    return compose_train(f"norm={name}")
 
 
 # ---------------------------------------------------------------------------- registry
