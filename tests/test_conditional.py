@@ -312,6 +312,7 @@ def test_conditional_unets_train_channels_last_and_under_bfloat16_autocast(name)
         assert torch.equal(model(x[:1], domain[:1]), model(x[:1], domain[:1]))  # eval: deterministic, batch 1
 
 
+@pytest.mark.slow
 def test_conditional_unets_compile_to_the_same_outputs_and_gradients():
     torch._dynamo.reset()
     for name in CONDITIONAL:

@@ -100,6 +100,7 @@ def declared_layers_in_the_source() -> dict[str, bool]:
     return found
 
 
+@pytest.mark.slow
 def test_importing_the_package_registers_every_layer_of_its_modules():
     """No list of modules to keep up to date: a fresh ``import seg.norms`` registers every class of the
     package that declares a kind, and every such class is registered."""
@@ -500,6 +501,7 @@ def test_sn_starts_with_equal_weights_and_zero_running_stats():
 # ---------------------------------------------------------------------------- the fused one-pass kernel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["iln", "bin", "sn"])
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_backward_passes_gradcheck(name, train):
@@ -1006,6 +1008,7 @@ class EveryPair(nn.Module):
         return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [
     "aot_eager",  # dynamo + AOT autograd: tracing, no C++ code generation (a few seconds)
     pytest.param("inductor", marks=pytest.mark.skipif(not os.environ.get("SEG_INDUCTOR_TESTS"),

@@ -151,6 +151,7 @@ def sync_worker(rank, world_size, store):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_layers_on_two_processes_are_the_layer_on_the_global_batch(tmp_path):
     """norm.sync=true, for every layer of ``names(can_sync=True)`` (bn, bin): outputs, input and parameter
     gradients and running statistics of 2 ranks with half a batch each equal those of one layer on the
@@ -178,6 +179,7 @@ def test_compiled_training_matches_eager(data_dir, tmp_path, one_process):
     assert_same_training(metrics, one_process, dice_tolerance=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", names())
 def test_every_norm_compiles_to_one_graph_in_a_training_step(name):
     """What trainer.compile=true with precision=bf16 traces: the U-Net in training mode, channels_last,
@@ -255,6 +257,7 @@ def assert_two_jobs_ran(sweep_dir):
     assert "| bn |" in (sweep_dir / "summary.md").read_text()  # the end-of-sweep callback ran
 
 
+@pytest.mark.slow
 def test_joblib_sweep_one_job_per_gpu(data_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     launcher = compose_train("hydra/launcher=gpus", hydra=True).hydra.launcher
@@ -263,6 +266,7 @@ def test_joblib_sweep_one_job_per_gpu(data_dir, tmp_path):
     assert_two_jobs_ran(tmp_path)
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(data_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep(data_dir, tmp_path, "submitit_local", "hydra.launcher.timeout_min=10")
