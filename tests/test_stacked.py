@@ -175,6 +175,7 @@ def assert_same_momentum(actual: torch.optim.Optimizer, expected: torch.optim.Op
                                    msg=lambda m: f"{label} momentum of parameter {index}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", STACKED_NORMS)
 def test_a_stack_of_runs_equals_the_runs_trained_alone(acdc7, norm):
     configs = [run_config(acdc7, norm, *run) for run in RUNS]
