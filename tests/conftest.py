@@ -1,8 +1,10 @@
-"""Shared fixtures: small real datasets on disk, the project root, a way to run train.py, and the
-helpers of the layer tests (single-threaded tiny tensors, float64 inputs, non-trivial parameters)."""
+"""Shared fixtures: small real datasets on disk, the project root, a way to run train.py, the real
+configuration composed once (``compose_train``, ``train_cfg``), and the helpers of the layer tests
+(single-threaded tiny tensors, float64 inputs, non-trivial parameters)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -27,6 +29,31 @@ def acdc_root(tmp_path_factory) -> Path:
 def data_dir(tmp_path_factory) -> Path:
     """A data folder shared by the end-to-end runs (the phantom is generated there once)."""
     return tmp_path_factory.mktemp("data")
+
+
+_COMPOSED: dict[tuple, object] = {}
+
+
+def compose_train(*overrides: str, hydra: bool = False):
+    """The real configs/train.yaml with ``overrides``, composed with Hydra's compose API as train.py composes
+    it (the schema registered; ``hydra=True``: Hydra's own keys too). Each set of overrides is composed once
+    per session; every call gets its own copy, free to change."""
+    key = (overrides, hydra)
+    if key not in _COMPOSED:
+        from hydra import compose, initialize_config_dir
+
+        from seg.launch import register_configs
+
+        register_configs()
+        with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+            _COMPOSED[key] = compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
+    return copy.deepcopy(_COMPOSED[key])
+
+
+@pytest.fixture
+def train_cfg():
+    """The default configuration (configs/train.yaml, no overrides): composed once, a fresh copy per test."""
+    return compose_train()
 
 
 def run_train(*overrides: str, cwd: Path = ROOT, check: bool = True) -> subprocess.CompletedProcess:

@@ -127,6 +127,7 @@ def test_a_conditional_layer_beating_bn_on_the_held_out_vendor(tmp_path):
 # ---------------------------------------------------------------------------- the preset
 
 
+@pytest.mark.slow
 def test_claims_preset_holds_every_arm_with_three_seeds():
     cfg = composed("experiment=claims")
     params = cfg.hydra.sweeper.params

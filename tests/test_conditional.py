@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, randn, randomize, run_train
+from conftest import compose_train, randn, randomize, run_train
 from seg.config import ConfigError, validate
 from seg.launch import register_configs
 from seg.inference import load_segmenter
@@ -313,6 +312,7 @@ def test_conditional_unets_train_channels_last_and_under_bfloat16_autocast(name)
         assert torch.equal(model(x[:1], domain[:1]), model(x[:1], domain[:1]))  # eval: deterministic, batch 1
 
 
+@pytest.mark.slow
 def test_conditional_unets_compile_to_the_same_outputs_and_gradients():
     torch._dynamo.reset()
     for name in CONDITIONAL:
@@ -347,16 +347,14 @@ def test_a_layer_built_alone_without_its_condition_says_so():
 
 @pytest.mark.parametrize("name", CONDITIONAL)
 def test_every_conditional_config_composes_and_validates(name):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name="train", overrides=[f"norm={name}"])
+    cfg = compose_train(f"norm={name}")
     validate(cfg)
     options = {k: v for k, v in OmegaConf.to_container(cfg.norm).items() if k != "name"}
     assert isinstance(make_norm(name, 16, **options), NORMS[name])
 
 
 def test_sizes_given_by_the_data_cannot_be_set_in_the_config():
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name="train", overrides=["norm=cin", "+norm.num_domains=3"])
+    cfg = compose_train("norm=cin", "+norm.num_domains=3")
     with pytest.raises(ConfigError, match="norm.num_domains is set by the trainer"):
         validate(cfg)
 
@@ -366,6 +364,7 @@ def smoke(data_dir, *overrides):
             "trainer.progress=false", *overrides]
 
 
+@pytest.mark.slow
 def test_conditional_norms_train_end_to_end_on_the_phantom(data_dir, tmp_path):
     run_train("-m", *smoke(data_dir, f"norm={','.join(CONDITIONAL)}", "lr=0.1", f"hydra.sweep.dir={tmp_path}"))
     runs = {m["norm"]: m for m in (json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json"))}
@@ -388,6 +387,7 @@ def test_conditional_norms_train_end_to_end_on_the_phantom(data_dir, tmp_path):
         assert segmenter.segment(volume, (1.5, 1.5, 8.0)).shape == volume.shape
 
 
+@pytest.mark.slow
 def test_cin_on_data_without_domains_is_refused(acdc_root, tmp_path):
     result = run_train("experiment=smoke", "data=acdc", f"data.root={acdc_root}", "norm=cin",
                        "trainer.progress=false", f"hydra.run.dir={tmp_path}", check=False)
@@ -396,7 +396,6 @@ def test_cin_on_data_without_domains_is_refused(acdc_root, tmp_path):
 
 
 def test_domain_shift_preset_compares_conditional_norms():
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name="train", overrides=["experiment=domain_shift"], return_hydra_config=True)
+    cfg = compose_train("experiment=domain_shift", hydra=True)
     norms = cfg.hydra.sweeper.params.norm.split(",")
     assert {"cin", "adain", "spade"} <= set(norms) and "bn" in norms

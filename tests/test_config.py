@@ -1,20 +1,14 @@
 """The real Hydra config: composition, overrides, and clear refusals of typos and bad values."""
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import ROOT, run_train
+from conftest import compose_train, run_train
 from seg.config import ConfigError, validate
 from seg.launch import register_configs
 
 register_configs()
-
-
-def compose_train(*overrides):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(config_name="train", overrides=list(overrides))
 
 
 def test_defaults_are_the_paper_protocol():
@@ -66,6 +60,7 @@ def test_bad_choices_and_norm_options_are_refused():
         compose_train("norm=gn", "norm.grups=8")
 
 
+@pytest.mark.slow
 def test_unknown_norm_on_the_command_line_lists_the_valid_names():
     result = run_train("norm=batchnorm", check=False)
     assert result.returncode != 0
@@ -73,12 +68,14 @@ def test_unknown_norm_on_the_command_line_lists_the_valid_names():
     assert "norm/batchnorm" in message and "Available options" in message and "iln" in message
 
 
+@pytest.mark.slow
 def test_typo_on_the_command_line_fails_before_training():
     result = run_train("trainer.epohcs=1", check=False)
     assert result.returncode != 0 and "trainer.epohcs" in result.stderr
     assert "Device:" not in result.stdout
 
 
+@pytest.mark.slow
 def test_norm_options_that_do_not_fit_the_network_are_a_clear_error(acdc_root, tmp_path):
     result = run_train("experiment=smoke", "data=acdc", f"data.root={acdc_root}", "norm=gn", "norm.groups=12",
                        f"hydra.run.dir={tmp_path}", check=False)
@@ -171,8 +168,7 @@ def test_one_list_of_the_keys_that_do_not_define_a_run():
     from seg import identity, summary
     from seg.checkpoint import CheckpointError, check_compatible
 
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        hydra_cfg = compose(config_name="train", overrides=[], return_hydra_config=True)
+    hydra_cfg = compose_train(hydra=True)
     assert list(hydra_cfg.hydra.job.config.override_dirname.exclude_keys) == list(identity.NOT_IDENTITY)
     assert summary.defines_run is identity.defines_run
 

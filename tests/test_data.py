@@ -179,14 +179,9 @@ def run_refused(*overrides, cwd=None):
 
 
 def compose_train(*overrides):
-    from hydra import compose, initialize_config_dir
+    from conftest import compose_train
 
-    from conftest import ROOT
-    from seg.launch import register_configs
-
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose_train(*overrides)
 
 
 # (overrides, the message's start): every data value is range-checked by validate() before any work

@@ -641,6 +641,7 @@ def measured():
 # ---------------------------------------------------------------------------- the tests
 
 
+@pytest.mark.slow
 def test_every_registered_layer_is_in_the_layer_table(measured):
     """The table lists the registry's layers, each once; every measured entry is a registered layer."""
     rows = [line.split("|")[1].strip() for line in render(measured).split("### Fidelity")[0].splitlines()

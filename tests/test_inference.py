@@ -198,6 +198,7 @@ def digest(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["the input folder", "inside the input folder", "above the input folder",
                                    "the folder of the input file", "the folder the inputs link to"])
 def test_an_output_that_is_contains_or_lies_inside_an_input_is_refused(where, acdc_root, tmp_path_factory,

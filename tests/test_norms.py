@@ -19,12 +19,11 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from torch import nn
 
 import official
-from conftest import ROOT, randn, randomize
+from conftest import ROOT, compose_train, randn, randomize
 from seg.config import validate
 from seg.launch import register_configs
 from seg.norms import NORMS, layer_spec, make_conv_norm, make_norm, names, register_monai, spec
@@ -80,8 +79,7 @@ def per_channel(t):
 
 
 def compose_norm(name):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(config_name="train", overrides=[f"norm={name}"])
+    return compose_train(f"norm={name}")
 
 
 # ---------------------------------------------------------------------------- registry
@@ -102,6 +100,7 @@ def declared_layers_in_the_source() -> dict[str, bool]:
     return found
 
 
+@pytest.mark.slow
 def test_importing_the_package_registers_every_layer_of_its_modules():
     """No list of modules to keep up to date: a fresh ``import seg.norms`` registers every class of the
     package that declares a kind, and every such class is registered."""
@@ -502,6 +501,7 @@ def test_sn_starts_with_equal_weights_and_zero_running_stats():
 # ---------------------------------------------------------------------------- the fused one-pass kernel
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["iln", "bin", "sn"])
 @pytest.mark.parametrize("train", [True, False])
 def test_fused_backward_passes_gradcheck(name, train):
@@ -1008,6 +1008,7 @@ class EveryPair(nn.Module):
         return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", [
     "aot_eager",  # dynamo + AOT autograd: tracing, no C++ code generation (a few seconds)
     pytest.param("inductor", marks=pytest.mark.skipif(not os.environ.get("SEG_INDUCTOR_TESTS"),

@@ -70,6 +70,7 @@ def author_parameter_count(depth: int = 5, base: int = 16, classes: int = 2) -> 
     return total + widths[0] * classes + classes  # the 1x1 logits conv
 
 
+@pytest.mark.slow
 def test_depth5_transpose3_is_the_published_network():
     model = UNet(depth=5, norm="none", up="transpose3", init="author")
     convs = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]

@@ -368,26 +368,21 @@ def test_vendor_split_trains_on_some_vendors_and_tests_on_another(trees, tmp_pat
 
 
 def test_conflicting_split_options_are_refused_by_the_config():
-    from hydra import compose, initialize_config_dir
-
-    from conftest import ROOT
+    from conftest import compose_train
     from seg.config import ConfigError, validate
-    from seg.launch import register_configs
 
-    register_configs()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = compose(config_name="train", overrides=["data=mnms", "data.root=/x", "data.fold=0",
-                                                      "data.train_vendors=[A,B]"])
-        with pytest.raises(ConfigError, match="choose one way to split, not kfold and vendor"):
-            validate(cfg)
-        with pytest.raises(ConfigError, match=r"data.fold=2 must be between 0 and data.num_folds-1 = 1"):
-            validate(compose(config_name="train", overrides=["data.fold=2"]))
-        validate(compose(config_name="train", overrides=["data=sunnybrook", "data.root=/x", "data.on_error=skip"]))
+    cfg = compose_train("data=mnms", "data.root=/x", "data.fold=0", "data.train_vendors=[A,B]")
+    with pytest.raises(ConfigError, match="choose one way to split, not kfold and vendor"):
+        validate(cfg)
+    with pytest.raises(ConfigError, match=r"data.fold=2 must be between 0 and data.num_folds-1 = 1"):
+        validate(compose_train("data.fold=2"))
+    validate(compose_train("data=sunnybrook", "data.root=/x", "data.on_error=skip"))
 
 
 # ---------------------------------------------------------------------------- end to end: train.py on each format
 
 
+@pytest.mark.slow
 def test_train_on_mnms_by_vendor_skipping_a_bad_case(tmp_path):
     root = make_mnms1_tree(tmp_path / "data")
     bad = root / "Training" / "Labeled" / "B3D0N1" / "B3D0N1_sa_gt.nii.gz"
@@ -401,6 +396,7 @@ def test_train_on_mnms_by_vendor_skipping_a_bad_case(tmp_path):
     assert metrics["split"]["mode"] == "vendor" and metrics["split"]["test"] == ["C2L5P7", "C7T2V4"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data_format", ["nnunet", "sunnybrook", "rvsc"])
 def test_train_on_each_format(data_format, trees, tmp_path):
     root = {"nnunet": trees["nnunet"], "sunnybrook": trees["sunnybrook"], "rvsc": trees["rvsc"]}[data_format]

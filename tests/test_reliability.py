@@ -39,6 +39,7 @@ def kill_mid_run(overrides, checkpoint, timeout=120):
     return process.returncode == -signal.SIGKILL
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_identical_weights_and_metrics(acdc_root, tmp_path, reference):
     killed = tmp_path / "killed"
     last = killed / "checkpoints" / "last.pt"
@@ -65,6 +66,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights_and_metrics(acdc_
     assert [h["train_loss"] for h in ours["history"]] == [h["train_loss"] for h in theirs["history"]]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_checkpoint_of_another_norm(acdc_root, tmp_path):
     run_train(*resumable(acdc_root, tmp_path / "bn", "norm=bn", "trainer.epochs=1"))
     result = run_train(*resumable(acdc_root, tmp_path / "bn", "norm=gn", "norm.groups=4", "trainer.epochs=1",

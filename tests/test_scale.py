@@ -13,10 +13,9 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from hydra import compose, initialize_config_dir
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import ROOT, run_train
+from conftest import ROOT, compose_train, run_train
 from seg.augment import augment_batch
 from seg.config import ConfigError, validate
 from seg.launch import register_configs
@@ -33,11 +32,6 @@ register_configs()
 # the chaotic first steps of small-batch BN would amplify (see test_sync_...).
 LEARNS = ["experiment=smoke", "data.phantom.num_patients=6", "data.spacing=3.0", "data.task=lv", "norm=gn",
           "norm.groups=4", "lr=0.3", "trainer.epochs=6", "schedule.milestones=[100]", "trainer.progress=false"]
-
-
-def compose_train(*overrides, hydra=False):
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(config_name="train", overrides=list(overrides), return_hydra_config=hydra)
 
 
 def metrics_of(run_dir):
@@ -64,6 +58,7 @@ def assert_same_training(ours, reference, dice_tolerance):
 # ---------------------------------------------------------------------------- data parallel
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_train_as_one_process_with_the_global_batch(data_dir, tmp_path, one_process):
     """2 ranks x batch 1 = 1 process x batch 2: the same global batches and augmentation, averaged
     gradients, sharded evaluation with summed counts; one run folder (no hydra.run.dir given:
@@ -156,6 +151,7 @@ def sync_worker(rank, world_size, store):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_layers_on_two_processes_are_the_layer_on_the_global_batch(tmp_path):
     """norm.sync=true, for every layer of ``names(can_sync=True)`` (bn, bin): outputs, input and parameter
     gradients and running statistics of 2 ranks with half a batch each equal those of one layer on the
@@ -172,6 +168,7 @@ def test_sync_is_refused_for_layers_that_cannot_synchronize():
 # ---------------------------------------------------------------------------- precision and compilation
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager(data_dir, tmp_path, one_process):
     """trainer.compile=true (aot_eager: torch.compile's tracing without code generation, which takes
     minutes on CPU) trains like the eager run, and the model call is one graph: no graph break."""
@@ -182,6 +179,7 @@ def test_compiled_training_matches_eager(data_dir, tmp_path, one_process):
     assert_same_training(metrics, one_process, dice_tolerance=0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", names())
 def test_every_norm_compiles_to_one_graph_in_a_training_step(name):
     """What trainer.compile=true with precision=bf16 traces: the U-Net in training mode, channels_last,
@@ -198,6 +196,7 @@ def test_every_norm_compiles_to_one_graph_in_a_training_step(name):
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
 
+@pytest.mark.slow
 def test_bf16_training_learns(data_dir, tmp_path, one_process):
     run_train(*LEARNS, f"paths.data_dir={data_dir}", "trainer.precision=bf16", f"hydra.run.dir={tmp_path}")
     metrics = metrics_of(tmp_path)
@@ -205,6 +204,7 @@ def test_bf16_training_learns(data_dir, tmp_path, one_process):
     assert metrics["dice"] > 0.5 and metrics["history"][-1]["train_loss"] < metrics["history"][0]["train_loss"]
 
 
+@pytest.mark.slow
 def test_bad_precision_backend_and_unsupported_compile_are_one_line_errors(tmp_path):
     with pytest.raises(ConfigError, match="trainer.precision='fp8' is not valid; choose one of: auto, fp32, bf16"):
         validate(compose_train("trainer.precision=fp8"))
@@ -257,6 +257,7 @@ def assert_two_jobs_ran(sweep_dir):
     assert "| bn |" in (sweep_dir / "summary.md").read_text()  # the end-of-sweep callback ran
 
 
+@pytest.mark.slow
 def test_joblib_sweep_one_job_per_gpu(data_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     launcher = compose_train("hydra/launcher=gpus", hydra=True).hydra.launcher
@@ -265,6 +266,7 @@ def test_joblib_sweep_one_job_per_gpu(data_dir, tmp_path):
     assert_two_jobs_ran(tmp_path)
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(data_dir, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep(data_dir, tmp_path, "submitit_local", "hydra.launcher.timeout_min=10")

@@ -108,6 +108,7 @@ def assert_refused(result, message: str, tmp_path, written: tuple[str, ...]) -> 
         assert not (tmp_path / name).exists(), f"{name} was written"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", PREDICT_CASES, ids=[" ".join(c) for c, _ in PREDICT_CASES])
 def test_predict_refuses_a_bad_option_at_start(case, message, setting, tmp_path):
     valid = {"ckpt": setting["ckpt"], "input": setting["volume"], "output": f"{tmp_path}/out"}
@@ -115,6 +116,7 @@ def test_predict_refuses_a_bad_option_at_start(case, message, setting, tmp_path)
     assert_refused(result, message.format(**setting), tmp_path, ("out",))
 
 
+@pytest.mark.slow
 def test_predict_refuses_cuda_where_there_is_none(setting, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: device=cuda is valid here")
@@ -124,12 +126,14 @@ def test_predict_refuses_cuda_where_there_is_none(setting, tmp_path):
                    tmp_path, ("out",))
 
 
+@pytest.mark.slow
 def test_predict_takes_an_empty_required_value_as_missing(setting, tmp_path):
     """``input=`` (say, an unset shell variable) is not the working directory."""
     result = script("predict", f"ckpt={setting['ckpt']}", "input=", f"output={tmp_path}/out")
     assert_refused(result, "error: missing input=...", tmp_path, ("out",))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", EVALUATE_CASES, ids=[" ".join(c) for c, _ in EVALUATE_CASES])
 def test_evaluate_refuses_a_bad_option_at_start(case, message, setting, tmp_path):
     valid = {"pred": f"{tmp_path}/pred", "gt": f"{tmp_path}/gt", "out": f"{tmp_path}/scores.csv"}
@@ -139,6 +143,7 @@ def test_evaluate_refuses_a_bad_option_at_start(case, message, setting, tmp_path
         assert (tmp_path / "old.csv").read_text() == "someone's scores\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case, message", EXPORT_CASES, ids=[" ".join(c) for c, _ in EXPORT_CASES])
 def test_export_refuses_a_bad_option_at_start(case, message, setting, tmp_path):
     valid = {"ckpt": setting["ckpt"], "output": f"{tmp_path}/model.onnx"}

@@ -22,11 +22,10 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from acdc_tree import make_acdc_tree
-from conftest import ROOT
+from conftest import ROOT, compose_train
 from seg.augment import augment_batch
 from seg.data import class_names, load_splits
 from seg.launch import register_configs
@@ -67,8 +66,7 @@ def run_config(root, norm: str, lr: float, seed: int, fold: int, *extra: str):
                  "data.num_folds=2", f"data.fold={fold}", f"seed={seed}", f"lr={lr}", f"norm={norm}",
                  "trainer.batch_size=4", "trainer.epochs=2", "schedule=step", "schedule.milestones=[1]",
                  "data.augment.flip=true", "optim.weight_decay=0.0001", *extra]
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        return compose(config_name="train", overrides=overrides)
+    return compose_train(*overrides)
 
 
 SPLITS: dict[tuple, tuple] = {}  # the data of a (root, fold, seed), loaded once for the module
@@ -177,6 +175,7 @@ def assert_same_momentum(actual: torch.optim.Optimizer, expected: torch.optim.Op
                                    msg=lambda m: f"{label} momentum of parameter {index}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("norm", STACKED_NORMS)
 def test_a_stack_of_runs_equals_the_runs_trained_alone(acdc7, norm):
     configs = [run_config(acdc7, norm, *run) for run in RUNS]

@@ -146,6 +146,7 @@ def test_console_commands_point_at_importable_callables():
         assert callable(getattr(importlib.import_module(module), attribute)), command
 
 
+@pytest.mark.slow
 def test_prepare_data_runs_as_a_module_and_refuses_a_bad_value_in_one_line():
     """``python -m seg.tools.prepare_data`` is the seg-prepare-data command (the other tools run this way in
     test_script_options.py and test_study.py): a bad override ends it with one line naming the key, exit code 1."""

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 
-from conftest import ROOT, run_train
-from seg.launch import register_configs
+from conftest import ROOT, compose_train, run_train
 from seg.data.splits import kfold_split
 from seg.inference import load_segmenter
 from seg.summary import write_summary
@@ -27,9 +25,7 @@ TINY = ["data.max_patients=6", "data.image_size=64", "data.spacing=6.0", "data.m
 
 def composed(*overrides):
     """The real train.yaml with ``overrides``, as the run would see it (Hydra's own keys included)."""
-    register_configs()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return compose("train", overrides=list(overrides), return_hydra_config=True)
+    return compose_train(*overrides, hydra=True)
 
 
 # ---------------------------------------------------------------------------- presets
@@ -198,6 +194,7 @@ def test_plots_of_a_sweep(synthetic_sweep):
         assert path.stat().st_size > 5000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_summarize_script(synthetic_sweep):
     result = subprocess.run([sys.executable, "-m", "seg.tools.summarize", str(synthetic_sweep), "--no-plots"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)

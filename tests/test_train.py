@@ -26,6 +26,7 @@ def smoke(data_dir, *overrides):
             "trainer.progress=false", *overrides]
 
 
+@pytest.mark.slow
 def test_smoke_run_on_the_phantom(data_dir, tmp_path):
     result = run_train(*smoke(data_dir, "norm=iln", "lr=0.5", f"hydra.run.dir={tmp_path}"))
     assert "Device: cpu" in result.stdout and "test Dice, 3D per volume" in result.stdout
@@ -59,6 +60,7 @@ def test_smoke_run_on_the_phantom(data_dir, tmp_path):
     assert not list(tmp_path.rglob("*tmp*"))
 
 
+@pytest.mark.slow
 def test_phantom_is_generated_once(data_dir, tmp_path):
     run_train(*smoke(data_dir, f"hydra.run.dir={tmp_path / 'a'}"))
     again = run_train(*smoke(data_dir, f"hydra.run.dir={tmp_path / 'b'}"))
@@ -66,6 +68,7 @@ def test_phantom_is_generated_once(data_dir, tmp_path):
     assert (data_dir / "phantom-n6-seed0" / "phantom.json").is_file()
 
 
+@pytest.mark.slow
 def test_same_seed_same_result(data_dir, tmp_path):
     runs = []
     for name in ("a", "b"):
@@ -75,6 +78,7 @@ def test_same_seed_same_result(data_dir, tmp_path):
     assert [h["train_loss"] for h in runs[0]["history"]] == [h["train_loss"] for h in runs[1]["history"]]
 
 
+@pytest.mark.slow
 def test_multirun_writes_one_summary_table(data_dir, tmp_path):
     run_train("-m", *smoke(data_dir, "norm=bn,gn", "lr=0.1", f"hydra.sweep.dir={tmp_path}"))
     runs = sorted(p.parent.name for p in tmp_path.glob("*/metrics.json"))
@@ -88,6 +92,7 @@ def test_multirun_writes_one_summary_table(data_dir, tmp_path):
     assert {row[1] for row in rows[1:]} == {"bn", "gn"} and {row[5] for row in rows[1:]} == {"ok"}
 
 
+@pytest.mark.slow
 def test_divergence_ends_cleanly_with_status(data_dir, tmp_path):
     result = run_train(*smoke(data_dir, "norm=none", "lr=1e12", "model.init=kaiming",
                               f"hydra.run.dir={tmp_path}"))
@@ -97,6 +102,7 @@ def test_divergence_ends_cleanly_with_status(data_dir, tmp_path):
     assert not math.isfinite(float(metrics["diverged_loss"]))
 
 
+@pytest.mark.slow
 def test_acdc_tree_and_bad_root(acdc_root, tmp_path):
     run_train("experiment=smoke", "data=acdc", f"data.root={acdc_root}", "data.task=multi",
               "trainer.progress=false", f"hydra.run.dir={tmp_path / 'ok'}")

@@ -30,6 +30,7 @@ def network_input(segmenter, acdc_root, patient="patient002"):
     return segmenter.prepare(image, spacing)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("memory_format", ["contiguous", "channels_last"])
 def test_tta_is_the_mean_softmax_over_the_four_in_plane_mirrorings(memory_format, runs, acdc_root, tmp_path):
     """nnU-Net's 2D test-time mirroring: no flip, flip x, flip y, flip both; each output flipped back;
@@ -52,6 +53,7 @@ def test_tta_is_the_mean_softmax_over_the_four_in_plane_mirrorings(memory_format
     assert torch.allclose(tta.probabilities(x).sum(1), torch.ones(1), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dims", [(2,), (3,), (2, 3)], ids=["x", "y", "both"])
 def test_with_tta_a_mirrored_input_gives_the_mirrored_probabilities(dims, runs, acdc_root):
     tta = load_segmenter(checkpoint(runs["a"]), device="cpu", tta=True)
@@ -109,6 +111,7 @@ def test_predict_with_an_ensemble_writes_the_ensembles_labels(runs, acdc_root, t
     assert np.array_equal(np.asarray(nib.load(str(tmp_path / "pred" / volume.name)).dataobj), expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change", ["data.task", "data.spacing", "data.image_size", "data.clip_percentiles",
                                     "data.normalize", "data.format"])
 def test_checkpoints_that_do_not_fit_together_are_refused(change, runs, acdc_root, tmp_path):

@@ -11,7 +11,7 @@ from seg.norms.fused import _SINGLE_PASS_MIN_NUMEL
 from seg.unet import ConvNormAct, UNet
 
 
-@pytest.mark.parametrize("depth", [1, 2, 4])
+@pytest.mark.parametrize("depth", [1, 2, pytest.param(4, marks=pytest.mark.slow)])  # depth 4: 256-channel weights, seconds
 @pytest.mark.parametrize("num_classes", [2, 4])
 def test_output_shape_and_widths(depth, num_classes):
     model = UNet(in_channels=1, num_classes=num_classes, base_channels=16, depth=depth, norm="gn")
@@ -22,6 +22,7 @@ def test_output_shape_and_widths(depth, num_classes):
     assert max(c.out_channels for c in convs) == 16 * 2**depth
 
 
+@pytest.mark.slow
 def test_default_is_the_paper_network():
     model = UNet()
     assert (model.depth, model.norm) == (4, "bn")
