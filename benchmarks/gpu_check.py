@@ -73,6 +73,7 @@ class Step:
     title: str
     limit_s: int  # on one GPU, full sizes; the limits sum to under 8 minutes
     quick_limit_s: int  # --quick: tiny sizes, but on a CPU that others share (CI): generous, never a verdict on speed
+    extra: bool = False  # not in the 8-minute check: runs only when named in --steps
 
 
 STEPS = (
@@ -85,6 +86,8 @@ STEPS = (
     Step("throughput_compiled", "bench.py: ours vs MONAI, batch 32, bf16, channels_last, compiled", 90, 180),
     Step("layer_bandwidth", "bench_norms.py: layers vs GroupNorm, fraction of copy bandwidth", 25, 180),
     Step("study", "reduced experiment=iln_paper grid at 256x256, extrapolated", 60, 180),
+    Step("stacked", "bench_stacked.py: K runs as one computation against the K runs in turn, K = 1, 8, 32",
+         300, 180, extra=True),
 )
 BUDGET_S = 8 * 60
 # --fill-wheels' default platform: x86-64 Linux, glibc 2.17 and later (pip matches a manylinux_2_N tag exactly)
@@ -594,6 +597,17 @@ def step_layer_bandwidth(args, partial: Partial) -> None:
     partial.add(embedded(page))
 
 
+def step_stacked(args, partial: Partial) -> None:
+    """The stacked runs' figures (docs/stacking.md): image-steps per second and the projected grid time."""
+    page = args.work / "pages" / "stacked.md"
+    sizes = ["--smoke"] if args.quick else ["--runs", "1", "8", "32", "--rounds", "3"]
+    result = python_command([str(BENCH / "bench_stacked.py"), "--device", args.device, *sizes, "--out", str(page)])
+    if result.returncode != 0:
+        partial.fail(f"bench_stacked.py: exit code {result.returncode}")
+        return
+    partial.add(embedded(page))
+
+
 def grid_size() -> tuple[int, dict]:
     """The number of runs of the full experiment=iln_paper grid, from its config's sweeper parameters."""
     import yaml
@@ -638,7 +652,7 @@ STEP_FUNCTIONS = {"install": step_install, "correctness": step_correctness, "tra
                   "torchrun": step_torchrun, "launcher": step_launcher,
                   "throughput_eager": lambda a, p: step_throughput(a, p, compiled=False),
                   "throughput_compiled": lambda a, p: step_throughput(a, p, compiled=True),
-                  "layer_bandwidth": step_layer_bandwidth, "study": step_study}
+                  "layer_bandwidth": step_layer_bandwidth, "study": step_study, "stacked": step_stacked}
 
 
 def run_one_step(args) -> None:
@@ -835,7 +849,7 @@ def main() -> None:
     keep = args.work is not None
     args.work = (args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))).resolve()
     args.work.mkdir(parents=True, exist_ok=True)
-    steps = [s for s in STEPS if not args.steps or s.name in args.steps]
+    steps = [s for s in STEPS if s.name in args.steps] if args.steps else [s for s in STEPS if not s.extra]
     limits = sum(max(1, round((s.quick_limit_s if args.quick else s.limit_s) * args.limit_scale)) for s in steps)
     print(f"GPU check on {args.device}{' (--quick)' if args.quick else ''}: {len(steps)} steps, limits summing to "
           f"{limits} s; report in {args.out}", flush=True)

@@ -30,7 +30,7 @@ def test_the_cpu_quick_mode_runs_every_step_and_reports_each_verdict_and_target(
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["stamp"]["commit"] and "CPU cores" in report["stamp"]["machine"]
     steps = report["figures"]["steps"]
-    assert [s["name"] for s in steps] == [s.name for s in gpu_check.STEPS]
+    assert [s["name"] for s in steps] == [s.name for s in gpu_check.STEPS if not s.extra]  # the 8-minute set
     verdicts = {s["name"]: s["verdict"] for s in steps}
     assert verdicts.pop("install") == "skipped" and "--wheels" in steps[0]["reason"]  # no wheelhouse given
     assert set(verdicts.values()) == {"pass"}, {s["name"]: s["reason"] for s in steps}
@@ -50,11 +50,20 @@ def test_the_cpu_quick_mode_runs_every_step_and_reports_each_verdict_and_target(
 
     page = (tmp_path / "report.md").read_text()
     assert page.startswith("# GPU check") and "- command: `python benchmarks/gpu_check.py --device cpu --quick" in page
-    for step in gpu_check.STEPS:
+    for step in (s for s in gpu_check.STEPS if not s.extra):
         assert f"| {step.name} | {step.title} |" in page and f"## {step.name}: " in page
     for goal in goals:
         assert f"| {goal['target']} | {goal['status']} |" in page
     assert "**Extrapolation, not a measurement:**" in page
+
+
+@pytest.mark.slow
+def test_the_stacked_step_runs_when_named_and_writes_the_stacked_benchmark_into_the_report(tmp_path):
+    result = check("--device", "cpu", "--quick", "--steps", "stacked", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    steps = json.loads((tmp_path / "report.json").read_text())["figures"]["steps"]
+    assert [(s["name"], s["verdict"]) for s in steps] == [("stacked", "pass")]
+    assert "Stacked against sequential" in (tmp_path / "report.md").read_text()
 
 
 @pytest.mark.slow
