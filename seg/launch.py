@@ -91,5 +91,8 @@ def processes():
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115  (for the whole process)
     try:
         yield
+        # every rank leaves the group together: a rank that tears gloo down while another still talks to it
+        # can abort at exit ("terminate called without an active exception", exit code -6)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
