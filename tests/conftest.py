@@ -18,6 +18,13 @@ from acdc_tree import make_acdc_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several workers share the cores (``pytest -m slow -n 2``): each test, and every process it starts, uses
+    # one thread, so that the workers' thread pools do not oversubscribe the cores (which slows each of them
+    # far more than their number).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def acdc_root(tmp_path_factory) -> Path:
