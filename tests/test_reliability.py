@@ -369,13 +369,14 @@ def test_a_folder_that_holds_a_run_is_never_trained_over(acdc_root, tmp_path):
 @pytest.mark.slow
 def test_a_folder_in_use_by_a_live_run_is_refused(acdc_root, tmp_path):
     run = tmp_path / "run"
-    first = start(resumable(acdc_root, run))
+    first = start(resumable(acdc_root, run, "trainer.epochs=500"))  # alive for as long as the second one needs
     assert wait_for(run / "checkpoints" / "last.pt", first)
-    second = run_train(*resumable(acdc_root, run, "trainer.resume=true"), check=False)
+    second = run_train(*resumable(acdc_root, run, "trainer.epochs=500", "trainer.resume=true"), check=False)
     assert second.returncode == 1 and f"run folder {run} is in use by another run (pid {first.pid}" in second.stderr
+    first.send_signal(signal.SIGTERM)  # the first run goes on undisturbed until stopped, and saves
     out, err = first.communicate(timeout=300)
-    assert first.returncode == 0, out + err
-    assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
+    assert first.returncode == 75, out + err
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
 
 
 @pytest.mark.slow
