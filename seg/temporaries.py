@@ -28,7 +28,7 @@ from pathlib import Path
 
 TEMPORARY = re.compile(r"^(?P<stem>.+)\.tmp-(?P<host>[A-Za-z0-9._-]+)-(?P<pid>\d+)-(?P<token>[0-9a-f]{8})"
                        r"(?P<suffix>(?:\.[A-Za-z0-9]+)*)$")
-ANY_TEMPORARY = re.compile(r"\.tmp(-[^/]*)?$|\.tmp-")  # any name a writer's temporary may have had
+ANY_TEMPORARY = re.compile(r"\.tmp(-|$)")  # any name a writer's temporary may have had
 
 
 def host_name() -> str:
