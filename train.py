@@ -1,7 +1,7 @@
 """Train the U-Net with a chosen normalization: ``python train.py norm=iln lr=0.5`` (see README).
 
-On several GPUs: ``torchrun --nproc_per_node=N train.py ...`` (data parallel: seg/launch.py joins the
-processes, seg/distributed.py is what they do together). The loop itself is seg/train.py.
+On several GPUs: ``torchrun --nproc_per_node=N train.py ...`` (data parallel: seg/config/launch.py joins the
+processes, seg/runtime/distributed.py is what they do together). The loop itself is seg/training/loop.py.
 
 Exit codes (docs/reliability.md):
 
@@ -17,7 +17,7 @@ Exit codes (docs/reliability.md):
 import sys
 from pathlib import Path
 
-from seg.stopping import EXIT_INTERRUPTED, quiet_startup_exit
+from seg.runtime.stopping import EXIT_INTERRUPTED, quiet_startup_exit
 
 quiet_startup_exit()  # Ctrl-C or SIGTERM while Python imports torch: one line and exit 75, no traceback
 
@@ -25,19 +25,19 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 
-from seg.checkpoint import CheckpointError  # noqa: E402
+from seg.runtime.checkpoint import CheckpointError  # noqa: E402
 from seg.data import DataError  # noqa: E402
-from seg.launch import processes, register_configs  # noqa: E402
-from seg.runs import RunFolderError, unlock_run  # noqa: E402
-from seg.schema import ConfigError  # noqa: E402
-from seg.stopping import Interrupted, StopSignals, between_runs  # noqa: E402
+from seg.config.launch import processes, register_configs  # noqa: E402
+from seg.runtime.runs import RunFolderError, unlock_run  # noqa: E402
+from seg.config.schema import ConfigError  # noqa: E402
+from seg.runtime.stopping import Interrupted, StopSignals, between_runs  # noqa: E402
 
 register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg) -> float | None:
-    from seg.train import TrainingFailed, sweep_job_error, train
+    from seg.training.loop import TrainingFailed, sweep_job_error, train
 
     hydra_cfg = HydraConfig.get()
     output_dir = Path(hydra_cfg.runtime.output_dir)
@@ -45,7 +45,7 @@ def main(cfg) -> float | None:
     job = f"job {hydra_cfg.job.num} ({hydra_cfg.job.override_dirname or 'defaults'}): " if in_sweep else ""
 
     def failed(message: str) -> None:
-        """One line (the run's metrics.json says failed: seg.train.record_end); a single run exits 1, a sweep
+        """One line (the run's metrics.json says failed: seg.training.loop.record_end); a single run exits 1, a sweep
         goes on with its next job."""
         print(f"error: {job}{message}", file=sys.stderr, flush=True)
         if not in_sweep:
@@ -74,5 +74,5 @@ def main(cfg) -> float | None:
 
 
 if __name__ == "__main__":
-    with processes():  # under torchrun: join the other ranks (seg/launch.py); otherwise nothing
+    with processes():  # under torchrun: join the other ranks (seg/config/launch.py); otherwise nothing
         main()

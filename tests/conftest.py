@@ -49,7 +49,7 @@ def compose_train(*overrides: str, hydra: bool = False):
     if key not in _COMPOSED:
         from hydra import compose, initialize_config_dir
 
-        from seg.launch import register_configs
+        from seg.config.launch import register_configs
 
         register_configs()
         with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):

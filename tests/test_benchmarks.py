@@ -9,10 +9,10 @@ import sys
 
 import pytest
 
-import harness  # benchmarks/harness.py (benchmarks/ is on pytest's pythonpath, as it is on a benchmark's)
+import harness  # scripts/harness.py (scripts/ is on pytest's pythonpath, as it is on a benchmark's)
 from conftest import ROOT
 
-BENCHMARKS = ROOT / "benchmarks"
+BENCHMARKS = ROOT / "scripts"
 PAGES = {"bench.py": "bench", "bench_default_run.py": "bench_default_run", "bench_norms.py": "bench_norms",
          "bench_prepare.py": "bench_prepare", "bench_resume.py": "soak_resume",
          "bench_train_step.py": "bench_train_step", "bad_inputs_report.py": "bad_inputs", "gpu_check.py": "gpu_check"}
@@ -25,7 +25,7 @@ def test_a_result_page_has_its_stamp_above_its_figures(tmp_path, monkeypatch):
     lines = page.read_text().splitlines()
     assert lines[0] == "# A title" and lines[2] == "What was measured."
     stamp = {line.split(":", 1)[0]: line.split(":", 1)[1].strip() for line in lines if line.startswith("- ")}
-    assert stamp["- command"] == "`python benchmarks/bench_x.py --steps 3`"
+    assert stamp["- command"] == "`python scripts/bench_x.py --steps 3`"
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert stamp["- commit"].strip("`").split()[0] == head and stamp["- commit"].strip("`") in (head, f"{head} (dirty)")
     assert "CPU cores" in stamp["- machine"] and "RAM" in stamp["- machine"]
@@ -63,5 +63,5 @@ def test_the_train_step_benchmark_writes_a_stamped_page(tmp_path):
                             text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     page = out.read_text()
-    assert page.startswith("# Train step") and "- command: `python benchmarks/bench_train_step.py --size 32" in page
-    assert "seg.step.train_step" in page and "| MONAI BasicUNet (as shipped) |" in page
+    assert page.startswith("# Train step") and "- command: `python scripts/bench_train_step.py --size 32" in page
+    assert "seg.training.step.train_step" in page and "| MONAI BasicUNet (as shipped) |" in page

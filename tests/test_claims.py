@@ -1,4 +1,4 @@
-"""The papers' claims (claims.md, seg/claims.py): the verdict logic on synthetic run folders whose answer is
+"""The papers' claims (claims.md, seg/study/claims.py): the verdict logic on synthetic run folders whose answer is
 known, the experiment=claims preset, and the preset run end to end at a tiny size."""
 
 import json
@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import run_train
-from seg.summary import write_summary
+from seg.study.summary import write_summary
 from sweeps import run_metrics, write_run
 from test_study import composed
 

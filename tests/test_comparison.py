@@ -1,13 +1,13 @@
 """Paired statistics of a sweep (comparison.md/.csv/.png) on synthetic run folders whose answer is known,
-and the statistical building blocks (seg/stats.py) against textbook values."""
+and the statistical building blocks (seg/study/stats.py) against textbook values."""
 
 import csv
 import math
 
 import pytest
 
-from seg.stats import MIN_UNITS, bootstrap_ci, holm, nemenyi_cd, ranks, wilcoxon_p
-from seg.summary import write_summary
+from seg.study.stats import MIN_UNITS, bootstrap_ci, holm, nemenyi_cd, ranks, wilcoxon_p
+from seg.study.summary import write_summary
 from sweeps import run_metrics, two_fold_sweep, write_run
 
 pytest.importorskip("scipy")

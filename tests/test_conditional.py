@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from conftest import compose_train, randn, randomize, run_train
-from seg.config import ConfigError, validate
-from seg.launch import register_configs
-from seg.inference import load_segmenter
+from seg.training.checks import ConfigError, validate
+from seg.config.launch import register_configs
+from seg.inference.predict import load_segmenter
 from seg.norms import NORMS, Condition, make_conv_norm, make_norm, names, spec
 from seg.norms.conditional import RegionConditioner, StyleEncoder, region_codes
-from seg.unet import UNet
+from seg.model.unet import UNet
 
 CONDITIONAL = names("conditional")
 TIGHT = dict(rtol=1e-9, atol=1e-10)

@@ -5,8 +5,8 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import compose_train, run_train
-from seg.config import ConfigError, validate
-from seg.launch import register_configs
+from seg.training.checks import ConfigError, validate
+from seg.config.launch import register_configs
 
 register_configs()
 
@@ -125,7 +125,7 @@ def test_values_out_of_range_are_refused_naming_the_key(overrides, message):
 
 
 def test_the_valid_schedules_are_the_table_of_schedules():
-    from seg.schedules import SCHEDULES
+    from seg.training.schedules import SCHEDULES
 
     assert set(SCHEDULES) >= {"step", "constant", "poly"}
     for name in SCHEDULES:  # every schedule of the table has its config file, which passes its own checks
@@ -136,10 +136,10 @@ def test_the_valid_schedules_are_the_table_of_schedules():
 
 
 def test_the_valid_optimizers_and_losses_are_their_tables(monkeypatch):
-    """optim.name and loss choose from seg/optimizers.py's and seg/losses.py's tables: every name of a table
+    """optim.name and loss choose from seg/training/optimizers.py's and seg/training/losses.py's tables: every name of a table
     is valid (each optimizer with its configs/optim/ file), a name outside is refused naming the key, and a
     new entry is a valid choice without any other edit."""
-    from seg import losses, optimizers
+    from seg.training import losses, optimizers
 
     for name in optimizers.OPTIMIZERS:
         cfg = compose_train(f"optim={name}")
@@ -160,13 +160,14 @@ def test_the_valid_optimizers_and_losses_are_their_tables(monkeypatch):
 
 
 def test_one_list_of_the_keys_that_do_not_define_a_run():
-    """Hydra's sweep folder names, the summary and the checkpoint's resume check all use seg/identity.py."""
+    """Hydra's sweep folder names, the summary and the checkpoint's resume check all use seg/config/identity.py."""
     import copy
 
     from omegaconf import OmegaConf
 
-    from seg import identity, summary
-    from seg.checkpoint import CheckpointError, check_compatible
+    from seg.config import identity
+    from seg.study import summary
+    from seg.runtime.checkpoint import CheckpointError, check_compatible
 
     hydra_cfg = compose_train(hydra=True)
     assert list(hydra_cfg.hydra.job.config.override_dirname.exclude_keys) == list(identity.NOT_IDENTITY)

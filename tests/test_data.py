@@ -8,7 +8,7 @@ import torch
 
 from acdc_tree import make_acdc_tree, write_volume
 from conftest import run_train
-from seg.augment import augment_batch
+from seg.training.augment import augment_batch
 from seg.data import DataError, class_names, load_splits
 from seg.data.acdc import read_acdc
 from seg.data.slices import crop_or_pad, preprocess, split_patients
@@ -212,7 +212,7 @@ BAD_DATA_VALUES = [
 
 @pytest.mark.parametrize("overrides, message", BAD_DATA_VALUES, ids=[" ".join(o) for o, _ in BAD_DATA_VALUES])
 def test_bad_data_values_are_refused_by_validate(overrides, message):
-    from seg.config import ConfigError, validate
+    from seg.training.checks import ConfigError, validate
 
     with pytest.raises(ConfigError) as refused:
         validate(compose_train(*overrides))

@@ -13,10 +13,10 @@ import torch
 
 from inference_runs import checkpoint, script_ok, trained_run
 from seg.data.volumes import read_nifti
-from seg.export import OPSET, PARITY_TOLERANCE, export_onnx, onnx_logits, parity, takes_domain
-from seg.inference import load_segmenter
+from seg.inference.export import OPSET, PARITY_TOLERANCE, export_onnx, onnx_logits, parity, takes_domain
+from seg.inference.predict import load_segmenter
 from seg.norms import NORMS
-from seg.unet import UNet
+from seg.model.unet import UNet
 
 REASON = "the onnx extra is not installed (pip install -e '.[onnx]'): onnx export is not tested"
 onnx = pytest.importorskip("onnx", reason=REASON)
@@ -70,7 +70,7 @@ def test_export_script_writes_a_model_that_segments_like_predict(acdc_root, tmp_
     graph = onnx.load(str(tmp_path / "model.onnx"))
     metadata = {entry.key: entry.value for entry in graph.metadata_props}
     assert metadata["seg.task"] == "multi" and json.loads(metadata["seg.labels"]) == {"rv": 1, "myo": 2, "lv": 3}
-    assert json.loads(metadata["seg.preprocessing"])["image_size"] == 64 and metadata["seg.orientation"] == "RAS"
+    assert json.loads(metadata["seg.preprocessing"])["image_size"] == 64 and metadata["seg.inference.orientation"] == "RAS"
 
     segmenter = load_segmenter(checkpoint(run), device="cpu")
     image, spacing, _ = read_nifti(acdc_root / "database" / "training" / "patient002" / "patient002_frame01.nii.gz")

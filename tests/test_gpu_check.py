@@ -1,4 +1,4 @@
-"""benchmarks/gpu_check.py, the GPU path's one command, in its CPU mode (what CI runs, so that it cannot rot
+"""scripts/gpu_check.py, the GPU path's one command, in its CPU mode (what CI runs, so that it cannot rot
 while no GPU is at hand): every step runs and gets a verdict, the report states every target; a step past its
 limit is stopped and says so; the wheelhouse's package list is pyproject.toml's, torch and what only torch
 needs left out."""
@@ -12,10 +12,10 @@ import sys
 
 import pytest
 
-import gpu_check  # benchmarks/gpu_check.py (benchmarks/ is on pytest's pythonpath)
+import gpu_check  # scripts/gpu_check.py (scripts/ is on pytest's pythonpath)
 from conftest import ROOT
 
-SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
 TARGETS = 5  # 1.5x GroupNorm, 60% of copy bandwidth, 3x MONAI, 60 s wall, Dice 0.85
 
 
@@ -50,7 +50,7 @@ def test_the_cpu_quick_mode_runs_every_step_and_reports_each_verdict_and_target(
     assert len(goals) == TARGETS and all(g["status"].startswith("not measured") for g in goals)  # CPU, not CUDA
 
     page = (tmp_path / "report.md").read_text()
-    assert page.startswith("# GPU check") and "- command: `python benchmarks/gpu_check.py --device cpu --quick" in page
+    assert page.startswith("# GPU check") and "- command: `python scripts/gpu_check.py --device cpu --quick" in page
     for step in (s for s in gpu_check.STEPS if not s.extra):
         assert f"| {step.name} | {step.title} |" in page and f"## {step.name}: " in page
     for goal in goals:
@@ -60,7 +60,7 @@ def test_the_cpu_quick_mode_runs_every_step_and_reports_each_verdict_and_target(
 
 def test_the_stacked_step_is_outside_the_eight_minute_set_and_calls_the_stacked_benchmark():
     """``--steps stacked`` only: its limit does not count against the 8 minutes, and it runs
-    benchmarks/bench_stacked.py (whose --smoke run a slow test of test_stacked.py checks)."""
+    scripts/bench_stacked.py (whose --smoke run a slow test of test_stacked.py checks)."""
     stacked = next(s for s in gpu_check.STEPS if s.name == "stacked")
     assert stacked.extra and all(not s.extra for s in gpu_check.STEPS if s.name != "stacked")
     assert sum(s.limit_s for s in gpu_check.STEPS if not s.extra) <= gpu_check.BUDGET_S

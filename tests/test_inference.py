@@ -16,14 +16,14 @@ from conftest import ROOT, run_train
 from inference_runs import back_to_source_grid, checkpoint, script, script_ok, trained_run, write_reoriented
 from seg.data.slices import prepare_volume
 from seg.data.volumes import Volume
-from seg.evaluation import evaluate_folders
-from seg.inference import to_input_grid
+from seg.evaluation.files import evaluate_folders
+from seg.inference.predict import to_input_grid
 
 
 def run_script(tool, *arguments):
     result = subprocess.run([sys.executable, "-m", f"seg.tools.{tool}", *arguments], capture_output=True,
                             text=True, timeout=300, cwd=ROOT)
-    assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == 0, f"seg-{tool} failed:\n{result.stdout}\n{result.stderr}"
     return result.stdout
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from monai.metrics import DiceMetric
 
 from seg.data.slices import SliceSet
-from seg.metrics import per_volume_dice, slice_counts, summarize_counts
+from seg.evaluation.dice import per_volume_dice, slice_counts, summarize_counts
 
 
 def random_masks(num_slices, num_classes, seed):

@@ -24,14 +24,14 @@ from torch import nn
 
 import official
 from conftest import ROOT, compose_train, randn, randomize
-from seg.config import validate
-from seg.launch import register_configs
+from seg.training.checks import validate
+from seg.config.launch import register_configs
 from seg.norms import NORMS, layer_spec, make_conv_norm, make_norm, names, register_monai, spec
 from seg.norms.fused import (_SINGLE_PASS_MIN_NUMEL, _InstanceAffine, instance_affine_reference, instance_moments,
                              product_sums, scale_shift)
 from seg.norms.kalman import PRIOR_ATTRIBUTE, KalmanConvNorm, rectified_gaussian_moments
-from seg.optimizers import build_optimizer
-from seg.unet import UNet
+from seg.training.optimizers import build_optimizer
+from seg.model.unet import UNet
 
 CONDITIONAL = names("conditional")  # need a Condition: tested in test_conditional.py
 ALL = sorted(set(names()) - set(CONDITIONAL))

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import run_train
-from seg.metrics import predict
-from seg.ordering import epoch_order
-from seg.unet import TransposeConv3, UNet, initialize
+from seg.evaluation.dice import predict
+from seg.training.ordering import epoch_order
+from seg.model.unet import TransposeConv3, UNet, initialize
 
 # ---------------------------------------------------------------------------- the up-convolution
 

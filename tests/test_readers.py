@@ -369,7 +369,7 @@ def test_vendor_split_trains_on_some_vendors_and_tests_on_another(trees, tmp_pat
 
 def test_conflicting_split_options_are_refused_by_the_config():
     from conftest import compose_train
-    from seg.config import ConfigError, validate
+    from seg.training.checks import ConfigError, validate
 
     cfg = compose_train("data=mnms", "data.root=/x", "data.fold=0", "data.train_vendors=[A,B]")
     with pytest.raises(ConfigError, match="choose one way to split, not kfold and vendor"):
@@ -580,7 +580,7 @@ def test_rvsc_slice_step_comes_from_slice_location_and_test_sets_are_unlabeled(t
 def test_a_killed_runs_cache_temporary_is_removed_and_a_live_ones_kept(tmp_path, capsys):
     import subprocess
 
-    from seg.temporaries import host_name
+    from seg.runtime.temporaries import host_name
 
     root = make_acdc_tree(tmp_path / "acdc", num_patients=3, shape=(16, 16, 2))
     load_splits(tiny_acdc(root), seed=0, progress=False)

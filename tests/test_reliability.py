@@ -14,11 +14,11 @@ import time
 import pytest
 import torch
 
-from bad_inputs import CASES, run_case  # the shared table of bad inputs (benchmarks/, on pytest's pythonpath)
+from bad_inputs import CASES, run_case  # the shared table of bad inputs (scripts/, on pytest's pythonpath)
 from conftest import ROOT, run_train
-from seg.checkpoint import (CheckpointError, RunState, check_free_space, last_record, load_checkpoint, restore_run,
+from seg.runtime.checkpoint import (CheckpointError, RunState, check_free_space, last_record, load_checkpoint, restore_run,
                             save_checkpoint)
-from seg.temporaries import TEMPORARY, host_name, remove_stale, temporary_path
+from seg.runtime.temporaries import TEMPORARY, host_name, remove_stale, temporary_path
 
 
 def resumable(acdc_root, run_dir, *extra):
@@ -155,7 +155,7 @@ def test_full_disk_and_unwritable_folder_are_refused_before_training(tmp_path):
         check_free_space(tmp_path, 2**62)
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    from seg.runs import check_writable
+    from seg.runtime.runs import check_writable
 
     with pytest.raises(CheckpointError, match="cannot write to the output folder"):
         check_writable(blocker / "run")
@@ -202,7 +202,7 @@ def assert_same_weights(run_dir, reference_dir):
 
 
 def test_every_writer_names_its_temporary_so_that_the_next_run_can_remove_it(tmp_path):
-    """Checkpoints, metrics.json, predicted label maps and ONNX files are written under seg.temporaries' one
+    """Checkpoints, metrics.json, predicted label maps and ONNX files are written under seg.runtime.temporaries' one
     naming (host, pid, a token; the extension kept where the writer needs it); a dead writer's is removed,
     a live one's kept."""
     for target, options in (("best.pt", {"hidden": True}), ("metrics.json", {"hidden": True}),
@@ -330,7 +330,7 @@ def test_resume_refuses_a_change_to_a_key_that_defines_the_run(acdc_root, tmp_pa
 
 
 def test_a_claimed_run_folder_is_never_given_twice(tmp_path):
-    from seg.runs import claim_new
+    from seg.runtime.runs import claim_new
 
     base = tmp_path / "outputs" / "2024-01-01" / "12-00-00_bn_lr0.1_seed0"
     claimed = [claim_new(base) for _ in range(3)]
@@ -440,7 +440,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_and_keeps_the_checkpoint(acdc_root
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_every_bad_input_is_refused_in_one_line(case, tmp_path_factory):
-    """Each case of the shared table (benchmarks/bad_inputs.py, also behind docs/results/bad_inputs.md)."""
+    """Each case of the shared table (scripts/bad_inputs.py, also behind docs/results/bad_inputs.md)."""
     if case.cpu_only and torch.cuda.is_available():
         pytest.skip("needs a machine without a GPU")
     outcome = run_case(case, tmp_path_factory.getbasetemp() / "bad_inputs", CASES.index(case))

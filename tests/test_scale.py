@@ -16,14 +16,14 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, compose_train, run_train
-from seg.augment import augment_batch
-from seg.config import ConfigError, validate
-from seg.launch import register_configs
-import seg.runtime as runtime
-from seg.distributed import World
-from seg.runtime import sweep_gpu
+from seg.training.augment import augment_batch
+from seg.training.checks import ConfigError, validate
+from seg.config.launch import register_configs
+import seg.runtime.device as runtime
+from seg.runtime.distributed import World
+from seg.runtime.device import sweep_gpu
 from seg.norms import make_norm, names, spec
-from seg.unet import UNet
+from seg.model.unet import UNet
 
 register_configs()
 

@@ -1,6 +1,6 @@
 """Stacked runs (seg/stacked): K runs trained as one computation compute what each run computes alone.
 
-The reference is a plain single-run loop written here, step by step as seg/train.py trains: the
+The reference is a plain single-run loop written here, step by step as seg/training/loop.py trains: the
 model built after seeding with the run's seed, ``build_optimizer``/``build_schedule``, one
 generator per run for ``epoch_order`` and ``augment_batch``, cross-entropy, SGD, BIN's clip after
 each step, the schedule stepped at the run's epoch end. The runs differ in learning rate, seed
@@ -9,7 +9,7 @@ epochs, differ in length: 12 and 18 slices, batches of 4, so the 18-slice runs e
 a batch of 2 that steps apart). Everything is compared in float64 on real NIfTI data through the
 real configuration: every step's loss, the final weights and buffers (BN's running statistics
 included), the optimizer's momentum buffers and the Dice of each run, extracted as an ordinary
-UNet and evaluated with ``seg.metrics.evaluate``.
+UNet and evaluated with ``seg.evaluation.dice.evaluate``.
 """
 
 from __future__ import annotations
@@ -26,18 +26,18 @@ from omegaconf import OmegaConf
 
 from acdc_tree import make_acdc_tree
 from conftest import ROOT, compose_train
-from seg.augment import augment_batch
+from seg.training.augment import augment_batch
 from seg.data import class_names, load_splits
-from seg.launch import register_configs
-from seg.metrics import evaluate
-from seg.model import build_model, norm_options
+from seg.config.launch import register_configs
+from seg.evaluation.dice import evaluate
+from seg.model.build import build_model, norm_options
 from seg.norms import make_norm, names, spec
-from seg.optimizers import build_optimizer
-from seg.ordering import epoch_order
-from seg.schedules import build_schedule
-from seg.stacked import (CONV_MODES, RunFeed, Stack, StackedUNet, StackError, augment_together, check_stackable,
+from seg.training.optimizers import build_optimizer
+from seg.training.ordering import epoch_order
+from seg.training.schedules import build_schedule
+from seg.training.stacked import (CONV_MODES, RunFeed, Stack, StackedUNet, StackError, augment_together, check_stackable,
                          conv_modes, draw_augmentation, stack_key)
-from seg.unet import UNet
+from seg.model.unet import UNet
 
 register_configs()
 
@@ -83,7 +83,7 @@ def train_and_val(cfg):
 
 
 class Run:
-    """One run's objects, built as seg/train.py builds them (float64)."""
+    """One run's objects, built as seg/training/loop.py builds them (float64)."""
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -356,14 +356,14 @@ def test_a_run_taken_out_of_the_stack_and_put_back_continues_unchanged():
 
 @pytest.mark.slow
 def test_the_benchmark_runs_and_writes_its_page(tmp_path):
-    """benchmarks/bench_stacked.py at tiny sizes (its figures mean nothing here): the page it writes has its
+    """scripts/bench_stacked.py at tiny sizes (its figures mean nothing here): the page it writes has its
     stamp and every section."""
     out = tmp_path / "stacked.md"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_stacked.py"), "--smoke", "--out", str(out)],
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_stacked.py"), "--smoke", "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     page = out.read_text()
-    for part in ("- command: `python benchmarks/bench_stacked.py --smoke", "- commit: `", "- torch: ",
+    for part in ("- command: `python scripts/bench_stacked.py --smoke", "- commit: `", "- torch: ",
                  "## The two designs at K = 2", "## Stacked against sequential", "| 2 | ", "measured twice"):
         assert part in page, part
 

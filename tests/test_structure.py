@@ -125,14 +125,17 @@ def test_the_imports_follow_the_layering_of_seg_init():
 
 def test_the_scan_finds_every_form_of_import():
     """The scanner itself: relative, absolute and function-level imports of seg are found and resolved."""
-    source = ("from . import losses\nfrom .schema import ConfigError\nfrom .data.slices import TASKS\nimport seg.train\n"
-              "def build():\n    from .config import validate\n    import seg.runs\n"
-              "class Thing:\n    def method(self):\n        from .norms import spec\n")
-    found = {(target, inside) for _, target, inside in seg_imports(SEG / "probe.py", source, "seg.probe")}
-    assert found == {("seg.losses", False), ("seg.schema", False), ("seg.data.slices", False), ("seg.train", False),
-                     ("seg.config", True), ("seg.runs", True), ("seg.norms", True)}
+    source = ("from . import losses\nfrom ..config.schema import ConfigError\nfrom ..data.slices import TASKS\n"
+              "import seg.training.loop\n"
+              "def build():\n    from .checks import validate\n    import seg.runtime.runs\n"
+              "class Thing:\n    def method(self):\n        from ..norms import spec\n")
+    found = {(target, inside) for _, target, inside in
+             seg_imports(SEG / "training" / "probe.py", source, "seg.training.probe")}
+    assert found == {("seg.training.losses", False), ("seg.config.schema", False), ("seg.data.slices", False),
+                     ("seg.training.loop", False), ("seg.training.checks", True), ("seg.runtime.runs", True),
+                     ("seg.norms", True)}
     found = {(target, inside) for _, target, inside in seg_imports(SEG / "data" / "options.py")}
-    assert ("seg.data.volumes", False) in found and ("seg.schema", False) not in found
+    assert ("seg.data.volumes", False) in found and ("seg.config.schema", False) not in found
 
 
 def test_console_commands_point_at_importable_callables():
@@ -157,12 +160,11 @@ def test_prepare_data_runs_as_a_module_and_refuses_a_bad_value_in_one_line():
 
 def test_nothing_edits_sys_path():
     """The tools are console commands and the benchmarks import their harness as a sibling: no sys.path edits."""
-    edits = [f"{path.relative_to(ROOT)}" for folder in ("seg", "benchmarks", "tests") for path in
+    edits = [f"{path.relative_to(ROOT)}" for folder in ("seg", "scripts", "tests") for path in
              sorted((ROOT / folder).rglob("*.py")) if "sys.path.insert" in path.read_text()
              and path.name != "test_structure.py"]
     edits += ["train.py"] if "sys.path.insert" in (ROOT / "train.py").read_text() else []
     assert not edits, edits
-    assert not (ROOT / "scripts").exists()
 
 
 # The torch.func (vmap) design that stacked runs were measured against: its own step, by design.
@@ -170,9 +172,9 @@ OTHER_DESIGNS = {"bench_stacked.py": "functorch"}
 
 
 def test_the_benchmarks_time_the_trainers_own_step():
-    """No benchmark re-implements the training step: those that train call seg.step.train_step, and none calls
+    """No benchmark re-implements the training step: those that train call seg.training.step.train_step, and none calls
     backward() or an optimizer's step itself."""
-    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+    for path in sorted((ROOT / "scripts").glob("*.py")):
         source = path.read_text()
         if path.name in OTHER_DESIGNS:  # drop the function that times another design, not the trainer's step
             node = next(n for n in ast.parse(source).body
@@ -181,34 +183,49 @@ def test_the_benchmarks_time_the_trainers_own_step():
                                if not node.lineno <= number <= node.end_lineno)
         assert ".backward(" not in source and "optimizer.step(" not in source, path.name
     for name in ("bench.py", "bench_train_step.py"):
-        assert "train_step(" in (ROOT / "benchmarks" / name).read_text(), name
+        assert "train_step(" in (ROOT / "scripts" / name).read_text(), name
 
 
 def test_train_reads_as_a_table_of_contents():
-    """seg.train.train is at most 40 lines of code, calling the named phases; the run state is a RunState."""
-    from seg import train
+    """seg.training.loop.train is at most 40 lines of code, calling the named phases; the run state is a RunState."""
+    from seg.training import loop as train
 
-    function = next(node for node in ast.parse((SEG / "train.py").read_text()).body
+    function = next(node for node in ast.parse((SEG / "training" / "loop.py").read_text()).body
                     if isinstance(node, ast.FunctionDef) and node.name == "train")
     code = function.body[1:]  # after the docstring
     assert code[-1].end_lineno - code[0].lineno + 1 <= 40
     called = {node.func.id for node in ast.walk(function) if isinstance(node, ast.Call)
               and isinstance(node.func, ast.Name)}
     assert {"set_up", "starting_state", "train_epoch", "end_epoch", "finish"} <= called
-    assert "evaluate_split" in {node.func.id for node in ast.walk(ast.parse((SEG / "train.py").read_text()))
+    assert "evaluate_split" in {node.func.id for node in ast.walk(ast.parse((SEG / "training" / "loop.py").read_text()))
                                 if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
     assert train.RunState is not None and "progress" not in {f for f in train.RunState.__dataclass_fields__}
 
 
 def test_one_place_builds_the_model_and_one_registry_knows_each_layer():
-    """Training, prediction and export build the network with seg.model.build_model, never by hand; no module
+    """Training, prediction and export build the network with seg.model.build.build_model, never by hand; no module
     outside seg/norms re-derives what a layer is from its class (the registry's spec says it)."""
-    for name in ("train.py", "inference.py", "export.py", "tools"):
-        for path in [SEG / name] if name.endswith(".py") else sorted((SEG / name).glob("*.py")):
-            assert "UNet(" not in path.read_text(), path.name
-    assert "build_model(" in (SEG / "train.py").read_text() and "build_model(" in (SEG / "inference.py").read_text()
+    for name in ("training", "inference", "tools"):
+        for path in sorted((SEG / name).rglob("*.py")):
+            assert "UNet(" not in path.read_text() or path.parent.name == "stacked", path.name
+    assert "build_model(" in (SEG / "training" / "loop.py").read_text()
+    assert "build_model(" in (SEG / "inference" / "predict.py").read_text()
     assert "trained_model(" in (SEG / "tools" / "export.py").read_text()
     for path in sorted(SEG.rglob("*.py")):
         if "norms" not in path.relative_to(SEG).parts:
             source = path.read_text()
             assert "condition_inputs" not in source and '"conv_norm"' not in source, path.name
+
+
+def test_the_folder_list_says_the_architecture():
+    """``ls seg`` shows the stages (about ten subpackages), each with an ``__init__`` whose docstring says what it
+    holds and what it may import; the programs run by path are in scripts/; no file of seg/ or scripts/ is over
+    600 lines (a module that long carries several jobs)."""
+    entries = sorted(path.name for path in SEG.iterdir() if path.name != "__pycache__")
+    assert len(entries) <= 12, entries
+    for package in (path for path in SEG.iterdir() if path.is_dir() and path.name != "__pycache__"):
+        assert ast.get_docstring(ast.parse((package / "__init__.py").read_text())), package.name
+    assert (ROOT / "scripts" / "bench.py").is_file() and (ROOT / "scripts" / "gpu_check.py").is_file()
+    long = [f"{path.relative_to(ROOT)}: {n} lines" for folder in ("seg", "scripts")
+            for path in sorted((ROOT / folder).rglob("*.py")) if (n := len(path.read_text().splitlines())) > 600]
+    assert not long, "\n".join(long)

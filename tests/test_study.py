@@ -13,9 +13,9 @@ import yaml
 
 from conftest import ROOT, compose_train, run_train
 from seg.data.splits import kfold_split
-from seg.inference import load_segmenter
-from seg.summary import write_summary
-from seg.unet import TransposeConv3
+from seg.inference.predict import load_segmenter
+from seg.study.summary import write_summary
+from seg.model.unet import TransposeConv3
 from sweeps import run_metrics, write_run
 
 # Shrinks any preset to seconds (the smoke experiment's sizes) on a 6-patient phantom.

@@ -13,8 +13,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, run_train
-from seg.checkpoint import load_checkpoint
-from seg.unet import UNet
+from seg.runtime.checkpoint import load_checkpoint
+from seg.model.unet import UNet
 
 REQUIRED = {"status", "dice", "dice_2d", "best_val_dice", "norm", "lr", "batch_size", "seed", "wall_time_s",
             "images_per_s"}

@@ -12,7 +12,7 @@ import torch
 
 from inference_runs import checkpoint, script, script_ok, trained_run
 from seg.data.volumes import read_nifti
-from seg.inference import MIRRORINGS, load_segmenter
+from seg.inference.predict import MIRRORINGS, load_segmenter
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from seg.norms import NORMS, make_norm, names, register_monai, spec
 from seg.norms.fused import _SINGLE_PASS_MIN_NUMEL
-from seg.unet import ConvNormAct, UNet
+from seg.model.unet import ConvNormAct, UNet
 
 
 @pytest.mark.parametrize("depth", [1, 2, pytest.param(4, marks=pytest.mark.slow)])  # depth 4: 256-channel weights, seconds

@@ -2,16 +2,16 @@
 
 ``python train.py -m lr=0.5,0.1 seed=0,1,2 hydra/launcher=stacked`` (configs/hydra/launcher/stacked.yaml,
 docs/stacking.md). Like Hydra's basic launcher it runs the sweep in this process; unlike it, the jobs
-whose configurations share ``seg.stacked.stack_key`` (architecture, norm and its options, loss,
+whose configurations share ``seg.training.stacked.stack_key`` (architecture, norm and its options, loss,
 optimizer, batch size, device, precision, image size, augmentation; and here also the number of
 epochs, so that no run of a stack waits long for the others) are trained together, at most
-``max_runs`` at a time, by ``seg.train_stacked.train_stack``. Every job gets the folder Hydra gives it
+``max_runs`` at a time, by ``seg.training.stacked.runs.train_stack``. Every job gets the folder Hydra gives it
 with any launcher (``hydra.sweep.dir``/``hydra.sweep.subdir``, its ``.hydra/`` record and log file,
 written by Hydra's own ``run_job``) and in it what ``python train.py`` writes: metrics.json,
 TensorBoard events, checkpoints.
 
 A job that cannot be stacked -- a norm without the ``can_stack`` capability, Adam, ``dice_ce``,
-``trainer.compile``, a configuration refused by ``seg.config.validate`` -- or that has no partner
+``trainer.compile``, a configuration refused by ``seg.training.checks.validate`` -- or that has no partner
 in the sweep runs alone through ``train.py``'s own task function, in order, in this process: the
 ordinary trainer, never silently another computation. The plan (which jobs run stacked, which alone
 and why) is printed before the first job.
@@ -107,10 +107,10 @@ class StackedLauncher(Launcher):
     def plan(self, jobs: list[Planned]) -> list[list[Planned]]:
         """Stacks (jobs with one key, in sweep order, at most max_runs each, as even as possible) and the jobs that
         run alone, in the order of their first job; printed."""
-        from seg.config import validate
-        from seg.schema import ConfigError
-        from seg.stacked import StackError, stack_key
-        from seg.train_stacked import check_stack
+        from seg.training.checks import validate
+        from seg.config.schema import ConfigError
+        from seg.training.stacked import StackError, stack_key
+        from seg.training.stacked.runs import check_stack
 
         previous = HydraConfig.instance().cfg
         checked = set()
@@ -168,9 +168,9 @@ class StackedLauncher(Launcher):
         """Each job's folder and record made by Hydra's ``run_job``, then the jobs trained as one stack; a job's
         error is reported as train.py reports it in a sweep (one line; the sweep goes on), a signal ends the
         sweep with exit code 75 once every run of the stack is saved."""
-        from seg.runs import unlock_run
-        from seg.stopping import EXIT_INTERRUPTED, Interrupted, StopSignals, between_runs
-        from seg.train_stacked import Job, train_stack
+        from seg.runtime.runs import unlock_run
+        from seg.runtime.stopping import EXIT_INTERRUPTED, Interrupted, StopSignals, between_runs
+        from seg.training.stacked.runs import Job, train_stack
 
         returns, jobs = {}, []
         for planned in group:
@@ -206,6 +206,6 @@ class StackedLauncher(Launcher):
 
 def report_failure(job, err: BaseException) -> None:
     """One line on standard error, as train.py prints a failed sweep job (a bug's traceback in the run folder)."""
-    from seg.train import sweep_job_error
+    from seg.training.loop import sweep_job_error
 
     print(f"error: {job.label}{sweep_job_error(err, job.output_dir)}", file=sys.stderr, flush=True)

@@ -6,8 +6,8 @@ reader finds the patients (``formats.READERS``); the prepared volumes come from 
 read and preprocessed (``cache.prepare_dataset``), and one line per subset of the release says
 how many patients were read, skipped as unlabeled and skipped as bad; the split assigns patients
 (``splits``); the task picks and maps the labels (``slices.make_slice_set``). ``check_options``
-range-checks every ``data.`` value before any of this (``seg.config.validate`` calls it).
-It imports nothing of seg above seg/schema.py.
+range-checks every ``data.`` value before any of this (``seg.training.checks.validate`` calls it).
+It imports nothing of seg above seg/config/schema.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from ..schema import DataConfig
-from ..temporaries import remove_stale
+from ..config.schema import DataConfig
+from ..runtime.temporaries import remove_stale
 from .cache import Prepared, clear_cache, prepare_dataset
 from .formats import READERS, reader_options
 from .options import check_options

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from ..temporaries import remove_stale, temporary_path
+from ..runtime.temporaries import remove_stale, temporary_path
 from .formats import READERS, reader_options
 from .readers import iter_volumes, summarize, summary_line, warn
 from .slices import PreparedVolume, prepare_volume

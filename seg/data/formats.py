@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from . import acdc, mnms, nnunet, rvsc, sunnybrook
+from . import acdc
+from . import mnms
+from . import nnunet
+from . import rvsc
+from . import sunnybrook
 
 READERS = {
     "acdc": acdc.find_patients,  # ACDC and the built-in phantom

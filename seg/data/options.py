@@ -1,7 +1,7 @@
 """The data package's own options: every ``data.`` value range-checked before anything is read.
 
 ``check_options(data_cfg)`` raises ``DataError`` with one line naming the key and what is allowed;
-``seg.config.validate`` calls it at the start of every run (and of ``seg-prepare-data``), so a
+``seg.training.checks.validate`` calls it at the start of every run (and of ``seg-prepare-data``), so a
 value that would mean nothing (``data.max_patients=-1``, ``data.spacing=-1``, percentiles in the
 wrong order) or would fail deep inside a later step (``data.val_fraction=1.0``, a leftover
 ``data.phantom.*`` override on a real dataset) never starts a run. Checks that need the file system

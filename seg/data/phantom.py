@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..temporaries import temporary_path
+from ..runtime.temporaries import temporary_path
 
 __all__ = ["GROUPS", "VENDORS", "generate_phantom"]
 
@@ -131,7 +131,7 @@ def generate_phantom(root: str | os.PathLike, num_patients: int = 100, seed: int
     The tree is written to a temporary sibling folder and renamed to ``root`` at the end, so an
     interrupted run never leaves a half tree at ``root``; one killed outright (SIGTERM, SIGKILL)
     leaves the temporary, ``<root>.tmp-<host>-<pid>-<token>``, which the next run removes
-    (``seg.temporaries``). If a complete tree appeared at ``root``
+    (``seg.runtime.temporaries``). If a complete tree appeared at ``root``
     meanwhile (another process finished first), it is kept and this copy discarded.
     """
     if isinstance(num_patients, bool) or not isinstance(num_patients, (int, np.integer)) or num_patients < 1:

@@ -143,3 +143,22 @@ def map_labels(label: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
     for source, target in mapping.items():
         table[source] = target
     return table[label]
+
+
+# ---------------------------------------------------------------------------- file names
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_label_file(path: Path) -> bool:
+    """A ground-truth file by its name (ACDC/M&Ms ``_gt``)."""
+    return case_name(path).endswith("_gt")
+
+
+def case_name(path: Path) -> str:
+    """The file name without its NIfTI suffix."""
+    name = path.name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name

@@ -6,7 +6,7 @@ variance), so no second full-size pass over the feature map and no full-size int
 ingredient is needed -- each output is one fused ``x * scale + shift`` with per-(sample, channel)
 scale and shift, computed by ``fused.instance_affine`` (hand-written backward).
 
-All three stack (``can_stack``, seg/stacked.py): with ``runs=R`` over R*C channels, the layer and
+All three stack (``can_stack``, seg/training/stacked.py): with ``runs=R`` over R*C channels, the layer and
 group statistics are pooled over each run's own C channels (``per_run``), the batch statistics
 are per channel anyway, and SN's mixing weights are R triples.
 """

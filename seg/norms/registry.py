@@ -31,7 +31,7 @@ Capabilities, declared as class attributes (a class that does not declare one do
   the batch (with its default options; spade and sean only with ``base: bn``). Tested for every
   layer, both ways, and in evaluation no layer may depend on the batch.
 * ``can_stack`` -- one instance can hold the layers of several independent runs side by side on
-  the channel axis (``seg.stacked``: K runs trained as one computation, their channels folded into
+  the channel axis (``seg.training.stacked``: K runs trained as one computation, their channels folded into
   one tensor, run k's C channels at k*C..(k+1)*C-1): it takes the size ``runs`` (a context option,
   set by the stacker, never by the user), and with ``runs=R`` over R*C channels it computes
   exactly what R instances over C channels would, each on its own block -- statistics over the
@@ -46,7 +46,7 @@ Read from the class, never declared twice:
   ``configs/norm/<name>.yaml`` exposes exactly these, with the same defaults (tested). Sizes that
   come from the data -- ``CONTEXT_OPTIONS``: the input's channels, the number of domains, the
   number of regions (classes) -- are options the U-Net fills in, not the user; so is ``runs``, the
-  number of stacked runs a layer holds, which the stacker (seg/stacked.py) fills in;
+  number of stacked runs a layer holds, which the stacker (seg/training/stacked.py) fills in;
 * ``mixing_weights``: the class defines ``mixing_weights() -> dict[str, Tensor]``, the layer's
   learned choice between normalizations (BIN's rho, ILN's sigmoid(rho), SN's weights), logged per
   layer every epoch; an attribute ``mixing_weights_inert`` (None, or a short reason why this
@@ -79,7 +79,7 @@ from torch import nn
 NORMS: dict[str, type[nn.Module]] = {}
 KINDS = ("post_conv", "conv_pair", "conditional")
 # options a layer may take that the U-Net sets from the model and data, never the user
-# (``runs``: how many stacked runs one layer holds, set by seg.stacked)
+# (``runs``: how many stacked runs one layer holds, set by seg.training.stacked)
 CONTEXT_OPTIONS = ("image_channels", "num_domains", "num_regions", "runs")
 
 Norm = Union[str, type, functools.partial]  # a registered name, a protocol class, or a partial of one
@@ -109,7 +109,7 @@ def required(cond: Condition | None, field: str, layer: str) -> torch.Tensor:
     value = None if cond is None else getattr(cond, field)
     if value is None:
         raise ValueError(f"normalization {layer!r} needs the condition {field!r}, which this forward pass did not "
-                         f"provide (build the model with seg.unet.UNet, which makes it, or pass a Condition)")
+                         f"provide (build the model with seg.model.unet.UNet, which makes it, or pass a Condition)")
     return value
 
 

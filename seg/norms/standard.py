@@ -5,7 +5,7 @@ keyword arguments); batch norm also offers its frozen (BN*) and synchronized var
 and layer norm are expressed as group norm (C groups, 1 group), which is mathematically the same
 layer with a per-channel affine and uses torch's fast fused group-norm kernel.
 
-All of them stack (``can_stack``, seg/stacked.py): with ``runs=R`` over R*C channels, batch and
+All of them stack (``can_stack``, seg/training/stacked.py): with ``runs=R`` over R*C channels, batch and
 instance norm are per channel already, and layer and group norm take R times as many groups, so
 that no group straddles two runs.
 """

@@ -7,7 +7,7 @@ seen it all (synchronized batch norm: Peng et al., "MegDet", CVPR 2018, arXiv 17
 They are computed from the instance statistics (N, C) that the fused layers already have, by the
 law of total variance as ``mixed.batch_stats`` does in one process: two small all-reduces, one for
 the mean and the sample count, one for the spread around the global mean (no E[x^2] - E[x]^2
-cancellation). Both are differentiable (``seg.distributed.AllReduceSum``), so the gradient of
+cancellation). Both are differentiable (``seg.runtime.distributed.AllReduceSum``), so the gradient of
 every rank's loss reaches every rank's samples through the shared statistics, as in
 ``torch.nn.SyncBatchNorm`` -- but on any device and backend (gloo on CPU too; torch's own
 SyncBatchNorm kernels are CUDA-only) and inside bin's mix, which SyncBatchNorm cannot express.
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..distributed import AllReduceSum, world_size
+from ..runtime.distributed import AllReduceSum, world_size
 
 
 def synchronized() -> bool:

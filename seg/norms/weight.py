@@ -34,7 +34,7 @@ class WeightNormalization(nn.Module):
 
     Per output channel means ``dim=0`` for a Conv2d (weight (C_out, C_in, k, k)) and ``dim=1`` for
     the up-convolution's ConvTranspose2d (weight (C_in, C_out, k, k)). Initialisation: the U-Net's
-    scheme sets the effective weight w (``seg.unet.initialize`` writes it through the
+    scheme sets the effective weight w (``seg.model.unet.initialize`` writes it through the
     parametrization, so v = w and g = ||w||); the paper's data-dependent initialisation is not done
     (the one departure from the official code, openai/weightnorm; the forward pass matches).
     """

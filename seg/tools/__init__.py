@@ -10,7 +10,7 @@ One module per tool, each with ``main(argv=None) -> exit code``; without install
 seg.tools.<module> ...`` (predict, evaluate, export, summarize, prepare_data) is the same command.
 Training stays ``python train.py``. Every option of predict, evaluate and export is checked at start: a
 bad one ends the tool with one line naming it and exit code 1, nothing written. The work itself is in
-seg/inference.py, seg/evaluation.py, seg/export.py, seg/summary.py and seg/data; a tool imports only
+seg/inference/predict.py, seg/evaluation/files.py, seg/inference/export.py, seg/study/summary.py and seg/data; a tool imports only
 what it runs (seg-summarize needs no torch).
 """
 

@@ -6,7 +6,7 @@ prediction is an error naming it, unless ``missing=zero``: then it is scored as 
 (Dice 0 for each class it holds) and listed. Prints a Markdown table (one row per case, then the
 mean) and writes it as CSV (default ``<pred>/evaluation.csv``; an existing file is replaced only with
 ``overwrite=true``). The classes are those seg-predict recorded, unless labels= is given.
-Definitions (empty classes, spacing, means): seg/evaluation.py. HD95 needs scipy (the study extra).
+Definitions (empty classes, spacing, means): seg/evaluation/files.py. HD95 needs scipy (the study extra).
 
 Every option is checked at start; a bad one ends the tool with one line naming it, exit code 1.
 """
@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 from ..data import DataError
-from ..evaluation import MISSING, evaluate_folders, parse_labels
-from ..inference import OptionError, check_new_file, parse_bool, parse_key_values
+from ..evaluation.files import MISSING, evaluate_folders, parse_labels
+from ..config.options import OptionError, check_new_file, parse_bool, parse_key_values
 from . import arguments
 
 USAGE = ("usage: seg-evaluate pred=<folder> gt=<folder> [labels=rv:1,lv:3] [missing=error|zero] "

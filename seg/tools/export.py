@@ -15,12 +15,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..checkpoint import CheckpointError
+from ..runtime.checkpoint import CheckpointError
 from ..data.slices import TASKS, class_names
-from ..export import (EXTRA, MAX_OPSET, OPSET, ExportError, checkpoint_metadata, missing_packages, takes_domain,
-                      write_export)
-from ..inference import (OptionError, check_new_file, dataset_label_values, parse_bool, parse_key_values,
-                         read_checkpoint, trained_model, training_orientation)
+from ..inference.export import (EXTRA, MAX_OPSET, OPSET, ExportError, checkpoint_metadata, missing_packages,
+                                takes_domain, write_export)
+from ..config.options import OptionError, check_new_file, parse_bool, parse_key_values
+from ..inference.predict import dataset_label_values, read_checkpoint, trained_model, training_orientation
 from . import arguments
 
 USAGE = "usage: seg-export ckpt=<best.pt> output=<model.onnx> [opset=18] [check=true] [overwrite=true]"
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
           if difference is not None else "Parity not checked (check=false)")
     if orientation is None:
         print("note: the training orientation is unknown (not in the checkpoint, training data not found): "
-              "seg.orientation is not set")
+              "seg.inference.orientation is not set")
     return 0
 
 

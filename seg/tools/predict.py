@@ -8,7 +8,7 @@ images, the labels mapped back. Options (docs/inference.md)::
 
     ckpt=<best.pt> or [a.pt,b.pt]     one checkpoint, or an ensemble (softmax averaged); must fit together
     device=auto|cpu|cuda|cuda:<n>     batch_size=16
-    interpolation=nearest|linear      how class scores return to the input grid (seg/inference.py)
+    interpolation=nearest|linear      how class scores return to the input grid (seg/inference/predict.py)
     tta=false|true                    nnU-Net's test-time mirroring over the in-plane axes
     orientation=auto|<axis codes>     the training orientation (auto: from the checkpoint or its data)
     domain=<vendor>                   for norm=cin: the vendor of the inputs (unset or unseen: mean row)
@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import sys
 
-from ..checkpoint import CheckpointError
+from ..runtime.checkpoint import CheckpointError
 from ..data import DataError
-from ..inference import (OptionError, check_orientation, load_segmenter, parse_bool, parse_checkpoints,
-                         parse_key_values, parse_positive_int, plan_outputs, predict_files)
-from ..runtime import DeviceError, resolve_device
+from ..config.options import OptionError, parse_bool, parse_key_values, parse_positive_int
+from ..inference.files import plan_outputs, predict_files
+from ..inference.predict import check_orientation, load_segmenter, parse_checkpoints
+from ..runtime.device import DeviceError, resolve_device
 from . import arguments
 
 SKIPPED_EXIT_CODE = 2  # some inputs of a folder could not be read (the others were written)

@@ -18,10 +18,10 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
-from ..config import validate
+from ..training.checks import validate
 from ..data import DataError, clear_cache, prepare, with_defaults
-from ..launch import register_configs
-from ..schema import ConfigError
+from ..config.launch import register_configs
+from ..config.schema import ConfigError
 from . import arguments
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"  # the project's Hydra configs (train.py's)

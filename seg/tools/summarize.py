@@ -1,6 +1,6 @@
 """seg-summarize: tables and plots of a sweep folder: every run's metrics.json -> the study's table and figures.
 
-Writes, into the sweep folder, what a multirun writes at its end (seg/summary.py): summary.md/.csv
+Writes, into the sweep folder, what a multirun writes at its end (seg/study/summary.py): summary.md/.csv
 (one row per run), paper_table.md/.csv (rows norms, Dice mean ± std over folds and seeds, diverged
 runs shown as such: first at each norm's learning rate chosen on validation, with selection.csv
 listing every choice, then per learning rate for inspection only), comparison.md/.csv (the norms
@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..summary import write_summary
+from ..study.summary import write_summary
 from . import arguments
 
 

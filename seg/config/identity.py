@@ -1,0 +1,89 @@
+"""What defines a run, and what only says where and how it runs: one list for every place that asks.
+
+A run is defined by its configuration: every key changes what it computes (lr, seed, batch size,
+data.spacing, the norm and its options, the schedule...) except the few listed in
+``NOT_IDENTITY``, which say where the run reads and writes, how it reports, or where it runs.
+The same list is used
+
+* by Hydra to name a sweep's job folders (``hydra.job.config.override_dirname.exclude_keys`` in
+  configs/train.yaml reads it through the ``${not_identity:}`` resolver), so that re-running a sweep
+  with ``trainer.resume=true`` (or another data.root) finds each job's folder again;
+* by seg/runtime/checkpoint.py when a run is resumed: only these keys may differ from the checkpoint's
+  configuration, any other difference is refused with the old and new values;
+* by seg/study/summary.py, which does not treat them as factors of a study (they are not what a run
+  computed).
+
+This module imports nothing from the project, so that every layer may use it.
+"""
+
+from __future__ import annotations
+
+# Keys (dotted, as on the command line) whose value does not change what a run computes. Config
+# groups that merely set other keys (experiment, hparams_search) are listed too: their effect is
+# compared key by key. Hydra's own keys (hydra.*) never define a run.
+NOT_IDENTITY: tuple[str, ...] = (
+    # where the run reads its data and writes its files
+    "data.root",                 # the same data set mounted elsewhere
+    "data.cache",                # the prepared-data cache on or off (it holds the same float32 values)
+    "data.cache_dir",
+    "paths.data_dir",
+    "trainer.resume",
+    # how it reports and saves
+    "trainer.progress",
+    "trainer.log_every_n_steps",
+    "trainer.num_panel_images",
+    "trainer.save_checkpoints",
+    "trainer.checkpoint_every_n_steps",
+    # where it runs
+    "trainer.device",
+    "trainer.eval_batch_size",   # evaluation in chunks of this size; the same Dice up to rounding
+    "norm.sync",                 # a run resumed on another number of processes may switch it
+    # config groups, compared through the keys they set
+    "experiment",
+    "hparams_search",
+)
+NOT_IDENTITY_PREFIXES: tuple[str, ...] = ("hydra.",)
+
+
+def defines_run(key: str) -> bool:
+    """Whether a configuration key (dotted; a command-line ``+``/``~`` is ignored) is part of a run's identity."""
+    key = key.lstrip("+~")
+    return key not in NOT_IDENTITY and not key.startswith(NOT_IDENTITY_PREFIXES)
+
+
+def not_identity() -> list[str]:
+    """The list as the ``${not_identity:}`` resolver gives it to Hydra (exact keys: Hydra compares them as such)."""
+    return list(NOT_IDENTITY)
+
+
+def flatten(tree, prefix: str = "") -> dict:
+    """{dotted key: value} of a nested dict (lists are values)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat = {}
+    for key, value in tree.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, dotted))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """'key: checkpoint <old>, this run <new>' for each key that defines the run and differs (a key that
+    one of them lacks shows as <absent>)."""
+    old, new = flatten(saved), flatten(current)
+    differences = []
+    for key in sorted(set(old) | set(new)):
+        if defines_run(key) and old.get(key, ABSENT) != new.get(key, ABSENT):
+            differences.append(f"{key}: checkpoint {old.get(key, ABSENT)!r}, this run {new.get(key, ABSENT)!r}")
+    return differences
+
+
+class _Absent:
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+ABSENT = _Absent()
