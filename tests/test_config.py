@@ -166,7 +166,7 @@ def test_one_list_of_the_keys_that_do_not_define_a_run():
     from omegaconf import OmegaConf
 
     from seg.config import identity
-    from seg.study import summary
+    from seg.study import runs as summary
     from seg.runtime.checkpoint import CheckpointError, check_compatible
 
     hydra_cfg = compose_train(hydra=True)
