@@ -13,6 +13,8 @@ import sys
 import pytest
 
 import gpu_check  # scripts/gpu_check.py (scripts/ is on pytest's pythonpath)
+import gpu_steps
+import gpu_wheels
 from conftest import ROOT
 
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
@@ -64,8 +66,8 @@ def test_the_stacked_step_is_outside_the_eight_minute_set_and_calls_the_stacked_
     stacked = next(s for s in gpu_check.STEPS if s.name == "stacked")
     assert stacked.extra and all(not s.extra for s in gpu_check.STEPS if s.name != "stacked")
     assert sum(s.limit_s for s in gpu_check.STEPS if not s.extra) <= gpu_check.BUDGET_S
-    assert gpu_check.STEP_FUNCTIONS["stacked"] is gpu_check.step_stacked
-    assert "bench_stacked.py" in inspect.getsource(gpu_check.step_stacked)
+    assert gpu_steps.STEP_FUNCTIONS["stacked"] is gpu_steps.step_stacked
+    assert "bench_stacked.py" in inspect.getsource(gpu_steps.step_stacked)
 
 
 @pytest.mark.slow
@@ -95,8 +97,8 @@ def test_the_wheelhouse_holds_pyprojects_requirements_without_torch():
     import tomllib
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    requirements = gpu_check.project_requirements()
-    assert "torch" not in {gpu_check.requirement_name(r) for r in requirements}
+    requirements = gpu_wheels.project_requirements()
+    assert "torch" not in {gpu_wheels.requirement_name(r) for r in requirements}
     expected = [r for r in project["dependencies"] + project["optional-dependencies"]["launchers"]
                 if not r.startswith("torch")]
     assert requirements == expected and any(r.startswith("hydra-joblib-launcher") for r in requirements)
@@ -116,7 +118,7 @@ def test_the_wheelhouse_leaves_out_what_only_torch_needs():
         item("nibabel", "5.3.0", "numpy>=1.22", "typing-extensions>=4.6; python_version < '3.13'"),
         item("Hydra-Core", "1.3.2", "omegaconf<2.4,>=2.2", 'fancy; extra == "fancy"'),
         item("omegaconf", "2.3.0"), item("fancy", "1.0")]}
-    wanted = gpu_check.closure_without_torch(report, ["monai>=1.4", "nibabel>=5", "hydra-core[fancy]>=1.3"])
+    wanted = gpu_wheels.closure_without_torch(report, ["monai>=1.4", "nibabel>=5", "hydra-core[fancy]>=1.3"])
     assert wanted == {"monai": "1.4.0", "numpy": "2.1.0", "nibabel": "5.3.0", "typing-extensions": "4.12.0",
                       "hydra-core": "1.3.2", "omegaconf": "2.3.0", "fancy": "1.0"}
 
