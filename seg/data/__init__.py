@@ -7,7 +7,7 @@ read and preprocessed (``cache.prepare_dataset``), and one line per subset of th
 how many patients were read, skipped as unlabeled and skipped as bad; the split assigns patients
 (``splits``); the task picks and maps the labels (``slices.make_slice_set``). ``check_options``
 range-checks every ``data.`` value before any of this (``seg.training.checks.validate`` calls it).
-It imports nothing of seg above seg/config/schema.py.
+It imports seg.config and seg.runtime only.
 """
 
 from __future__ import annotations

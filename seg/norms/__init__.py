@@ -7,7 +7,8 @@ lists the layers).
 
 ``names(kind=..., can_sync=True, ...)`` lists the layers of a kind or with a capability, and
 ``spec(name)`` tells what one layer declares; ``register_monai()`` makes the layers that fit after a
-convolution available to MONAI networks.
+convolution available to MONAI networks. The package imports seg.runtime only (the process group of
+``norm.sync``).
 """
 
 import importlib

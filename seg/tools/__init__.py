@@ -10,8 +10,8 @@ One module per tool, each with ``main(argv=None) -> exit code``; without install
 seg.tools.<module> ...`` (predict, evaluate, export, summarize, prepare_data) is the same command.
 Training stays ``python train.py``. Every option of predict, evaluate and export is checked at start: a
 bad one ends the tool with one line naming it and exit code 1, nothing written. The work itself is in
-seg/inference/predict.py, seg/evaluation/files.py, seg/inference/export.py, seg/study/summary.py and seg/data; a tool imports only
-what it runs (seg-summarize needs no torch).
+seg/inference, seg/evaluation, seg/study and seg/data (the tools are the top layer and may import any of
+them); a tool imports only what it runs (seg-summarize needs no torch).
 """
 
 from __future__ import annotations
