@@ -11,6 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
 from conftest import compose_train
 from seg.config.schema import ConfigError
 from seg.data.augmentations import SPECS, Augmentation, Step, augmentation_of
@@ -286,3 +288,8 @@ def test_a_resumed_run_draws_the_same_augmentations_as_an_uninterrupted_one(data
     ours = torch.load(tmp_path / "parts" / "checkpoints" / "last.pt", weights_only=False)["model"]
     theirs = torch.load(tmp_path / "whole" / "checkpoints" / "last.pt", weights_only=False)["model"]
     assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    # the panel of augmented examples, at the start of the run (from a generator of its own)
+    events = EventAccumulator(str(tmp_path / "whole"), size_guidance={"images": 0})
+    events.Reload()
+    (panel,) = events.Images("train/augmented")
+    assert panel.step == 0 and panel.width == 5 * 64 and panel.height == 2 * 64  # smoke: 64 px, 2 examples
