@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from harness import cpu_model, markdown_table, sgd_options, write_json, write_result
+from seg.data.augmentations import Augmentation
 from seg.training.augment import augment_batch
 from seg.training.losses import build_loss
 from seg.norms import names, register_monai
@@ -122,7 +123,8 @@ def ours(spec, images, labels, device):
             order, position = torch.randperm(len(images), generator=generator, device=device), 0
         index = order[position:position + spec["batch_size"]]
         position += spec["batch_size"]
-        x, y = augment_batch(images[index], labels[index], rotate_deg=ROTATE_DEG, flip=False, generator=generator)
+        x, y = augment_batch(images[index], labels[index], Augmentation(ROTATE_DEG),
+                             generator=generator)
         return x, y, domains[index]
 
     return model, next_batch

@@ -37,12 +37,14 @@ import torch
 import torch.nn.functional as F
 
 from harness import write_result
+from seg.data.augmentations import Augmentation
 from seg.training.augment import augment_batch
 from seg.training.ordering import epoch_order
 from seg.training.step import TrainStep, train_step
 from seg.training.stacked import RunFeed, Stack, augmented_batches, conv_modes
 from seg.model.unet import UNet
 
+AUGMENTATION = Augmentation(rotate_deg=15.0, flip=True)
 GRID_IMAGE_STEPS = 1.24e6  # experiment=iln_paper: 360 runs x 2 epochs over the paper-size training sets
 TARGET_RUNS, TARGET_RATIO = 8, 2.0  # the CPU target: 64x64, K = 8, stacked >= 2x sequential
 
@@ -90,7 +92,8 @@ class Runs:
         return twin
 
     def feeds(self, args) -> list[RunFeed]:
-        return [RunFeed(self.images, self.labels, batch_size=1, epochs=10**9, generator=g, rotate_deg=15.0, flip=True)
+        return [RunFeed(self.images, self.labels, batch_size=1, epochs=10**9, generator=g,
+                        augmentation=AUGMENTATION)
                 for g in self.generators]
 
 
@@ -120,7 +123,7 @@ def sequential(runs: Runs, args, device):
             for _ in range(args.steps):
                 batch = orders[k][cursor[k] % len(orders[k])].view(1).to(device)
                 cursor[k] += 1
-                images, labels = augment_batch(runs.images[batch], runs.labels[batch], rotate_deg=15.0, flip=True,
+                images, labels = augment_batch(runs.images[batch], runs.labels[batch], AUGMENTATION,
                                                generator=runs.generators[k])
                 train_step(step, images, labels)
         synchronize(device)

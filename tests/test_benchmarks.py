@@ -15,7 +15,7 @@ from conftest import ROOT
 BENCHMARKS = ROOT / "scripts"
 PAGES = {"bench.py": "bench", "bench_default_run.py": "bench_default_run", "bench_norms.py": "bench_norms",
          "bench_prepare.py": "bench_prepare", "bench_resume.py": "soak_resume",
-         "bench_train_step.py": "bench_train_step", "bad_inputs_report.py": "bad_inputs", "gpu_check.py": "gpu_check"}
+         "bench_train_step.py": "bench_train_step", "bench_augment.py": "bench_augment", "bad_inputs_report.py": "bad_inputs", "gpu_check.py": "gpu_check"}
 
 
 def test_a_result_page_has_its_stamp_above_its_figures(tmp_path, monkeypatch):
@@ -65,3 +65,20 @@ def test_the_train_step_benchmark_writes_a_stamped_page(tmp_path):
     page = out.read_text()
     assert page.startswith("# Train step") and "- command: `python scripts/bench_train_step.py --size 32" in page
     assert "seg.training.step.train_step" in page and "| MONAI BasicUNet (as shipped) |" in page
+
+
+@pytest.mark.slow
+def test_the_augmentation_benchmark_writes_a_stamped_page(tmp_path):
+    """bench_augment.py end to end at a tiny size: every option timed against the training step (no figures
+    are checked: the smoke size says nothing about speed)."""
+    out = tmp_path / "bench_augment.md"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_augment.py"), "--size", "32", "--batch-size",
+                             "2", "--rounds", "1", "--steps", "1", "--out", str(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = out.read_text()
+    assert page.startswith("# Augmentation: cost per batch") and "seg.training.augment.augment_batch" in page
+    for row in ("| training step (U-Net, norm=bn) |", "| preset nnunet (+ rotation) |", "| elastic alone, p = 1 |",
+                "| bias_field alone, p = 1 |", "| rician alone, p = 1 |"):
+        assert row in page
+

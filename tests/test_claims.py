@@ -124,6 +124,29 @@ def test_a_conditional_layer_beating_bn_on_the_held_out_vendor(tmp_path):
     assert "vendors" not in fixed and "test_vendors=C" in table and "test_vendors=-" in table
 
 
+def test_claim_4_is_tested_per_augmentation_and_says_which(tmp_path):
+    """experiment=domain_shift's augmentation factor: claim 4 in each preset's context, its note saying which,
+    so a layer's gain without augmentation is told apart from its gain on top of it."""
+    sweep = tmp_path / "sweep"
+    for vendor in ("C", "D"):  # two held-out vendors, as the preset's leave-one-out
+        for preset, cin_gain in (("none", 0.04), ("nnunet", 0.0)):
+            for norm, offset in (("bn", 0.0), ("cin", cin_gain)):
+                for seed in (0, 1, 2):
+                    metrics = run_metrics(norm, patients=[100 * seed + i for i in range(8)], offset=offset, batch=1,
+                                          fold=None, seed=seed, val=0.8, lr=0.1, test_vendors=[vendor])
+                    write_run(sweep, f"{vendor}_{norm}_{preset}_s{seed}", metrics,
+                              overrides=[f"norm={norm}", f"seed={seed}", f"data.test_vendors=[{vendor}]",
+                                         f"data.augment.preset={preset}"])
+    write_summary(sweep, plots=False)
+    text = (sweep / "claims.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| 4 ")]
+    assert len(rows) == 4
+    assert any("data.augment.preset=none" in r and "reproduced" in r and "not reproduced" not in r for r in rows)
+    assert any("data.augment.preset=nnunet" in r and "not reproduced" in r for r in rows)
+    assert "augmentation: none (data.augment.preset=none): the layer's effect alone" in text
+    assert "augmentation: data.augment.preset=nnunet: the layer's effect on top of intensity augmentation" in text
+
+
 # ---------------------------------------------------------------------------- the preset
 
 

@@ -8,6 +8,7 @@ import torch
 
 from acdc_tree import make_acdc_tree, write_volume
 from conftest import run_train
+from seg.data.augmentations import Augmentation
 from seg.training.augment import augment_batch
 from seg.data import DataError, class_names, load_splits
 from seg.data.acdc import read_acdc
@@ -84,12 +85,12 @@ def test_augmentation_rotates_images_and_labels_together():
     labels[:, 4:12, 14:18] = 1
     images = labels.float().unsqueeze(1) * 5
     g = torch.Generator().manual_seed(0)
-    out_images, out_labels = augment_batch(images, labels, rotate_deg=90, flip=True, generator=g)
+    out_images, out_labels = augment_batch(images, labels, Augmentation(90.0, True), generator=g)
     assert out_labels.dtype == torch.uint8 and set(out_labels.unique().tolist()) <= {0, 1}
     assert not torch.equal(out_labels, labels)
     assert torch.equal(out_images[:, 0] > 2.5, out_labels == 1) or (
         ((out_images[:, 0] > 2.5) != (out_labels == 1)).float().mean() < 0.02)
-    same_images, same_labels = augment_batch(images, labels, rotate_deg=0, flip=False, generator=g)
+    same_images, same_labels = augment_batch(images, labels, Augmentation(0.0, False), generator=g)
     assert same_images is images and same_labels is labels
 
 

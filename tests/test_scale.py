@@ -16,6 +16,7 @@ import torch.distributed as dist
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import ROOT, compose_train, run_train
+from seg.data.augmentations import Augmentation
 from seg.training.augment import augment_batch
 from seg.training.checks import ConfigError, validate
 from seg.config.launch import register_configs
@@ -102,7 +103,7 @@ def test_each_rank_takes_its_share_of_every_global_batch():
 
 def test_ranks_augment_their_rows_as_one_process_augments_the_global_batch():
     images, labels = torch.randn(6, 1, 16, 16), torch.randint(0, 3, (6, 16, 16), dtype=torch.uint8)
-    options = {"rotate_deg": 15.0, "flip": True}
+    options = {"augmentation": Augmentation(15.0, True)}
     whole = augment_batch(images, labels, generator=torch.Generator().manual_seed(1), **options)
     for rank in range(3):
         part = augment_batch(images[rank::3], labels[rank::3], generator=torch.Generator().manual_seed(1),

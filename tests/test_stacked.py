@@ -28,6 +28,7 @@ from acdc_tree import make_acdc_tree
 from conftest import ROOT, compose_train
 from seg.training.augment import augment_batch
 from seg.data import class_names, load_splits
+from seg.data.augmentations import SPECS, augmentation_of
 from seg.config.launch import register_configs
 from seg.evaluation.dice import evaluate
 from seg.model.build import build_model, norm_options
@@ -40,6 +41,7 @@ from seg.training.stacked import (CONV_MODES, RunFeed, Stack, StackedUNet, Stack
 from seg.model.unet import UNet
 
 register_configs()
+ALL_OPTIONS = [spec.name for spec in SPECS]
 
 # lr, seed, fold of the stacked runs (runs 0 and 2 have 12 training slices, run 1 has 18)
 RUNS = [(0.1, 0, 0), (0.05, 1, 1), (0.02, 2, 0)]
@@ -99,7 +101,7 @@ class Run:
         augment = self.cfg.data.augment
         return RunFeed(self.train.images, self.train.labels, batch_size=self.cfg.trainer.batch_size,
                        epochs=self.cfg.trainer.epochs, generator=self.generator,
-                       shuffle_buffer=self.cfg.data.shuffle_buffer, rotate_deg=augment.rotate_deg, flip=augment.flip)
+                       shuffle_buffer=self.cfg.data.shuffle_buffer, augmentation=augmentation_of(augment))
 
     def dice(self) -> dict:
         classes = class_names(self.cfg.data.task)
@@ -117,8 +119,7 @@ def train_alone(run: Run) -> dict:
         order = epoch_order(len(run.train), run.generator, cfg.data.shuffle_buffer)
         for batch in order.split(cfg.trainer.batch_size):
             images, labels = augment_batch(run.train.images[batch], run.train.labels[batch],
-                                           rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
-                                           generator=run.generator)
+                                           augmentation_of(cfg.data.augment), generator=run.generator)
             loss = F.cross_entropy(model(images), labels.long())
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,14 +286,20 @@ def test_the_registry_says_which_layers_stack():
         make_norm("gn", 48, runs=5)
 
 
-def test_the_augmentation_of_many_runs_at_once_is_augment_batch_per_run():
-    images, labels = torch.randn(6, 1, 16, 16), torch.randint(0, 3, (6, 16, 16), dtype=torch.uint8)
+@pytest.mark.parametrize("preset", ["none", "nnunet"])
+def test_the_augmentation_of_many_runs_at_once_is_augment_batch_per_run(preset):
+    """Each run's draws from its own generator, applied together: the same as each run's ``augment_batch``,
+    with the ILN protocol's rotation and flips and with every option of the nnunet preset (p = 1: all act)."""
+    images, labels = torch.randn(6, 1, 32, 32), torch.randint(0, 3, (6, 32, 32), dtype=torch.uint8)
     seeds = [3, 4, 5]
-    expected = [augment_batch(images[2 * k:2 * k + 2], labels[2 * k:2 * k + 2], rotate_deg=15.0, flip=True,
+    overrides = ["data.augment.flip=true"] + ([f"data.augment.{name}.p=1" for name in ALL_OPTIONS]
+                                             if preset == "nnunet" else [])
+    augmentation = augmentation_of(compose_train(*overrides).data.augment)
+    expected = [augment_batch(images[2 * k:2 * k + 2], labels[2 * k:2 * k + 2], augmentation,
                               generator=torch.Generator().manual_seed(s)) for k, s in enumerate(seeds)]
-    draws = [draw_augmentation(2, torch.Generator().manual_seed(s), "cpu", 15.0, True) for s in seeds]
-    got_images, got_labels = augment_together(images, labels, draws)
-    assert torch.equal(got_images, torch.cat([e[0] for e in expected]))
+    draws = [draw_augmentation(2, (1, 32, 32), torch.Generator().manual_seed(s), "cpu", augmentation) for s in seeds]
+    got_images, got_labels = augment_together(images, labels, draws, augmentation)
+    torch.testing.assert_close(got_images, torch.cat([e[0] for e in expected]))
     assert torch.equal(got_labels, torch.cat([e[1] for e in expected]))
 
 

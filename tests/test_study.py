@@ -56,6 +56,7 @@ def test_batch_size_and_domain_shift_presets_compose():
         batch["norm"].split(","))
     shift = composed("experiment=domain_shift")
     assert shift.hydra.sweeper.params["data.test_vendors"] == "[A],[B],[C],[D]" and shift.data.train_vendors is None
+    assert shift.hydra.sweeper.params["data.augment.preset"] == "none,nnunet"  # augmentation as a factor
 
 
 @pytest.mark.slow
@@ -101,7 +102,7 @@ def test_batch_size_study_runs_at_tiny_size(data_dir, tmp_path):
 def test_domain_shift_runs_at_tiny_size(data_dir, tmp_path):
     """Also: a preset is a multirun without -m (hydra.mode is set in it)."""
     run_train("experiment=domain_shift", f"paths.data_dir={data_dir}", *TINY, "norm=in",
-              "data.test_vendors=[A]", "seed=0", f"hydra.sweep.dir={tmp_path}")
+              "data.test_vendors=[A]", "data.augment.preset=nnunet", "seed=0", f"hydra.sweep.dir={tmp_path}")
     (metrics_path,) = tmp_path.glob("*/metrics.json")
     split = json.loads(metrics_path.read_text())["split"]
     assert split["mode"] == "vendor" and split["test_vendors"] == ["A"] and "A" not in split["train_vendors"]

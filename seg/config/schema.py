@@ -57,9 +57,47 @@ class PhantomConfig:
 
 
 @dataclass
+class RandomAugment:
+    """One per-image augmentation of ``data.augment`` (seg/data/augmentations.py): its probability (null: the
+    preset's) and the range its parameter is drawn from."""
+
+    p: Optional[float] = None
+    range: List[float] = field(default_factory=list)
+
+
+@dataclass
+class ElasticAugment(RandomAugment):
+    sigma: List[float] = field(default_factory=lambda: [9.0, 13.0])  # smoothing of the displacement (pixels)
+
+
+@dataclass
+class BiasFieldAugment(RandomAugment):
+    degree: int = 3  # of the Legendre polynomial of log(field)
+
+
+def augment(low: float, high: float) -> Any:
+    return field(default_factory=lambda: RandomAugment(range=[low, high]))
+
+
+@dataclass
 class AugmentConfig:
+    """The ILN protocol's rotation and mirroring, and the per-image augmentations, all off by default
+    (``preset: none``); ranges default to their source's (docs/configuration.md)."""
+
     rotate_deg: float = 15.0
     flip: bool = False
+    preset: str = "none"  # none | nnunet: the probabilities of the options whose p is null
+    scale: RandomAugment = augment(0.7, 1.4)
+    elastic: ElasticAugment = field(default_factory=lambda: ElasticAugment(range=[0.0, 200.0]))
+    bias_field: BiasFieldAugment = field(default_factory=lambda: BiasFieldAugment(range=[0.0, 0.1]))
+    rician: RandomAugment = augment(0.0, 0.1)
+    noise: RandomAugment = augment(0.0, 0.1)
+    blur: RandomAugment = augment(0.5, 1.0)
+    brightness: RandomAugment = augment(0.75, 1.25)
+    contrast: RandomAugment = augment(0.75, 1.25)
+    lowres: RandomAugment = augment(0.5, 1.0)
+    gamma_inverted: RandomAugment = augment(0.7, 1.5)
+    gamma: RandomAugment = augment(0.7, 1.5)
 
 
 @dataclass

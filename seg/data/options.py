@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from .augmentations import check_augment
 from .formats import READERS
 from .nnunet import compile_patient_regex
 from .readers import ON_ERROR
@@ -121,12 +122,3 @@ def check_split(data) -> None:
         raise DataError(f"data.fold={fold} must be between 0 and data.num_folds-1 = {folds - 1}")
     if data.get("split_file") is not None and not str(data.get("split_file")).strip():
         raise DataError("data.split_file is empty; give a file or null")
-
-
-def check_augment(augment) -> None:
-    """``data.augment.rotate_deg``: a finite angle between 0 and 180 degrees."""
-    if augment is None:
-        return
-    rotate = augment.get("rotate_deg")
-    if not is_number(rotate) or not 0 <= rotate <= 180:
-        raise DataError(f"data.augment.rotate_deg={rotate} must be between 0 and 180 (degrees; 0: no rotation)")

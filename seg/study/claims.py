@@ -49,6 +49,7 @@ FLOOR = 0.05  # mean Dice below which a layer has not learned to segment: no ver
 SINGLE = ("bn", "in", "ln", "gn")
 SHIFT_HELPERS = ("in", "iln", "bin", "cin", "adain", "spade", "sean")
 DOMAIN_KEYS = ("test_vendors", "test_centres", "train_vendors", "train_centres")
+AUGMENT_KEY = "data.augment.preset"  # a factor of experiment=domain_shift: claim 4 says which augmentation
 VERDICTS = ("reproduced", "not reproduced", "inconclusive")
 
 
@@ -160,6 +161,8 @@ def evaluate_claims(runs: list[dict], factors: list[str]) -> list[Claim]:
         built = [claim_4(cells)] if shifted else [claim_1(cells), claim_2(cells), claim_3(cells)]
         for claim in built:
             if claim is not None:
+                if claim.number == 4:
+                    claim.note = f"{claim.note}; {augmentation_note(dict(context).get(AUGMENT_KEY))}"
                 claim.context = where
                 set_holm([c.pair for c in claim.comparisons])
                 results.append(claim)
@@ -167,6 +170,17 @@ def evaluate_claims(runs: list[dict], factors: list[str]) -> list[Claim]:
         if not any(c.number == number for c in results):
             results.append(Claim(number, statement, source, note=NEEDS[number]))
     return sorted(results, key=lambda c: (c.number, c.context))
+
+
+def augmentation_note(preset) -> str:
+    """What claim 4's verdict in one context says about augmentation (a factor of experiment=domain_shift)."""
+    if preset is None:
+        return "augmentation: as the runs were configured (not a factor of this sweep)"
+    if preset == "none":
+        return ("augmentation: none (data.augment.preset=none): the layer's effect alone; compare the verdict "
+                "with data.augment.preset=nnunet")
+    return (f"augmentation: data.augment.preset={preset}: the layer's effect on top of intensity augmentation; a "
+            f"claim reproduced without augmentation but not here is one that augmentation also delivers")
 
 
 NEEDS = {

@@ -38,6 +38,7 @@ from ..runtime.checkpoint import (CheckpointError, RunState, best_record, check_
                          save_checkpoint)
 from .checks import validate
 from ..data import DataError, class_names, load_splits
+from ..data.augmentations import Augmentation, augmentation_of
 from ..runtime.distributed import World
 from .losses import build_loss
 from ..evaluation.dice import evaluate, per_volume_dice
@@ -45,8 +46,8 @@ from ..model.build import build_model, load_weights, norm_options
 from ..norms import spec
 from .optimizers import build_optimizer
 from .ordering import epoch_order
-from .reporting import (image_panel, inert_mixing_weights, log_hparams, log_mixing_weights, mixing_weights,
-                        nan_to_none, print_report, quiet_writer_thread_errors, tensorboard_writer, write_metrics)
+from .reporting import (augmentation_panel, image_panel, inert_mixing_weights, log_hparams, log_mixing_weights,
+                        mixing_weights, nan_to_none, print_report, quiet_writer_thread_errors, tensorboard_writer, write_metrics)
 from ..runtime.runs import RunFolderError, holds_run, open_run_folder, scheduler_job
 from ..runtime.device import (autocast_context, check_compile, configure_determinism, describe_device, graph_breaks,
                       resolve_device, resolve_precision, seed_everything)
@@ -127,6 +128,7 @@ class Run:
     step: TrainStep  # what train_step needs besides the batch (the model as it trains: compiled, DDP-wrapped)
     generator: torch.Generator  # shuffling and augmentation
     config: dict  # the resolved configuration, as checkpoints record it
+    augmentation: Augmentation = Augmentation()  # data.augment, resolved (its preset applied)
     writer: Any = None  # TensorBoard (rank 0), created once the run knows where it stands
     bar: Any = None  # the progress bar (trainer.progress)
     best_weights: dict | None = None  # the best validation epoch's weights (last.pt carries them too)
@@ -190,7 +192,7 @@ def set_up(cfg, output_dir: Path, resume_from: Path | None, world: World, job_nu
         check_free_space(output_dir, 10 * num_parameters * 4 + 2**20)  # last (with best) + best + temporaries
     return Run(cfg, output_dir, resume_from, world, stop, metrics, started, device, autocast, splits, domains,
                domain_of, class_names(cfg.data.task), model, fast_model, optimizer, scheduler, step, generator,
-               OmegaConf.to_container(cfg, resolve=True))
+               OmegaConf.to_container(cfg, resolve=True), augmentation=augmentation_of(cfg.data.augment))
 
 
 def load_data(cfg, world: World, device: torch.device, metrics: dict) -> tuple[dict, list[str], dict]:
@@ -226,12 +228,29 @@ def starting_state(run: Run) -> RunState:
     run.written_best = state.best_epoch  # best.pt on disk holds this epoch (repaired when the folder was opened)
     run.writer = tensorboard_writer(run.output_dir, run.world.is_main,
                                     purge_step=state.step + 1 if run.resume_from else None)
+    if run.resume_from is None and run.world.is_main:
+        log_augmented_examples(run)
     cfg = run.cfg
     steps_per_epoch = len(run.world.batches(torch.arange(len(run.splits["train"])), cfg.trainer.batch_size))
     run.bar = tqdm(total=cfg.trainer.epochs * steps_per_epoch, initial=state.step, unit="step",
                    disable=not (cfg.trainer.progress and run.world.is_main))
     run.stop.defer()  # from here a signal stops the run after the step in progress
     return state
+
+
+def log_augmented_examples(run: Run) -> None:
+    """TensorBoard's ``train/augmented``: training slices as the run's augmentation draws them, each twice
+    [input | augmented | its labels | augmented again | its labels], from a generator of their own (seeded by the
+    run's seed): the run's own draws are untouched."""
+    train_set = run.splits["train"]
+    with_foreground = torch.nonzero(train_set.labels.flatten(1).any(1)).flatten().cpu()
+    pool = with_foreground if len(with_foreground) else torch.arange(len(train_set))
+    chosen = pool[torch.linspace(0, len(pool) - 1, min(run.cfg.trainer.num_panel_images, len(pool))).long()]
+    images, labels = train_set.images[chosen.to(train_set.images.device)], train_set.labels[chosen.to(
+        train_set.labels.device)]
+    generator = torch.Generator(device=run.device).manual_seed(run.cfg.seed)
+    draws = [augment_batch(images, labels, run.augmentation, generator=generator) for _ in range(2)]
+    run.writer.add_image("train/augmented", augmentation_panel(images, draws, run.num_classes), 0)
 
 
 # ---------------------------------------------------------------------------- an epoch
@@ -252,8 +271,7 @@ def train_epoch(run: Run, state: RunState) -> float | None:
     epoch_start = time.perf_counter()
     while state.batch < len(batches):
         batch = batches[state.batch].to(run.device)
-        images, labels = augment_batch(train_set.images[batch], train_set.labels[batch],
-                                       rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
+        images, labels = augment_batch(train_set.images[batch], train_set.labels[batch], run.augmentation,
                                        generator=run.generator, shard=(world.rank, world.size))
         run.pending_losses.append(train_step(run.step, images, labels, run.domain_of["train"][batch]))
         state.step += 1

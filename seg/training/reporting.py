@@ -86,6 +86,22 @@ def image_panel(slices, prediction: torch.Tensor, num_classes: int, count: int) 
     return rows.reshape(1, -1, rows.shape[-1]).cpu()
 
 
+def augmentation_panel(images: torch.Tensor, augmented: list, num_classes: int) -> torch.Tensor:
+    """(1, N*H, (1 + 2 len(augmented))*W) image: per slice, [input | augmented | its labels | ...] for each of
+    ``augmented`` ((images, labels) of the same slices); each image scaled by its own range."""
+
+    def scaled(image):
+        low, high = image.amin((1, 2), keepdim=True), image.amax((1, 2), keepdim=True)
+        return (image - low) / (high - low).clamp(min=1e-6)
+
+    scale = max(num_classes - 1, 1)
+    columns = [scaled(images[:, 0].float())]
+    for image, labels in augmented:
+        columns += [scaled(image[:, 0].float()), labels.float() / scale]
+    rows = torch.cat(columns, dim=2)
+    return rows.reshape(1, -1, rows.shape[-1]).cpu()
+
+
 def log_hparams(writer, metrics: dict) -> None:
     """Hyperparameters and final metrics for TensorBoard's HParams view (one row per run)."""
     hparams = {"norm": metrics["norm"], "lr": metrics["lr"], "batch_size": metrics["batch_size"],

@@ -8,9 +8,10 @@ seeds (different numbers of slices, hence epochs of different lengths) each move
 own sequence; their epochs need not line up.
 
 ``augmented_batches`` gathers the next batch of several runs and augments them together: each run's
-random numbers are drawn from its own generator in ``augment_batch``'s order (angles, then the
-two flips), and the rotation and flips of all runs are then applied as one ``grid_sample`` --
-the same result as ``augment_batch`` per run (tested), with a constant number of operations.
+random numbers are drawn from its own generator in ``augment_batch``'s order
+(``seg.training.augment.draw_augmentation``), and all runs' images are then augmented in one pass
+(``apply_augmentation``: one ``grid_sample`` for the geometry, one batched operation per intensity option)
+-- the same result as ``augment_batch`` per run (tested), with a constant number of operations.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import math
 
 import torch
 
-from ..augment import draw_augmentation, rotate_and_flip
+from ...data.augmentations import Augmentation
+from ..augment import apply_augmentation, concat_draws, draw_augmentation
 from ..ordering import epoch_order
 
 
@@ -32,14 +34,15 @@ class RunFeed:
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int, epochs: int,
-                 generator: torch.Generator, shuffle_buffer: int | None = None, rotate_deg: float = 0.0,
-                 flip: bool = False, epoch: int = 1, batch: int = 0, order: torch.Tensor | None = None):
+                 generator: torch.Generator, shuffle_buffer: int | None = None,
+                 augmentation: Augmentation = Augmentation(), epoch: int = 1, batch: int = 0,
+                 order: torch.Tensor | None = None):
         if images.shape[0] != labels.shape[0] or images.shape[0] == 0:
             raise ValueError(f"a run's training set needs as many labels as images, at least one: "
                              f"{images.shape[0]} images, {labels.shape[0]} labels")
         self.images, self.labels = images, labels
         self.batch_size, self.epochs, self.generator = batch_size, epochs, generator
-        self.shuffle_buffer, self.rotate_deg, self.flip = shuffle_buffer, rotate_deg, flip
+        self.shuffle_buffer, self.augmentation = shuffle_buffer, augmentation
         self.epoch, self.batch, self.order = epoch, batch, order
 
     def __len__(self) -> int:
@@ -75,10 +78,10 @@ class RunFeed:
         return True
 
 
-def augment_together(images: torch.Tensor, labels: torch.Tensor, draws: list[tuple[torch.Tensor, ...]]):
-    """Rotate and flip (M, C, H, W) images and (M, H, W) labels, sample by sample, by the concatenated draws
-    -- ``augment_batch``'s geometry: bilinear with border padding for images, nearest with zeros for labels."""
-    return rotate_and_flip(images, labels, *(torch.cat(parts) for parts in zip(*draws)))
+def augment_together(images: torch.Tensor, labels: torch.Tensor, draws: list[dict], augmentation: Augmentation):
+    """Augment (M, C, H, W) images and (M, H, W) labels, sample by sample, by the runs' concatenated draws
+    (each run's ``draw_augmentation``, in the order of the rows) -- ``augment_batch``'s operations."""
+    return apply_augmentation(images, labels, concat_draws(draws), augmentation)
 
 
 def augmented_batches(feeds: list[RunFeed | None]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,13 +103,13 @@ def augmented_batches(feeds: list[RunFeed | None]) -> tuple[torch.Tensor, torch.
     else:
         images = torch.cat([feed.images[rows.to(feed.images.device)] for (_, feed), rows in zip(active, indices)])
         labels = torch.cat([feed.labels[rows.to(feed.labels.device)] for (_, feed), rows in zip(active, indices)])
-    augmenting = [(feed.rotate_deg, feed.flip) for _, feed in active]
-    if len(set(augmenting)) != 1:
-        raise ValueError("the runs of one step share data.augment (rotate_deg, flip)")
-    rotate_deg, flip = augmenting[0]
-    if rotate_deg > 0 or flip:  # as augment_batch: nothing drawn otherwise
-        draws = [draw_augmentation(n, feed.generator, images.device, rotate_deg, flip) for _, feed in active]
-        images, labels = augment_together(images, labels, draws)
+    augmenting = {feed.augmentation for _, feed in active}
+    if len(augmenting) != 1:
+        raise ValueError("the runs of one step share data.augment")
+    augmentation = augmenting.pop()
+    if augmentation.active:  # as augment_batch: nothing drawn otherwise
+        draws = [draw_augmentation(n, (c, h, w), feed.generator, images.device, augmentation) for _, feed in active]
+        images, labels = augment_together(images, labels, draws, augmentation)
     runs = len(feeds)
     stacked_images = images.new_zeros(runs, n, c, h, w)
     stacked_labels = labels.new_zeros(runs, n, h, w)

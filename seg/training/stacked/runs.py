@@ -160,8 +160,8 @@ def make_feeds(jobs: list[Job]) -> None:
         cfg, state, train_set = job.cfg, job.state, job.run.splits["train"]
         job.feed = RunFeed(train_set.images, train_set.labels, batch_size=cfg.trainer.batch_size,
                            epochs=cfg.trainer.epochs, generator=job.run.generator,
-                           shuffle_buffer=cfg.data.shuffle_buffer, rotate_deg=cfg.data.augment.rotate_deg,
-                           flip=cfg.data.augment.flip, epoch=state.epoch, batch=state.batch, order=state.order)
+                           shuffle_buffer=cfg.data.shuffle_buffer, augmentation=job.run.augmentation,
+                           epoch=state.epoch, batch=state.batch, order=state.order)
 
 
 def finished_epochs(job: Job) -> bool:
