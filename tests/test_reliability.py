@@ -479,3 +479,18 @@ def test_sweeps_started_together_never_share_a_folder(data_dir, tmp_path):
     for folder in sweeps:
         jobs = list(folder.glob("*/metrics.json"))
         assert len(jobs) == 1 and json.loads(jobs[0].read_text())["status"] == "ok"
+
+
+def test_a_checkpoint_from_before_a_key_existed_resumes_while_the_key_keeps_its_default():
+    """A key added to the schema later (data.augment.gamma, ...) is absent from an older checkpoint's configuration:
+    at its default it computes what the older run computed, so it is no difference; set to anything else it is."""
+    from seg.config.identity import identity_differences, schema_defaults
+
+    defaults = schema_defaults()
+    current = {"lr": 0.1, "data": {"augment": {"rotate_deg": 15.0, "gamma": {"p": None, "range": [0.7, 1.5]}}}}
+    saved = {"lr": 0.1, "data": {"augment": {"rotate_deg": 15.0}}}
+    assert defaults["data.augment.gamma.p"] is None
+    assert identity_differences(saved, current) == []
+    current["data"]["augment"]["gamma"]["p"] = 0.3
+    assert identity_differences(saved, current) == ["data.augment.gamma.p: checkpoint <absent>, this run 0.3"]
+    assert identity_differences(current, saved) != []  # the newer checkpoint's key, absent from this run, still differs

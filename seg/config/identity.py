@@ -13,10 +13,16 @@ The same list is used
 * by seg/study/summary.py, which does not treat them as factors of a study (they are not what a run
   computed).
 
-This module imports nothing from the project, so that every layer may use it.
+A key that an older version of the project did not have (a checkpoint written before the key was
+added) is no difference while this run leaves it at its schema default: a key is only ever added with
+a default that computes what the project computed before it.
 """
 
 from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+from . import schema
 
 # Keys (dotted, as on the command line) whose value does not change what a run computes. Config
 # groups that merely set other keys (experiment, hparams_search) are listed too: their effect is
@@ -70,12 +76,26 @@ def flatten(tree, prefix: str = "") -> dict:
     return flat
 
 
+def schema_defaults() -> dict:
+    """{dotted key: default} of every key the schema gives a default (data.*, model.*, optim.*, trainer.*)."""
+    groups = {"data": schema.DataConfig, "model": schema.ModelConfig, "optim": schema.OptimConfig,
+              "trainer": schema.TrainerConfig}
+    defaults = {}
+    for key, config in groups.items():
+        defaults.update(flatten(OmegaConf.to_container(OmegaConf.structured(config)), key))
+    return defaults
+
+
 def identity_differences(saved: dict, current: dict) -> list[str]:
     """'key: checkpoint <old>, this run <new>' for each key that defines the run and differs (a key that
-    one of them lacks shows as <absent>)."""
+    one of them lacks shows as <absent>; one the checkpoint lacks and this run leaves at its schema
+    default is the same computation, from before the key existed)."""
     old, new = flatten(saved), flatten(current)
+    defaults = schema_defaults()
     differences = []
     for key in sorted(set(old) | set(new)):
+        if key not in old and key in defaults and new.get(key, ABSENT) == defaults[key]:
+            continue
         if defines_run(key) and old.get(key, ABSENT) != new.get(key, ABSENT):
             differences.append(f"{key}: checkpoint {old.get(key, ABSENT)!r}, this run {new.get(key, ABSENT)!r}")
     return differences
