@@ -1,14 +1,16 @@
-"""The bad-input cases: one table of what a user can get wrong, and what ``train.py`` must answer.
+"""The bad-input cases: one table of what a user can get wrong, and what the project must answer.
 
-Each case is a command line (and, for the data cases, one thing broken in a small valid ACDC-layout
-tree of real NIfTI files). ``train.py`` must refuse it at start with exit code 1 and one line that
-contains ``expect``, without a traceback. The table is read by tests/test_reliability.py (one
-parametrized test per case) and by scripts/bad_inputs_report.py (the table of
-docs/results/bad_inputs.md); nothing here imports from tests/ or from the harness.
+Each case is a command line of ``train.py`` or of a tool (``seg-predict``, ``seg-export``: ``tool``), and,
+for the data cases, one thing broken in a small valid ACDC-layout tree of real NIfTI files. A refused case
+must end with exit code 1 and one line ``error: ...`` that contains ``expect``, without a traceback; a
+case that must go on (``exit_code`` 0) prints the line that contains ``expect`` -- a ``warning:``, or the
+tool's own result line. The table is read by tests/test_reliability.py (one parametrized test per case)
+and by scripts/bad_inputs_report.py (the table of docs/results/bad_inputs.md); nothing here imports from
+tests/ or from the harness.
 
 Placeholders in a case's overrides: ``{tree}`` the case's data tree, ``{tmp}`` a folder of the case,
 ``{done}`` a finished smoke run on such a tree (made once, shared by the cases that need one; they
-only read it).
+only read it; trained without flips, as by default), ``{volume}`` one image volume of the tree.
 """
 
 from __future__ import annotations
@@ -113,6 +115,48 @@ def a_file(tree: Path, tmp: Path) -> None:
     (tmp / "a_file").write_text("not a folder\n")
 
 
+# ---------------------------------------------------------------------------- what breaks a run's folder
+
+
+def copy_run(done: Path, target: Path) -> Path:
+    """A copy of the finished run ``done`` at ``target`` (its checkpoints, metrics.json and .hydra/)."""
+    if not target.exists():
+        shutil.copytree(done, target, ignore=shutil.ignore_patterns("events.out.*", ".run.lock"))
+    return target
+
+
+def onnx_folder(tmp: Path, done: Path) -> None:
+    (tmp / "model.onnx").mkdir(exist_ok=True)
+
+
+def nan_weights(tmp: Path, done: Path) -> None:
+    """{tmp}/nan: the run with a NaN in one weight of its best.pt (as a run whose weights went NaN saves them)."""
+    import torch
+
+    run = copy_run(done, tmp / "nan")
+    state = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    weight = next(key for key, value in state["model"].items() if value.is_floating_point() and value.numel() > 1)
+    state["model"][weight].view(-1)[0] = float("nan")
+    torch.save(state, run / "checkpoints" / "best.pt")
+
+
+def diverged_run(tmp: Path, done: Path) -> None:
+    """{tmp}/diverged: the run, its metrics.json as the trainer records a run whose loss became non-finite."""
+    import json
+
+    run = copy_run(done, tmp / "diverged")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.update(status="diverged", diverged_step=7, diverged_loss="nan", dice=None, dice_2d=None,
+                   best_val_dice=None)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
+def sweep_of_two(tmp: Path, done: Path) -> None:
+    """{tmp}/sweep: two jobs of a sweep in the folders Hydra names them (commas between the overrides)."""
+    for name in ("0_lr=0.1,norm=bn", "1_data.max_slices_per_volume=null,lr=0.1"):
+        copy_run(done, tmp / "sweep" / name)
+
+
 # ---------------------------------------------------------------------------- the table
 
 
@@ -125,6 +169,16 @@ class Case:
     env: dict = field(default_factory=dict)
     needs_done_run: bool = False  # the {done} run must exist
     cpu_only: bool = False  # meaningful only on a machine without a GPU
+    tool: str = "train"  # train (train.py), or predict / export (python -m seg.tools.<tool>: seg-predict, seg-export)
+    exit_code: int = 1  # 1: refused in one line; 0: it goes on (a warning, or the right result)
+    setup: Callable[[Path, Path], None] | None = None  # prepares (tmp, done) before the command
+
+    def __post_init__(self):
+        if self.setup is not None and not self.needs_done_run:
+            object.__setattr__(self, "needs_done_run", True)
+
+
+PREDICT = ("input={volume}", "output={tmp}/pred")
 
 
 CASES: list[Case] = [
@@ -200,6 +254,39 @@ CASES: list[Case] = [
     Case("empty root folder", (), "no patient folders found", breaker=empty_root),
     Case("split file naming a missing patient", ("data.split_file={tree}/split.json",), "patient099",
          breaker=split_file),
+    # ---- Hydra's + and ~: a key the schema does not know, a key every run needs removed
+    Case("a misspelt key added with +", ("+trainer.epoch=5",), "trainer.epoch is not a key of the configuration "
+         "(did you mean trainer.epochs?)"),
+    Case("a misspelt data key added with +", ("+data.max_patient=3",), "did you mean data.max_patients?"),
+    Case("an unknown top-level key added with +", ("+nosuchkey=1",), "nosuchkey is not a key of the configuration"),
+    Case("the learning rate removed with ~", ("~lr",), "lr is missing (removed with ~lr?)"),
+    Case("the seed removed with ~", ("~seed",), "seed is missing (removed with ~seed?)"),
+    Case("the norm removed with ~", ("~norm",), "norm is missing (removed with ~norm?)"),
+    # ---- the stacked launcher
+    Case("a stacked sweep with max_runs=1", ("-m", "hydra/launcher=stacked", "hydra.launcher.max_runs=1", "lr=0.1,0.05",
+                                             "hydra.sweep.dir={tmp}/sweep"),
+         "lr=0.1: hydra.launcher.max_runs=1: 2 jobs could share a stack", exit_code=0),
+    # ---- seg-export and seg-predict on a trained run's checkpoint
+    Case("seg-export to an existing folder named .onnx", ("ckpt={done}/checkpoints/best.pt", "output={tmp}/model.onnx",
+                                                          "overwrite=true"),
+         "is a folder", tool="export", setup=onnx_folder),
+    Case("seg-export of a checkpoint with NaN weights", ("ckpt={tmp}/nan/checkpoints/best.pt",
+                                                         "output={tmp}/model.onnx"),
+         "non-finite", tool="export", setup=nan_weights),
+    Case("seg-predict with a checkpoint with NaN weights", ("ckpt={tmp}/nan/checkpoints/best.pt", *PREDICT),
+         "non-finite", tool="predict", setup=nan_weights),
+    Case("seg-predict from a diverged run's last.pt", ("ckpt={tmp}/diverged/checkpoints/last.pt", *PREDICT),
+         "is from a run that diverged", tool="predict", exit_code=0,
+         setup=diverged_run),
+    Case("seg-predict tta=true on a model trained without flips", ("ckpt={done}/checkpoints/best.pt", "tta=true",
+                                                                   *PREDICT),
+         "warning: tta=true:", tool="predict", exit_code=0, needs_done_run=True),
+    Case("seg-predict: an ensemble of sweep jobs whose folder names hold commas",
+         ("ckpt=[{tmp}/sweep/0_lr=0.1,norm=bn/checkpoints/best.pt,"
+          "{tmp}/sweep/1_data.max_slices_per_volume=null,lr=0.1/checkpoints/best.pt]", *PREDICT),
+         "ensemble of 2", tool="predict", exit_code=0, setup=sweep_of_two),
+    Case("seg-predict: an ensemble given as a glob", ("ckpt={tmp}/sweep/*/checkpoints/best.pt", *PREDICT),
+         "ensemble of 2", tool="predict", exit_code=0, setup=sweep_of_two),
 ]
 
 
@@ -211,6 +298,10 @@ class Outcome:
     returncode: int
     message: str  # the one line the user reads ("error: ..." without the prefix, or Hydra's first lines)
     output: str  # all of stdout and stderr
+
+
+def tree_volume(tree: Path) -> Path:
+    return tree / "database" / "training" / "patient002" / "patient002_frame01.nii.gz"
 
 
 def base_command(tree: Path, run_dir: Path) -> list[str]:
@@ -244,18 +335,31 @@ def run_case(case: Case, workspace: Path, number: int) -> Outcome:
             shutil.copytree(shared, tree, ignore=shutil.ignore_patterns(".seg-cache"))
         case.breaker(tree, tmp)
     done = done_run(workspace) if case.needs_done_run else None
-    values = {"tree": tree, "tmp": tmp, "done": done}
-    command = base_command(tree, tmp / "run") + [o.format(**values) for o in case.overrides]
+    if case.setup is not None:
+        case.setup(tmp, done)
+    values = {"tree": tree, "tmp": tmp, "done": done, "volume": tree_volume(tree)}
+    arguments = [o.format(**values) for o in case.overrides]
+    if case.tool == "train":  # Hydra's flags (-m) before the overrides
+        flags = [a for a in arguments if a.startswith("-")]
+        command = base_command(tree, tmp / "run")
+        command = command[:2] + flags + command[2:] + [a for a in arguments if a not in flags]
+    else:
+        command = [sys.executable, "-m", f"seg.tools.{case.tool}", *arguments]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "HYDRA_FULL_ERROR": "0", **case.env})
     output = result.stdout + result.stderr
-    return Outcome(result.returncode, message_of(result), output)
+    return Outcome(result.returncode, message_of(result, case.expect), output)
 
 
-def message_of(result: subprocess.CompletedProcess) -> str:
+def message_of(result: subprocess.CompletedProcess, expect: str = "") -> str:
+    """The one line the user reads: the first ``error:`` line (without the prefix); else the first line that
+    says what ``expect`` looks for (a ``warning:``, or a tool's result); else Hydra's first lines."""
     lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
     for line in lines:
         if line.startswith("error:"):
             return line[len("error:"):].strip()
+    for line in lines:
+        if expect and expect in line:
+            return line.strip()
     hydra = [line for line in lines if not line.startswith(("Set the environment", "Traceback", "  "))]
     return " ".join(hydra[:3]) if hydra else "(no message)"

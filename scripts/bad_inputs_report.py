@@ -1,9 +1,11 @@
-"""Bad configurations and bad data through the real ``train.py``: the exit code and message of each.
+"""Bad configurations, data and checkpoints through the real ``train.py``, ``seg-predict`` and ``seg-export``: the
+exit code and message of each.
 
     python scripts/bad_inputs_report.py             # writes docs/results/bad_inputs.md
 
 Runs every case of the shared table (scripts/bad_inputs.py: a typo, a wrong type, a value out of
-range, a folder that holds another run, a truncated file, mismatched shapes, ...) and writes, through
+range, a key added with + or removed with ~, a folder that holds another run, a truncated file, mismatched
+shapes, a checkpoint with NaN weights, an ensemble of sweep jobs, ...) and writes, through
 the harness, a Markdown table of the exit code and the one line the user gets, stamped with this
 command, the git commit and the machine. tests/test_reliability.py checks the same table.
 """
@@ -35,9 +37,11 @@ def main() -> None:
             traceback = " (with a traceback)" if "Traceback" in outcome.output else ""
             rows.append([case.name, f"{outcome.returncode}{traceback}", text[:300]])
             print(f"{case.name}: {rows[-1][1]}: {rows[-1][2]}", flush=True)
-    about = ("Each case of the shared table (scripts/bad_inputs.py) run through `train.py` on a small ACDC-layout "
-             "tree (`<tmp>` is the benchmark's temporary folder). Exit code 1 and one line, no traceback, is the "
-             "promise; tests/test_reliability.py checks every case.")
+    about = ("Each case of the shared table (scripts/bad_inputs.py) run through `train.py`, or the tool it names "
+             "(`python -m seg.tools.<tool>`), on a small ACDC-layout tree and a smoke run trained on it (`<tmp>` is "
+             "the benchmark's temporary folder). A refused input: exit code 1 and one line `error: ...`, no "
+             "traceback; one the tool goes on with: exit code 0 and the line shown (a `warning:`, or its result). "
+             "tests/test_reliability.py checks every case.")
     write_result("bad_inputs", "Bad inputs: what train.py answers",
                  markdown_table(["case", "exit code", "message"], rows), about, args.out)
 

@@ -142,6 +142,9 @@ class StackedLauncher(Launcher):
             for index in range(count):
                 first = index * size + min(index, extra)
                 groups.append(members[first:first + size + (index < extra)])
+                if len(groups[-1]) == 1 and len(members) > 1:  # it could share a stack: max_runs keeps it alone
+                    groups[-1][0].why = (f"hydra.launcher.max_runs={self.max_runs}: {len(members)} jobs could share a "
+                                         f"stack, at most {self.max_runs} at a time")
         groups.sort(key=lambda group: group[0].num)
         for group in groups:
             if len(group) == 1 and group[0].why is None:

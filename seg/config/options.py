@@ -48,9 +48,13 @@ def parse_positive_int(key: str, value: str) -> int:
 
 def check_new_file(key: str, value: str, path: Path, suffix: str, overwrite: bool) -> None:
     """Refuse, naming ``key``, a file a tool is to write (``path``; ``value`` as the user gave it) that has
-    another extension, lies in a folder that does not exist, or exists without ``overwrite=true``."""
+    another extension, is a folder (never replaced, even with ``overwrite=true``), lies in a folder that does
+    not exist, or exists without ``overwrite=true``."""
     if path.suffix != suffix:
         raise OptionError(f"{key}={value}: must end in {suffix}")
+    if path.is_dir():
+        raise OptionError(f"{key}={value}: is a folder; give the name of a file to write, e.g. "
+                          f"{key}={path / ('model' + suffix)}")
     if not path.parent.is_dir():
         raise OptionError(f"{key}={path}: folder {path.parent} does not exist")
     if (path.exists() or path.is_symlink()) and not overwrite:

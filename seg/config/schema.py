@@ -13,11 +13,14 @@ A leaf: imports nothing of seg, so that every module may use it.
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
@@ -196,3 +199,40 @@ class TrainConfig:
     lr: float = 0.1
     loss: str = "ce"
     seed: int = 0
+
+
+# ---------------------------------------------------------------------------- the keys of a composed configuration
+
+
+def check_keys(cfg) -> None:
+    """Every key of the schema is there, and no other: Hydra lets ``+key=value`` add a key the schema does not
+    know (``+trainer.epoch=5``, a misspelt ``trainer.epochs``, would be ignored) and ``~key`` remove one
+    (``~lr``); both are refused here, with one line naming the key. The free-form groups (``norm``,
+    ``schedule``, ``data.label_map``) are checked by their owners."""
+    check_node(TrainConfig, cfg, "")
+
+
+def check_node(schema: type, node, prefix: str) -> None:
+    """The keys of ``node`` (a DictConfig or dict) against the dataclass ``schema``; ``prefix``: its path. This
+    level's keys first (a removed ``lr`` is named as missing, not as the ``${lr}`` that ``optim.lr`` reads)."""
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for name in node.keys():
+        if name not in known:
+            close = difflib.get_close_matches(str(name), known, n=1)
+            where = prefix.rstrip(".") or "the top level"
+            hint = (f"did you mean {prefix}{close[0]}?" if close else f"the keys of {where}: {', '.join(known)}")
+            raise ConfigError(f"{prefix}{name} is not a key of the configuration ({hint}); + adds only keys that "
+                              f"the schema knows (seg/config/schema.py)")
+    for name in known:
+        if name not in node or OmegaConf.is_missing(node, name):
+            raise ConfigError(f"{prefix}{name} is missing (removed with ~{prefix}{name}?): every run needs it; "
+                              f"leave it in, or give another value with {prefix}{name}=<value>")
+    for name in known:
+        kind = hints[name]
+        if typing.get_origin(kind) is typing.Union:  # Optional[X]: X, when a value is given
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        if dataclasses.is_dataclass(kind):
+            value = node[name]  # a group: its leaves are not resolved here
+            if value is not None and hasattr(value, "keys"):
+                check_node(kind, value, f"{prefix}{name}.")

@@ -1,7 +1,9 @@
 """Per-case, per-class Dice and 95% Hausdorff distance of predicted label volumes against ground truth.
 
-Definitions -- those of seg/evaluation/dice.py (nnU-Net's), so that the mean Dice of a model's predictions
-equals the trainer's test ``dice`` on the same cases:
+Definitions -- those of seg/evaluation/dice.py (nnU-Net's); counted on the grid of the files, where the
+trainer counts on its own (resampled to ``data.spacing``, cropped to ``data.image_size``, only
+``data.max_slices_per_volume`` slices): the mean Dice of a model's predictions equals the trainer's test
+``dice`` on the same cases when the two grids are one (docs/inference.md, "evaluate"):
 
 - **Dice** of class c in one case, in 3D: 2|P∩G| / (|P| + |G|) (MONAI ``DiceMetric``,
   ``ignore_empty=False``). A case where P and G are both empty is NaN: skipped, neither 1 nor 0.

@@ -31,6 +31,7 @@ checkpoints is combined (nnU-Net's ensembling of folds).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass
@@ -176,7 +177,29 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
                               f"({str(err).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"ckpt={path}: not a checkpoint of this project (no model and config)")
+    bad = [name for name, value in state["model"].items()
+           if torch.is_tensor(value) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise CheckpointError(f"ckpt={path}: its weights hold non-finite values (NaN or inf: {len(bad)} tensor(s), "
+                              f"e.g. {bad[0]}); the run that wrote it diverged -- use a checkpoint of an epoch "
+                              f"before (its best.pt), or train again (a lower lr, optim.grad_clip)")
+    diverged = run_record(path).get("status") == "diverged"
+    if diverged:
+        record = run_record(path)
+        warn(f"ckpt={path} is from a run that diverged (its metrics.json: the loss became "
+             f"{record.get('diverged_loss')} at step {record.get('diverged_step')}): its weights are those saved "
+             f"before; check its Dice, or use a run that finished")
     return state
+
+
+def run_record(path: Path) -> dict:
+    """The metrics.json of the run folder a checkpoint lies in (``<run>/checkpoints/<name>.pt``), or {}."""
+    record = path.parent.parent / "metrics.json"
+    try:
+        metrics = json.loads(record.read_text()) if path.parent.name == "checkpoints" else {}
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def fit_values(state: dict) -> dict:
@@ -216,16 +239,45 @@ def check_orientation(orientation: str) -> None:
 
 
 def parse_checkpoints(text: str) -> list[str]:
-    """``a.pt`` or ``[a.pt,b.pt]`` (Hydra's list syntax) -> the paths."""
+    """``a.pt``, ``[a.pt,b.pt]`` (Hydra's list syntax) or a glob (``<sweep>/*/checkpoints/best.pt``) -> the paths.
+
+    A sweep's job folders hold commas (``0_lr=0.1,norm=bn``): the list is split at the commas that end a
+    checkpoint -- the text so far names an existing file or ends in ``.pt`` -- so a path is never cut inside
+    a folder name. A glob (``*``, ``?``) is expanded, in sorted order; one that matches nothing is refused."""
     text = text.strip()
-    items = text[1:-1].split(",") if text.startswith("[") and text.endswith("]") else [text]
-    paths = [item.strip() for item in items if item.strip()]
+    listed = text.startswith("[") and text.endswith("]")
+    pieces = text[1:-1].split(",") if listed else [text]
+    paths, current = [], ""
+    for index, piece in enumerate(pieces):
+        current = f"{current},{piece}" if current else piece
+        last = index == len(pieces) - 1
+        item = unquoted(current.strip())
+        if last or item.endswith(".pt") or Path(item).is_file():
+            if item:
+                paths.extend(expand_glob(item))
+            current = ""
     if not paths:
         raise OptionError(f"ckpt={text}: names no checkpoint")
     for path in paths:
         if paths.count(path) > 1:
             raise OptionError(f"ckpt={text}: names {path} twice")
     return paths
+
+
+def unquoted(item: str) -> str:
+    """``'a,b.pt'`` or ``"a,b.pt"`` (Hydra's quoting) -> ``a,b.pt``."""
+    return item[1:-1] if len(item) >= 2 and item[0] == item[-1] and item[0] in "'\"" else item
+
+
+def expand_glob(path: str) -> list[str]:
+    """``path``, or the files its ``*`` / ``?`` pattern matches (sorted; ``[`` taken literally, as sweep folder
+    names hold lists); a pattern that matches none is refused."""
+    if not any(char in path for char in "*?"):
+        return [path]
+    found = sorted(p for p in glob.glob(path.replace("[", "[[]")) if Path(p).is_file())
+    if not found:
+        raise OptionError(f"ckpt={path}: the pattern matches no file")
+    return found
 
 
 def load_segmenter(checkpoint: str | os.PathLike | list, device: str = "auto", interpolation: str = "nearest",
@@ -260,6 +312,14 @@ def load_segmenter(checkpoint: str | os.PathLike | list, device: str = "auto", i
         memory_format = torch.channels_last if config["trainer"].get("channels_last") else torch.contiguous_format
         members.append(Member(trained_model(state).to(target, memory_format=memory_format), path, config,
                               tuple(state.get("domains", ())), memory_format))
+    if tta:
+        unmirrored = [str(member.path) for member in members
+                      if not (member.config["data"].get("augment") or {}).get("flip")]
+        if unmirrored:
+            warn(f"tta=true: {', '.join(unmirrored)} {'was' if len(unmirrored) == 1 else 'were'} trained without "
+                 f"mirrored images (data.augment.flip=false): mirroring its inputs shows it images unlike its "
+                 f"training ones and can lower its Dice; predict without tta, or with a model trained with "
+                 f"data.augment.flip=true")
     if domain and not any(member.takes_domain() for member in members):
         norms = ", ".join(sorted({member.config["norm"]["name"] for member in members}))
         raise OptionError(f"domain={domain}: the model (norm={norms}) takes no domain")

@@ -38,11 +38,14 @@ def read_runs(sweep_dir: Path) -> list[dict]:
     for path in sorted(Path(sweep_dir).glob("*/metrics.json")):
         try:
             metrics = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            metrics = {"status": f"unreadable metrics.json ({err})"}
+        except (OSError, json.JSONDecodeError) as err:  # its setting still comes from .hydra/, its error said once
+            metrics = {"status": "unreadable", "error": f"metrics.json cannot be read ({err})"}
         run = {"run": path.parent.name, **metrics}
         run.setdefault("fold", (metrics.get("split") or {}).get("fold"))
         run["setting"] = run_setting(path.parent, metrics)
+        for key in ("norm", "lr", "batch_size", "seed", "task", "fold"):  # an unreadable run's row: from .hydra/
+            if metrics.get("status") == "unreadable" and run.get(key) is None:
+                run[key] = run["setting"].get(key)
         runs.append(run)
     return sorted(runs, key=lambda r: (str(r.get("norm")), -(r.get("lr") or 0), r.get("seed") or 0, r["run"]))
 

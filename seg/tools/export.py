@@ -39,11 +39,11 @@ def main(argv: list[str] | None = None) -> int:
         check_new_file("output", args["output"], output, ".onnx", overwrite)
         if not Path(args["ckpt"]).is_file():
             raise OptionError(f"ckpt={args['ckpt']}: no such file")
+        state = read_checkpoint(args["ckpt"])  # refuses non-finite weights; warns of a run that diverged
         missing = missing_packages(check)
         if missing:
             raise OptionError(f"export needs the onnx extra ({EXTRA}); missing: {', '.join(missing)}"
                               + (" (or pass check=false)" if missing == ["onnxruntime"] else ""))
-        state = read_checkpoint(args["ckpt"])
         data = state["config"]["data"]
         values = dataset_label_values(data)
         labels = dict(zip(class_names(data["task"]), [values[project] for project in TASKS[data["task"]]]))

@@ -25,7 +25,7 @@ from ..data import DataError
 from ..data import check_options as check_data_options
 from ..norms import CONTEXT_OPTIONS, NORMS, check_options, names
 from .schedules import check_schedule
-from ..config.schema import SEED_MAX, ConfigError, check_range
+from ..config.schema import SEED_MAX, ConfigError, check_keys, check_range
 
 # numeric keys of the loop and their ranges: (minimum, maximum, minimum allowed?, maximum allowed?)
 LOOP_RANGES = {
@@ -42,6 +42,7 @@ LOOP_RANGES = {
 
 def validate(cfg) -> None:
     """Check every value of ``cfg`` (see the module docstring); the first bad one raises ConfigError."""
+    check_keys(cfg)  # no key added with + that the schema does not know, none removed with ~
     try:
         check_data_options(cfg.data)  # the data package range-checks its own options
     except DataError as err:

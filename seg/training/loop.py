@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from .augment import augment_batch
@@ -143,10 +144,17 @@ class Run:
 
 def first_metrics(cfg, output_dir: Path) -> dict:
     """metrics.json's first keys: what the run is, known before anything is checked."""
-    return {"status": "running", "norm": cfg.norm.get("name"), "norm_options": norm_options(cfg), "lr": cfg.lr,
-            "batch_size": cfg.trainer.batch_size, "seed": cfg.seed, "task": cfg.data.get("task"),
-            "data": cfg.data.get("name"), "loss": cfg.loss, "schedule": cfg.schedule.get("name"),
-            "epochs": cfg.trainer.epochs, "output_dir": str(output_dir)}
+    def value(key: str):  # a key removed with ~ (refused by validate next) is None here
+        try:
+            return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        except (AttributeError, OmegaConfBaseException):  # a group removed with ~ (``~norm``) reads "???"
+            return None
+
+    return {"status": "running", "norm": value("norm.name"),
+            "norm_options": norm_options(cfg) if OmegaConf.is_dict(value("norm")) else {}, "lr": value("lr"),
+            "batch_size": value("trainer.batch_size"), "seed": value("seed"), "task": value("data.task"),
+            "data": value("data.name"), "loss": value("loss"), "schedule": value("schedule.name"),
+            "epochs": value("trainer.epochs"), "output_dir": str(output_dir)}
 
 
 def set_up(cfg, output_dir: Path, resume_from: Path | None, world: World, job_num: int | None, stop: StopSignals,
