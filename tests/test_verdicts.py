@@ -61,6 +61,9 @@ def craft(real, target, dice, seeds=(0, 1, 2), status=None):
                 overrides = yaml.safe_load((copy / ".hydra" / "overrides.yaml").read_text())
                 overrides = [f"seed={seed}" if o == "seed=0" else o for o in overrides]
                 (copy / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+                config = yaml.safe_load((copy / ".hydra" / "config.yaml").read_text())
+                config["seed"] = seed
+                (copy / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
             metrics = json.loads(json.dumps(original))
             metrics["seed"], metrics["split"]["seed"] = seed, seed
             name = arm_of(folder)
@@ -230,12 +233,13 @@ def test_a_sweep_resumed_with_a_changed_grid_trains_only_what_is_new(data_dir, t
     again in a folder 0_norm=gn and the summary pooled the two GN runs as replicates."""
     sweep = tmp_path / "sweep"
     run_train("-m", *TINY_RUN, "norm=bn,gn", f"paths.data_dir={data_dir}", f"hydra.sweep.dir={sweep}")
-    gn = next(sweep.glob("*_norm=gn"))
+    gn = next(sweep.glob("1_*norm=gn*"))
     before = json.loads((gn / "metrics.json").read_text())
     run_train("-m", *TINY_RUN, "norm=gn,in", "trainer.resume=true", f"paths.data_dir={data_dir}",
               f"hydra.sweep.dir={sweep}")
     folders = sorted(p.name for p in sweep.iterdir() if (p / "metrics.json").is_file())
-    assert folders == ["0_norm=bn", "1_norm=gn", "1_norm=in"], folders
+    assert [name.split("_")[0] + " " + name.partition("norm=")[2].split(",")[0] for name in folders] == ["0 bn", "1 gn", "1 in"], \
+        folders  # GN kept its folder (job 1 of the first launch); IN, job 1 now, trained in a new one
     after = json.loads((gn / "metrics.json").read_text())
     assert after["steps"] == before["steps"] and after["history"] == before["history"]  # not trained again
     table = (sweep / "paper_table.md").read_text()

@@ -1,5 +1,5 @@
 """The layers compared pairwise on per-volume test Dice (comparison.md): Wilcoxon tests with Holm's
-correction, bootstrap intervals, average ranks, Friedman and Nemenyi."""
+correction, t-intervals, average ranks, Friedman and Nemenyi."""
 
 from __future__ import annotations
 

@@ -225,10 +225,12 @@ def short_status(status) -> str:
 def incomplete_choices(selected: list[dict]) -> list[str]:
     """One line per choice made without all its candidates: 'norm=bn, seed=1, fold=0: lr 0.5 interrupted'."""
     lines = []
+    keys = sorted({k for entry in selected for k in entry["setting"]})
+    named = [k for k in keys if k in ("norm", *REPLICATES) or len({show(e["setting"].get(k)) for e in selected}) > 1]
     for entry in selected:
         if entry.get("incomplete"):
-            where = ", ".join(f"{k}={show(v)}" for k, v in sorted(entry["setting"].items())
-                              if k not in ("lr", *ARM_KEYS) and v is not None)
+            where = ", ".join(f"{k}={show(entry['setting'].get(k))}" for k in named
+                              if k not in ("lr", *ARM_KEYS) and entry["setting"].get(k) is not None)
             lines.append(f"{where}: {'; '.join(entry['incomplete'])}")
     return lines
 

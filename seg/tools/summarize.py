@@ -4,7 +4,7 @@ Writes, into the sweep folder, what a multirun writes at its end (seg/study/summ
 (one row per run), paper_table.md/.csv (rows norms, Dice mean ± std over folds and seeds, diverged
 runs shown as such: first at each norm's learning rate chosen on validation, with selection.csv
 listing every choice, then per learning rate for inspection only), comparison.md/.csv (the norms
-compared pairwise on per-volume test Dice: Wilcoxon with Holm, bootstrap intervals, average
+compared pairwise on per-volume test Dice: Wilcoxon with Holm, t-intervals, average
 ranks), claims.md (the normalization papers' claims, where the sweep holds their runs) and, with the
 ``study`` extra (pip install -e ".[study]": matplotlib, scipy), comparison.png, dice_vs_lr.png (or
 dice_vs_batch_size.png), learning_curves.png and mixing_weights.png. Useful to re-summarize a
