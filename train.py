@@ -54,7 +54,10 @@ def main(cfg) -> float | None:
     stop = StopSignals()
     try:
         with stop:
-            return train(cfg, output_dir, job_num=hydra_cfg.job.num if in_sweep else None, stop=stop).get("dice")
+            # the return value is a search's objective (hparams_search=lr_optuna): the best validation Dice, never
+            # the test Dice (which stays in the run's metrics.json)
+            return train(cfg, output_dir, job_num=hydra_cfg.job.num if in_sweep else None,
+                         stop=stop).get("best_val_dice")
     except Interrupted as interrupted:
         print(f"{job}{interrupted}", file=sys.stderr, flush=True)
         requeue = stop.requeue_handler()

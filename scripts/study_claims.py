@@ -4,7 +4,7 @@
     python scripts/study_claims.py -- data.image_size=32    # any overrides of the sweep after --
 
 Runs the sweep in a temporary folder, then writes its claims.md (each claim reproduced, not reproduced
-or inconclusive, with the paired statistics) and paper_table.md (Dice per arm, mean ± std over the
+or inconclusive or insufficient, with the paired statistics) and paper_table.md (Dice per arm, mean ± std over the
 seeds), with the sweep's wall time and its runs' statuses, to docs/results/study_claims.md.
 """
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from seg.study.stats import MIN_UNITS, bootstrap_ci, holm, nemenyi_cd, ranks, wilcoxon_p
+from seg.study.stats import MIN_UNITS, holm, nemenyi_cd, ranks, t_interval, wilcoxon_p
 from seg.study.summary import write_summary
 from sweeps import run_metrics, two_fold_sweep, write_run
 
@@ -26,19 +26,20 @@ def test_a_layer_better_on_every_volume_is_significantly_better(tmp_path):
     sweep = two_fold_sweep(tmp_path / "sweep", {"bn": 0.0, "iln": 0.05})
     write_summary(sweep, plots=False)
     row = pair_rows(sweep)[("bn", "iln")]
-    assert int(row["n"]) == 12  # patients, not the 24 volumes: a patient's ED and ES are not independent
+    assert int(row["n"]) == 12  # (seed, patient) units, not the 24 volumes: a patient's ED and ES are not independent
     assert float(row["mean"]) == pytest.approx(-0.05) and float(row["ci_low"]) == pytest.approx(-0.05)
     assert float(row["p"]) == pytest.approx(2 / 2**12) and row["result"] == "bn < iln"
     text = (sweep / "comparison.md").read_text()
-    assert "| bn | iln | 12 | -0.050 | [-0.050, -0.050] | 0.00049 (Holm 0.00049) | bn < iln |" in text
-    assert "10000 resamples" in text and "seed 0" in text
+    assert ("| bn | iln | 12 (of 12) | -0.050 | [-0.050, -0.050] | 0: -0.050 | 0.00049 (Holm 0.00049) | bn < iln |"
+            in text)
+    assert "95% t-intervals" in text and "(seed, patient)" in text
 
 
 def test_identical_layers_are_not_different(tmp_path):
     sweep = two_fold_sweep(tmp_path / "sweep", {"bn": 0.0, "gn": 0.0})
     write_summary(sweep, plots=False)
     row = pair_rows(sweep)[("bn", "gn")]
-    assert float(row["p"]) == 1.0 and row["result"] == "identical on all 12 patients (p = 1)"
+    assert float(row["p"]) == 1.0 and row["result"] == "identical on all 12 (seed, patient) units (p = 1)"
 
 
 def test_too_few_patients_give_no_p_value(tmp_path):
@@ -47,9 +48,18 @@ def test_too_few_patients_give_no_p_value(tmp_path):
         write_run(sweep, norm, run_metrics(norm, patients=[1, 2, 3], offset=offset))
     write_summary(sweep, plots=False)
     row = pair_rows(sweep)[("bn", "iln")]
-    assert row["p"] == "" and row["result"].startswith("too few paired patients for a test (n = 3")
-    assert "| bn | iln | 3 | -0.050 | [-0.050, -0.050] | — | too few paired patients" in \
+    assert row["p"] == "" and row["result"].startswith("too few non-zero paired differences for a test (n = 3")
+    assert "| bn | iln | 3 (of 3) | -0.050 | [-0.050, -0.050] | 0: -0.050 | — | too few non-zero paired" in \
         (sweep / "comparison.md").read_text()
+
+
+def test_no_interval_from_one_patient(tmp_path):
+    """One shared patient: a mean difference, but no interval (it was printed as [0.150, 0.150])."""
+    sweep = tmp_path / "sweep"
+    for norm, offset in (("bn", 0.0), ("iln", 0.15)):
+        write_run(sweep, norm, run_metrics(norm, patients=[1], offset=offset))
+    write_summary(sweep, plots=False)
+    assert "| bn | iln | 1 (of 1) | -0.150 | [—, —] |" in (sweep / "comparison.md").read_text()
 
 
 def test_only_runs_sharing_fold_and_seed_are_paired(tmp_path):
@@ -116,13 +126,18 @@ def test_wilcoxon_needs_six_pairs():
     assert wilcoxon_p([0.1] * (MIN_UNITS - 1)) is None
     assert wilcoxon_p([0.1] * MIN_UNITS) == pytest.approx(2 / 2**MIN_UNITS)  # < 0.05: the smallest n that can be
     assert wilcoxon_p([0.0] * 10) == 1.0
+    assert wilcoxon_p([0.0] * 4 + [0.1] * (MIN_UNITS - 1)) is None  # the test drops zeros: 5 differences left
 
 
-def test_bootstrap_is_seeded_and_covers_the_mean():
+def test_t_interval_covers_the_mean_and_needs_two_values():
     values = [0.1, 0.5, 0.2, 0.9, 0.4, 0.3, 0.8]
-    low, high = bootstrap_ci(values)
-    assert (low, high) == bootstrap_ci(values) and low < sum(values) / len(values) < high
-    assert all(math.isnan(v) for v in bootstrap_ci([]))
+    low, high = t_interval(values)
+    assert (low, high) == t_interval(values) and low < sum(values) / len(values) < high
+    # scipy's t-interval of the mean
+    from scipy import stats
+    expected = stats.t.interval(0.95, len(values) - 1, loc=sum(values) / len(values), scale=stats.sem(values))
+    assert (low, high) == pytest.approx(expected)
+    assert all(math.isnan(v) for v in t_interval([])) and all(math.isnan(v) for v in t_interval([0.15]))
 
 
 def test_ranks_share_ties_and_put_failed_runs_last():

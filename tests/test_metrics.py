@@ -35,6 +35,10 @@ def test_agrees_with_monai_dice_metric(num_classes):
     per_slice = DiceMetric(include_background=False, reduction="none")(onehot(prediction, num_classes),
                                                                         onehot(target, num_classes))
     assert result["dice_2d"] == pytest.approx(per_slice.mean().item(), abs=1e-6)
+    # MONAI's own rule for empty slices (ignore_empty=True, its default): a slice with an empty truth is skipped
+    monai_rule = DiceMetric(include_background=False, reduction="mean_batch")(onehot(prediction, num_classes),
+                                                                            onehot(target, num_classes))
+    assert result["dice_2d_monai"] == pytest.approx(monai_rule.mean().item(), abs=1e-6)
     # 3D: MONAI on restacked volumes (N, C, H, W, D)
     per_volume = []
     for v in range(3):
@@ -58,6 +62,8 @@ def test_empty_classes_follow_the_documented_convention():
     counts = slice_counts(prediction, target, 2)
     result = summarize_counts(counts, torch.tensor([0, 0, 1]), 2, ["rv"])
     assert result["dice_2d"] == pytest.approx(0.5)          # mean of 1 and 0; slice 2 skipped
+    assert result["dice_2d_monai"] == pytest.approx(1.0)    # MONAI skips every slice with an empty truth
+    assert (result["slices_rv_total"], result["slices_rv_empty_truth"], result["slices_rv_false_positive"]) == (3, 2, 1)
     # volume 0 = slices 0,1: 2*16 / (17 + 16); volume 1 (slice 2) is empty-vs-empty: skipped
     assert result["dice"] == pytest.approx(32 / 33)
     everything_empty = summarize_counts(slice_counts(target[2:], target[2:], 2), torch.tensor([0]), 1, ["rv"])

@@ -45,6 +45,7 @@ def test_iln_paper_preset_is_the_papers_protocol():
     assert not cfg.optim.nesterov and cfg.loss == "ce"
     assert (cfg.model.depth, cfg.model.up, cfg.model.init, cfg.model.bias_init) == (5, "transpose3", "author", 0.1)
     assert cfg.model.base_channels == 16 and cfg.data.shuffle_buffer == 500 and cfg.data.image_size == 256
+    assert cfg.trainer.precision == "fp32"  # the author's code is float32: no bf16 on a GPU unless asked for
     default = composed()  # the project's own defaults stay as they were
     assert (default.model.depth, default.model.up, default.model.init, default.data.shuffle_buffer) == (
         4, "transpose2", "paper", None)
@@ -110,7 +111,8 @@ def test_domain_shift_runs_at_tiny_size(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_lr_optuna_search_at_tiny_size(data_dir, tmp_path):
-    """The optional Optuna preset: two trials, the test Dice as objective (needs the optuna extra)."""
+    """The optional Optuna preset: two trials, the best validation Dice as objective -- never the test Dice (needs
+    the optuna extra)."""
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     run_train("-m", "hparams_search=lr_optuna", "experiment=smoke", f"paths.data_dir={data_dir}",
               "data.phantom.num_patients=6", "trainer.progress=false", "norm=gn", "hydra.sweeper.n_trials=2",
@@ -118,6 +120,9 @@ def test_lr_optuna_search_at_tiny_size(data_dir, tmp_path):
     results = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert 0.01 <= results["best_params"]["lr"] <= 2.0
     assert len(list(tmp_path.glob("*/metrics.json"))) == 2 and (tmp_path / "paper_table.md").is_file()
+    runs = [json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")]
+    assert results["best_value"] == pytest.approx(max(r["best_val_dice"] for r in runs))
+    assert all(r["dice"] != r["best_val_dice"] for r in runs)  # the objective is not the test Dice
 
 
 # ---------------------------------------------------------------------------- summary of a sweep

@@ -200,7 +200,7 @@ class StackedLauncher(Launcher):
         for job, outcome in zip(jobs, outcomes):
             ret = returns[job.job_num]
             if isinstance(outcome, dict):
-                ret.return_value = outcome.get("dice")
+                ret.return_value = outcome.get("best_val_dice")  # a search's objective: validation, never test
             else:
                 report_failure(job, outcome)
                 ret.return_value = None

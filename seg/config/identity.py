@@ -20,6 +20,8 @@ a default that computes what the project computed before it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from omegaconf import OmegaConf
 
 from . import schema
@@ -107,3 +109,22 @@ class _Absent:
 
 
 ABSENT = _Absent()
+
+
+def job_folder(sweep_dir, num, override_dirname) -> str:
+    """A sweep job's folder name (``hydra.sweep.subdir`` through the ``${job_folder:...}`` resolver): the folder of
+    an earlier launch of the sweep whose name ends in the job's identity (``<n>_<override_dirname>``, the keys of
+    ``NOT_IDENTITY`` left out), else ``<num>_<override_dirname>``. A sweep resumed with a changed grid numbers
+    its jobs anew; found by its overrides, never by its position, a job that ran before continues in its own
+    folder, and only the new jobs train."""
+    dirname = "" if override_dirname is None else str(override_dirname)
+    earlier = []
+    try:
+        for path in Path(str(sweep_dir)).iterdir():
+            number, separator, rest = path.name.partition("_")
+            if separator and number.isdigit() and rest == dirname and path.is_dir():
+                earlier.append((int(number), path.name))
+    except OSError:
+        pass  # no sweep folder yet
+    return min(earlier)[1] if earlier else f"{num}_{dirname}"
+

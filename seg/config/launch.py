@@ -26,7 +26,7 @@ import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from .identity import not_identity
+from .identity import job_folder, not_identity
 from .schema import TrainConfig
 
 
@@ -39,6 +39,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("cuda_device_count", cuda_device_count)
     if not OmegaConf.has_resolver("not_identity"):
         OmegaConf.register_new_resolver("not_identity", not_identity)
+    if not OmegaConf.has_resolver("job_folder"):
+        OmegaConf.register_new_resolver("job_folder", job_folder)
 
 
 _launch_time: datetime | None = None

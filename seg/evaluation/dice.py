@@ -8,8 +8,14 @@ predicted mask, G the ground truth). From them:
   a volume where both P and G are empty for c is NaN and skipped (not counted as 1, not as 0);
   an empty G with a non-empty P scores 0. Per class: the mean over volumes; ``dice``: the mean
   over classes.
-* **2D (per-slice) Dice -- ``dice_2d``** (the ILN paper's style): the same per slice, empty-vs-
-  empty slices skipped, averaged over slices, then over classes.
+* **2D (per-slice) Dice -- ``dice_2d``**: the same per slice, empty-vs-empty slices skipped (a
+  slice with an empty G and a non-empty P scores 0), averaged over slices, then over classes.
+* **2D Dice with MONAI's rule for empty slices -- ``dice_2d_monai``**: ``monai.metrics.DiceMetric``
+  with ``ignore_empty=True`` (its default): every slice with an empty G is skipped, whatever P holds,
+  so false positives on slices without the structure do not count. The slices behind both rules are
+  counted per class (``slices_<class>_total``, ``_empty_truth``, ``_false_positive`` -- an empty G
+  with a non-empty P, scored 0 by ``dice_2d`` and skipped by ``dice_2d_monai``), so a reader sees what
+  the two figures differ by.
 * **Per volume -- ``per_volume_dice``**: the 3D Dice of each volume with its case and patient id
   (metrics.json's ``per_volume`` list), what the paired comparisons of a sweep are made on
   (seg/study/summary.py); a volume's ``dice`` is the mean over its defined classes (None if none is).
@@ -63,10 +69,19 @@ def summarize_counts(counts: torch.Tensor, volume_index: torch.Tensor, num_volum
     """3D and 2D Dice (overall and per class) from per-slice counts (N, 3, K)."""
     per_volume = volume_counts(counts, volume_index, num_volumes)
     dice_3d = torch.nanmean(dice_from_counts(*per_volume.unbind(1)), dim=0)
-    dice_2d = torch.nanmean(dice_from_counts(*counts.unbind(1)), dim=0)
-    result = {"dice": nanmean(dice_3d.tolist()), "dice_2d": nanmean(dice_2d.tolist())}
-    for name, d3, d2 in zip(class_names, dice_3d.tolist(), dice_2d.tolist()):
+    per_slice = dice_from_counts(*counts.unbind(1))
+    dice_2d = torch.nanmean(per_slice, dim=0)
+    empty_truth = counts[:, 2] == 0
+    dice_2d_monai = torch.nanmean(torch.where(empty_truth, torch.nan, per_slice), dim=0)
+    result = {"dice": nanmean(dice_3d.tolist()), "dice_2d": nanmean(dice_2d.tolist()),
+              "dice_2d_monai": nanmean(dice_2d_monai.tolist())}
+    false_positive = (empty_truth & (counts[:, 1] > 0)).sum(0).tolist()
+    for k, (name, d3, d2) in enumerate(zip(class_names, dice_3d.tolist(), dice_2d.tolist())):
         result[f"dice_{name}"], result[f"dice_2d_{name}"] = d3, d2
+        result[f"dice_2d_monai_{name}"] = dice_2d_monai[k].item()
+        result[f"slices_{name}_total"] = counts.shape[0]
+        result[f"slices_{name}_empty_truth"] = int(empty_truth[:, k].sum())
+        result[f"slices_{name}_false_positive"] = int(false_positive[k])
     return result
 
 

@@ -8,26 +8,30 @@ of comparisons of two layers (or one layer at two batch sizes) on the same test 
 bootstrap interval of the mean difference). Every run is the one whose learning rate was chosen
 on validation Dice (seg/study/summary.py), so no claim is judged on a rate picked by its test Dice.
 
-A comparison "A < B" (A is worse) is
-- *reproduced* when A is significantly worse: Holm-adjusted p < 0.05 and the interval of A - B
-  below 0;
-- *not reproduced* when the interval's lower end is above -``MARGIN`` (A is not worse by more
-  than the margin, or is better);
-- *inconclusive* otherwise, and whenever there are too few paired patients for a test.
-A comparison "A >= B" is the opposite: not reproduced when A is significantly worse, reproduced
-when the interval's lower end is above -``MARGIN`` (non-inferiority), inconclusive otherwise.
-No verdict rests on layers that did not learn: a comparison where neither side reaches a mean
-test Dice of ``FLOOR`` (claim 1: where a large-batch arm, the reference of the changes, does not)
-is inconclusive -- two models that segment nothing are "equal" without telling anything.
-A claim of several comparisons joined by "and" is reproduced when all are, not reproduced when
-one is not; joined by "or", reproduced when one is, not reproduced when none can be.
+A verdict is earned (``Comparison.verdict``):
+- **insufficient** (with the reason) unless each arm of the comparison finished on at least
+  ``MIN_SEEDS`` seeds (a seed is finished when all its runs are) and *segments*: its mean test
+  Dice reaches ``FLOOR_FRACTION`` of the best arm's in the same context, and that best arm
+  reaches ``MIN_BEST`` (a sweep where every layer sits at Dice 0.06 learned nothing to compare);
+  also when there are too few non-zero paired differences for a test;
+- **divergence is a result**: "A >= B" is *not reproduced* when A diverged on a seed where B
+  finished ("A < B": not reproduced when B diverged where A finished);
+- otherwise on the statistics, over (seed, patient) units (seg/study/stats.py): "A < B" is
+  *reproduced* when A is significantly worse (Holm-adjusted p < 0.05 and the 95% t-interval of
+  A - B below 0), *not reproduced* when the interval's lower end is above -``MARGIN``,
+  *inconclusive* otherwise; "A >= B" is the opposite: not reproduced when A is significantly
+  worse, reproduced when the interval's lower end is above -``MARGIN`` (non-inferiority: with a
+  95% two-sided interval the error at a true difference of -``MARGIN`` is 2.5%).
+Every arm's finished seeds, its runs' statuses and the per-seed sign of each difference are
+printed beside the verdict. A claim of several comparisons joined by "and" is reproduced when all
+are, not reproduced when one is not; joined by "or", reproduced when one is, not reproduced when
+none can be; insufficient where a comparison it needs is.
 
 The claims (as tested here):
-1. BN degrades at batch size <= 2 while GN does not (Wu & He, "Group Normalization", ECCV 2018):
-   BN loses more than GN from the largest batch size >= 4 to the smallest <= 2 -- per volume,
-   (BN small - BN large) - (GN small - GN large) < 0 (without a held-out domain). The difference
-   in differences cancels what the batch size does to both layers alike (on a small CPU budget the
-   large batch takes fewer steps); the two plain comparisons are shown for reference.
+1. BN degrades at batch size <= 2 while GN does not (Wu & He, "Group Normalization", ECCV 2018),
+   both halves tested, from the largest batch size >= 4 to the smallest <= 2 (without a held-out
+   domain): BN small < BN large, and GN small >= GN large (non-inferiority by ``MARGIN``). The
+   difference in differences (how much more BN loses than GN) is shown for reference.
 2. IN and GN >= BN at batch 1 (Zhou & Yang, "Normalization in Training U-Net for 2D Biomedical
    Semantic Segmentation", RA-L 2019).
 3. ILN >= BIN and ILN >= the best single layer at batch 1 (Zhou et al., "U-Net Training with
@@ -42,42 +46,111 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .stats import ALPHA, BOOTSTRAP_SEED, MIN_UNITS, RESAMPLES, Paired, pair_changes, pair_runs, set_holm
+import math
+
+from .stats import ALPHA, MIN_UNITS, Paired, pair_changes, pair_runs, set_holm
 
 MARGIN = 0.01  # Dice: a layer "no worse" than another may be worse by less than this
-FLOOR = 0.05  # mean Dice below which a layer has not learned to segment: no verdict rests on such a pair
+MIN_SEEDS = 3  # seeds each arm must have finished on for a verdict: training variance is part of every verdict
+FLOOR_FRACTION = 0.5  # an arm segments when its mean test Dice is at least this fraction of the context's best arm
+MIN_BEST = 0.5  # ... and that best arm reaches this Dice (otherwise no layer learned the task)
 SINGLE = ("bn", "in", "ln", "gn")
 SHIFT_HELPERS = ("in", "iln", "bin", "cin", "adain", "spade", "sean")
 DOMAIN_KEYS = ("test_vendors", "test_centres", "train_vendors", "train_centres")
 AUGMENT_KEY = "data.augment.preset"  # a factor of experiment=domain_shift: claim 4 says which augmentation
-VERDICTS = ("reproduced", "not reproduced", "inconclusive")
+VERDICTS = ("reproduced", "not reproduced", "inconclusive", "insufficient")
+
+
+@dataclass
+class Arm:
+    """The selected runs of one layer (at one batch size) in one context: one entry per fold and seed, a run
+    or a stand-in whose status says how every rate of it ended (seg/study/tables.py select_by_validation)."""
+
+    name: str
+    entries: list[dict]
+
+    def seeds(self) -> dict:
+        """{seed: [status of each of its entries]}."""
+        result: dict = {}
+        for entry in self.entries:
+            result.setdefault((entry.get("setting") or {}).get("seed"), []).append(str(entry.get("status")))
+        return result
+
+    @property
+    def finished_seeds(self) -> set:
+        return {seed for seed, statuses in self.seeds().items() if all(s == "ok" for s in statuses)}
+
+    @property
+    def diverged_seeds(self) -> set:
+        return {seed for seed, statuses in self.seeds().items() if "diverged" in statuses}
+
+    @property
+    def mean_dice(self) -> float:
+        values = [e["dice"] for e in self.entries if e.get("status") == "ok" and isinstance(e.get("dice"), float)
+                  and math.isfinite(e["dice"])]
+        return sum(values) / len(values) if values else math.nan
+
+    def text(self) -> str:
+        """'ILN: 1/3 seeds finished (runs: 2 ok, 4 diverged), mean test Dice 0.812'."""
+        counts: dict = {}
+        for entry in self.entries:
+            counts[str(entry.get("status"))] = counts.get(str(entry.get("status")), 0) + 1
+        runs = ", ".join(f"{k} {status}" for status, k in sorted(counts.items(), key=lambda i: i[0] != "ok"))
+        dice = f", mean test Dice {self.mean_dice:.3f}" if math.isfinite(self.mean_dice) else ""
+        return f"{self.name}: {len(self.finished_seeds)}/{len(self.seeds())} seeds finished (runs: {runs}){dice}"
 
 
 @dataclass
 class Comparison:
-    """One comparison of a claim: ``pair`` = A vs B; ``kind`` "<" (A is worse) or ">=" (A is no worse).
-
-    ``references``: positions in ``pair.levels`` of the arms that must segment (mean Dice >= ``FLOOR``) for
-    a verdict; None: at least one side must (two layers that both learned nothing are not compared).
-    """
+    """One comparison of a claim: ``pair`` = A vs B; ``kind`` "<" (A is worse) or ">=" (A is no worse);
+    ``arms``: the arms of A and B (A1, A2, B1, B2 for a difference in differences); ``best``: the mean test
+    Dice of the best arm of the context, which the floor is relative to."""
 
     pair: Paired
     kind: str
-    references: tuple | None = None
+    arms: list[Arm] = field(default_factory=list)
+    best: float = math.nan
 
     @property
-    def unlearned(self) -> bool:
-        levels = self.pair.levels
-        if not levels:
-            return False
-        if self.references is None:
-            return all(not level >= FLOOR for level in levels)
-        return any(not levels[i] >= FLOOR for i in self.references)
+    def floor(self) -> float:
+        return FLOOR_FRACTION * self.best
+
+    def divergence(self) -> str | None:
+        """Why divergence decides the comparison ("not reproduced"), or None."""
+        if len(self.arms) != 2:
+            return None
+        a, b = self.arms
+        worse, other = (a, b) if self.kind == ">=" else (b, a)
+        seeds = sorted((worse.diverged_seeds & other.finished_seeds), key=str)
+        if not seeds:
+            return None
+        return (f"{worse.name} diverged on seed(s) {', '.join(map(str, seeds))} where {other.name} finished")
+
+    def insufficient(self) -> list[str]:
+        """The reasons the runs do not support a verdict (empty: they do)."""
+        reasons = []
+        for arm in self.arms:
+            if len(arm.finished_seeds) < MIN_SEEDS:
+                reasons.append(f"{arm.name} finished on {len(arm.finished_seeds)} seed(s), a verdict needs "
+                               f"{MIN_SEEDS}")
+        if not self.best >= MIN_BEST:
+            reasons.append(f"no arm of this context segments: the best mean test Dice is {self.best:.3f} "
+                           f"< {MIN_BEST}")
+        else:
+            reasons += [f"{arm.name} does not segment (mean test Dice {arm.mean_dice:.3f} < floor {self.floor:.3f}, "
+                        f"{FLOOR_FRACTION} x the best arm's {self.best:.3f})" for arm in self.arms
+                        if math.isfinite(arm.mean_dice) and not arm.mean_dice >= self.floor]
+        if self.pair.too_few and not self.pair.identical:
+            reasons.append(f"too few non-zero paired differences for a test (n = {self.pair.n_test}; "
+                           f"at least {MIN_UNITS})")
+        return reasons
 
     @property
     def verdict(self) -> str:
-        if self.pair.too_few or self.unlearned:
-            return "inconclusive"
+        if self.divergence():
+            return "not reproduced"
+        if self.insufficient():
+            return "insufficient"
         low, high = self.pair.ci
         worse = self.pair.significant() and self.pair.mean < 0 and high < 0
         no_worse = low > -MARGIN
@@ -87,15 +160,16 @@ class Comparison:
 
     def text(self) -> str:
         low, high = self.pair.ci
-        numbers = (f"mean {self.pair.mean:+.3f} [95% CI {low:+.3f}, {high:+.3f}], n = {self.pair.n} patients, "
-                   if self.pair.n else "no paired patients, ")
+        interval = f"[95% CI {low:+.3f}, {high:+.3f}]" if math.isfinite(low) else "[no interval: fewer than 2 units]"
+        numbers = (f"mean {self.pair.mean:+.3f} {interval}, {self.pair.n} (seed, patient) units, "
+                   f"{self.pair.seeds_text()}, " if self.pair.n else "no paired patients, ")
         missing = f"; {self.pair.missing_volumes} run(s) without per-volume Dice left out" \
             if self.pair.missing_volumes else ""
-        levels = " / ".join(f"{level:.3f}" for level in self.pair.levels)
-        which = "a reference arm does not segment" if self.references else "neither side segments"
-        unlearned = f" (mean Dice {levels}: {which}, Dice < {FLOOR})" if self.unlearned else ""
+        why = self.divergence() or (self.verdict == "insufficient" and "; ".join(self.insufficient()))
+        reason = f" ({why})" if why else ""
+        arms = "".join(f"\n  - {arm.text()}" for arm in self.arms)
         return (f"{self.pair.a} {self.kind} {self.pair.b}: {numbers}{self.pair.p_text()} -> "
-                f"**{self.verdict}**{unlearned}{missing}")
+                f"**{self.verdict}**{reason}{missing}{arms}")
 
 
 @dataclass
@@ -117,10 +191,13 @@ class Claim:
         if self.join == "or":  # reproduced when one is; not reproduced when none can be
             if "reproduced" in verdicts:
                 return "reproduced"
-            return "not reproduced" if all(v == "not reproduced" for v in verdicts) else "inconclusive"
-        if "not reproduced" in verdicts:
+            if all(v == "not reproduced" for v in verdicts):
+                return "not reproduced"
+        elif "not reproduced" in verdicts:
             return "not reproduced"
-        return "reproduced" if all(v == "reproduced" for v in verdicts) else "inconclusive"
+        elif all(v == "reproduced" for v in verdicts):
+            return "reproduced"
+        return "insufficient" if "insufficient" in verdicts else "inconclusive"
 
 
 CLAIMS = {
@@ -158,9 +235,13 @@ def evaluate_claims(runs: list[dict], factors: list[str]) -> list[Claim]:
         cells: dict[tuple, list[dict]] = {}
         for run in members:
             cells.setdefault((run["setting"].get("norm"), run["setting"].get("batch_size")), []).append(run)
+        means = [Arm("", entries).mean_dice for entries in cells.values()]
+        best = max((m for m in means if math.isfinite(m)), default=math.nan)
         built = [claim_4(cells)] if shifted else [claim_1(cells), claim_2(cells), claim_3(cells)]
         for claim in built:
             if claim is not None:
+                for comparison in claim.comparisons:
+                    comparison.best = best
                 if claim.number == 4:
                     claim.note = f"{claim.note}; {augmentation_note(dict(context).get(AUGMENT_KEY))}"
                 claim.context = where
@@ -191,6 +272,13 @@ NEEDS = {
 }
 
 
+def compare(cells: dict, a: tuple, b: tuple, kind: str, names: tuple | None = None) -> Comparison:
+    """Arm ``a`` (norm, batch) against arm ``b``: their runs paired, each arm kept for the verdict's checks."""
+    name_a, name_b = names or (label(a[0]), label(b[0]))
+    arm_a, arm_b = Arm(name_a, cells[a]), Arm(name_b, cells[b])
+    return Comparison(pair_runs(name_a, cells[a], name_b, cells[b]), kind, [arm_a, arm_b])
+
+
 def claim_1(cells: dict) -> Claim | None:
     batches = sorted({b for (norm, b) in cells if norm in ("bn", "gn") and isinstance(b, int)})
     both = [b for b in batches if ("bn", b) in cells and ("gn", b) in cells]
@@ -198,17 +286,18 @@ def claim_1(cells: dict) -> Claim | None:
     if not small or not large:
         return None
     s, l = small[0], large[-1]
-    bn, gn = (cells[("bn", s)], cells[("bn", l)]), (cells[("gn", s)], cells[("gn", l)])
     claim = Claim(1, *CLAIMS[1])
-    # the large-batch arms are the references the changes are measured from: they must segment
-    claim.comparisons = [Comparison(pair_changes(f"BN change {l} -> {s}", bn, f"GN change {l} -> {s}", gn), "<",
-                                    references=(1, 3))]
-    claim.context_lines = [f"for reference, not in the verdict: {c.text()}" for c in (
-        Comparison(pair_runs(label("bn", s), bn[0], label("bn", l), bn[1]), "<"),
-        Comparison(pair_runs(label("gn", s), gn[0], label("gn", l), gn[1]), ">="))]
-    claim.note = (f"Tested as a difference in differences: per volume, (BN at batch {s} - BN at batch {l}) - "
-                  f"(GN at batch {s} - GN at batch {l}) < 0, i.e. BN loses more than GN going to the small batch. "
-                  f"What the batch size does to both layers alike (fewer steps, another rate) cancels.")
+    claim.comparisons = [compare(cells, ("bn", s), ("bn", l), "<", (label("bn", s), label("bn", l))),
+                         compare(cells, ("gn", s), ("gn", l), ">=", (label("gn", s), label("gn", l)))]
+    bn, gn = (cells[("bn", s)], cells[("bn", l)]), (cells[("gn", s)], cells[("gn", l)])
+    reference = pair_changes(f"BN change {l} -> {s}", bn, f"GN change {l} -> {s}", gn)
+    low, high = reference.ci
+    interval = f"[95% CI {low:+.3f}, {high:+.3f}]" if math.isfinite(low) else "[no interval]"
+    claim.context_lines = [f"for reference, not in the verdict: {reference.a} - {reference.b}: mean "
+                           f"{reference.mean:+.3f} {interval}, {reference.n} (seed, patient) units, "
+                           f"{reference.seeds_text()} (how much more BN loses than GN)"]
+    claim.note = (f"Both halves are tested: BN at batch {s} < BN at batch {l} (BN degrades), and GN at batch {s} >= "
+                  f"GN at batch {l} by a non-inferiority margin of {MARGIN} Dice (GN does not).")
     return claim
 
 
@@ -216,8 +305,7 @@ def claim_2(cells: dict) -> Claim | None:
     if not all((norm, 1) in cells for norm in ("bn", "in", "gn")):
         return None
     claim = Claim(2, *CLAIMS[2])
-    claim.comparisons = [Comparison(pair_runs(label(n), cells[(n, 1)], label("bn"), cells[("bn", 1)]), ">=")
-                         for n in ("in", "gn")]
+    claim.comparisons = [compare(cells, (n, 1), ("bn", 1), ">=") for n in ("in", "gn")]
     return claim
 
 
@@ -227,18 +315,21 @@ def claim_3(cells: dict) -> Claim | None:
         return None
     claim = Claim(3, *CLAIMS[3])
     if ("bin", 1) in cells:
-        claim.comparisons.append(Comparison(pair_runs(label("iln"), cells[("iln", 1)], label("bin"),
-                                                      cells[("bin", 1)]), ">="))
+        claim.comparisons.append(compare(cells, ("iln", 1), ("bin", 1), ">="))
     scored = [(mean_validation(cells[(n, 1)]), n) for n in singles]
     scored = [(score, n) for score, n in scored if score is not None]
     if scored:  # ties go to the first in SINGLE's order (BN, IN, LN, GN)
         score, best = max(scored, key=lambda item: (item[0], -SINGLE.index(item[1])))
         claim.note = (f"best single layer on validation: {best.upper()} (mean validation Dice {score:.3f}; "
                       + ", ".join(f"{n.upper()} {v:.3f}" for v, n in sorted(scored, reverse=True)) + ")")
-        claim.comparisons.append(Comparison(pair_runs(label("iln"), cells[("iln", 1)], label(best),
-                                                      cells[(best, 1)]), ">="))
+        claim.comparisons.append(compare(cells, ("iln", 1), (best, 1), ">="))
     elif singles:
         claim.note = "no single layer has a validation Dice: the best single layer cannot be chosen"
+    if ("bin", 1) in cells:
+        claim.note += ("" if not claim.note else ". ") + (
+            "At batch size 1 BIN's batch and instance statistics are the same, so its mixing weight gets no "
+            "gradient: BIN trains as BN and evaluates with BN's running statistics, and ILN >= BIN effectively "
+            "tests ILN >= BN")
     return claim if claim.comparisons else None
 
 
@@ -248,8 +339,7 @@ def claim_4(cells: dict) -> Claim | None:
         helpers = [n for n in SHIFT_HELPERS if (n, batch) in cells]
         if helpers:
             claim = Claim(4, *CLAIMS[4], join="or")
-            claim.comparisons = [Comparison(pair_runs(label("bn"), cells[("bn", batch)], label(n),
-                                                      cells[(n, batch)]), "<") for n in helpers]
+            claim.comparisons = [compare(cells, ("bn", batch), (n, batch), "<") for n in helpers]
             claim.note = f"batch size {batch}"
             return claim
     return None
@@ -268,13 +358,17 @@ def write_claims(path: Path, claims: list[Claim], scope: str) -> Path:
         "about the papers' own data sets.", "",
         "How: each layer's learning rate was chosen on validation Dice (per fold and seed); two layers are "
         "compared on the test patients they share (runs with the same fold and seed), per-volume Dice averaged "
-        f"per patient; two-sided Wilcoxon signed-rank test, Holm-corrected over the comparisons of a claim "
-        f"(alpha {ALPHA}); 95% percentile bootstrap interval of the mean difference ({RESAMPLES} resamples, "
-        f"seed {BOOTSTRAP_SEED}); no test below {MIN_UNITS} paired patients. \"A < B\" is reproduced when A is "
-        f"significantly worse, not reproduced when the interval excludes A being worse by more than {MARGIN} "
-        f"Dice; \"A >= B\" is reproduced when the interval excludes A being worse by more than {MARGIN}, not "
-        f"reproduced when A is significantly worse; anything else is inconclusive, and so is a comparison of "
-        f"layers that do not segment (mean Dice below {FLOOR} on both sides; claim 1: in a large-batch arm).", "",
+        f"per (seed, patient) -- the unit of the tests, so the seeds' training variance is in them; two-sided "
+        f"Wilcoxon signed-rank test, Holm-corrected over the comparisons of a claim (alpha {ALPHA}; n: the "
+        f"non-zero differences it used; none below {MIN_UNITS}); 95% t-interval of the mean difference. "
+        f"\"A < B\" is reproduced when A is significantly worse, not reproduced when the interval excludes A "
+        f"being worse by more than {MARGIN} Dice; \"A >= B\" is reproduced when the interval excludes A being "
+        f"worse by more than {MARGIN} (non-inferiority), not reproduced when A is significantly worse or A diverged "
+        f"on a seed where B finished; anything else is inconclusive. **insufficient**: an arm finished on fewer "
+        f"than {MIN_SEEDS} seeds, or does not segment (mean test Dice below {FLOOR_FRACTION} x the best arm's of "
+        f"its context, or the best arm below {MIN_BEST}), or too few paired differences: the runs do not "
+        f"support a verdict. Each arm's finished seeds and run statuses, and the difference of each seed, are "
+        f"listed under its comparison.", "",
         "| # | claim | source | where | verdict |", "|---|---|---|---|---|"]
     for claim in claims:
         lines.append(f"| {claim.number} | {claim.statement} | {claim.source} | {claim.context or '—'} | "

@@ -1,5 +1,5 @@
 """The layers compared pairwise on per-volume test Dice (comparison.md): Wilcoxon tests with Holm's
-correction, bootstrap intervals, average ranks, Friedman and Nemenyi."""
+correction, t-intervals, average ranks, Friedman and Nemenyi."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from .plots import plot_comparison
 from .runs import show
-from .stats import (ALPHA, BOOTSTRAP_SEED, CONFIDENCE, MIN_UNITS, RESAMPLES, bootstrap_ci, friedman_p, nemenyi_cd,
-                    pair_runs, patient_means, ranks, replicate_key, set_holm)
+from .stats import (ALPHA, CONFIDENCE, MIN_UNITS, friedman_p, nemenyi_cd, pair_runs, patient_means, ranks,
+                    replicate_key, set_holm, t_interval)
 from .tables import column_sort_key, complete_settings, hashable, is_number, norm_sort_key, select_by_validation
 
 # ---------------------------------------------------------------------------- paired comparison
@@ -33,7 +33,7 @@ class LayerResult:
 
     @property
     def ci(self) -> tuple[float, float]:
-        return bootstrap_ci(list(self.patients.values()))
+        return t_interval(list(self.patients.values()))
 
 
 @dataclass
@@ -130,11 +130,13 @@ def write_comparison(sweep_dir: Path, runs: list[dict], metric: str = "dice", pl
         return None  # one norm per setting: nothing to compare
     lines = [f"# Paired comparison: {sweep_dir}", "",
              f"Each norm at the learning rate chosen on validation (per fold and seed; paper_table.md). Per-volume "
-             f"test Dice (metrics.json `per_volume`) of runs sharing fold and seed are paired by case; the unit is "
-             f"the patient (its volumes and replicate runs averaged). Layer means and mean differences with "
-             f"{CONFIDENCE:.0%} percentile bootstrap intervals ({RESAMPLES} resamples of the patients, seed "
-             f"{BOOTSTRAP_SEED}); two-sided Wilcoxon signed-rank tests, Holm-corrected over the pairs of each "
-             f"table, significant below {ALPHA}; no test below {MIN_UNITS} paired patients.", ""]
+             f"test Dice (metrics.json `per_volume`) of runs sharing fold and seed are paired by case; the unit of a "
+             f"pair is (seed, patient): a patient's volumes averaged within each seed, so the seeds' training "
+             f"variance is in the test, and the mean difference of each seed is shown with its sign. Layer means "
+             f"(per patient) and mean differences with {CONFIDENCE:.0%} t-intervals (none from fewer than 2 "
+             f"values); two-sided Wilcoxon signed-rank tests, Holm-corrected over the pairs of each table, "
+             f"significant below {ALPHA}; n: the non-zero differences the test used (of all units); no test below "
+             f"{MIN_UNITS} of them.", ""]
     csv_rows = []
     for group in groups:
         lines += [f"## {group.title()}", "", "| norm | runs | patients | mean test Dice | 95% CI |",
@@ -151,13 +153,15 @@ def write_comparison(sweep_dir: Path, runs: list[dict], metric: str = "dice", pl
             lines += ["", f"{missing} finished run(s) have no per-volume Dice in metrics.json (written before it "
                           f"existed) and are left out of the patients' means and the pairs."]
         if group.pairs:
-            lines += ["", "| A | B | patients | mean A − B | 95% CI | p | result |", "|---|---|---|---|---|---|---|"]
+            lines += ["", "| A | B | n (of units) | mean A − B | 95% CI | per seed | p | result |",
+                      "|---|---|---|---|---|---|---|---|"]
         for pair in group.pairs:
             low, high = pair.ci
             p = "—" if pair.p is None else f"{pair.p:.2g} (Holm {pair.p_holm:.2g})"
-            lines.append(f"| {pair.a} | {pair.b} | {pair.n} | {fmt(pair.mean, True)} | [{fmt(low, True)}, "
-                         f"{fmt(high, True)}] | {p} | {pair_result(pair)} |")
-            csv_rows.append({"kind": "pair", "group": group.title(), "a": pair.a, "b": pair.b, "n": pair.n,
+            seeds = ", ".join(f"{seed}: {value:+.3f}" for seed, value in pair.per_seed.items())
+            lines.append(f"| {pair.a} | {pair.b} | {pair.n_test} (of {pair.n}) | {fmt(pair.mean, True)} | "
+                         f"[{fmt(low, True)}, {fmt(high, True)}] | {seeds or '—'} | {p} | {pair_result(pair)} |")
+            csv_rows.append({"kind": "pair", "group": group.title(), "a": pair.a, "b": pair.b, "n": pair.n_test,
                              "mean": pair.mean, "ci_low": low, "ci_high": high, "p": pair.p, "p_holm": pair.p_holm,
                              "result": pair_result(pair)})
         lines.append("")

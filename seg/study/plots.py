@@ -173,11 +173,13 @@ def plot_comparison(sweep_dir: Path, groups: list[Comparison], families: list[Ra
         for index, layer in enumerate(group.layers):
             low, high = layer.ci
             if math.isfinite(layer.mean):
+                if not (math.isfinite(low) and math.isfinite(high)):  # fewer than 2 patients: no interval
+                    low = high = layer.mean
                 ax.errorbar([layer.mean], [index], xerr=[[layer.mean - low], [high - layer.mean]], fmt="o",
                             capsize=4, color=norm_color(layer.norm))
         ax.set_yticks(range(len(group.layers)), [show(layer.norm) for layer in group.layers])
         ax.invert_yaxis()
-        ax.set_xlabel("test Dice per patient: mean and 95% bootstrap CI")
+        ax.set_xlabel("test Dice per patient: mean and 95% t-interval")
         ax.set_title(group.title(), fontsize=10)
         ax.grid(alpha=0.3, axis="x")
     for ax, family in zip(axes[len(groups):, 0], drawn):

@@ -38,6 +38,8 @@ How runs are pooled and shown (``Cell``):
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -45,8 +47,10 @@ from hydra.experimental.callback import Callback
 from .claims import evaluate_claims, write_claims
 from .comparison import write_comparison
 from .plots import write_plots
-from .runs import read_runs, read_yaml, write_run_table
-from .tables import complete_settings, select_by_validation, write_study_table
+from .runs import MISSING, read_sweep, read_yaml, write_run_table
+from .tables import complete_settings, incomplete_choices, select_by_validation, write_study_table
+
+EXIT_INCOMPLETE = 3  # seg-summarize: the tables were written, but a headline rests on an incomplete choice
 
 def data_scope(sweep_dir: Path, runs: list[dict]) -> str:
     """'data=phantom (the built-in synthetic phantom; 32 patients, 64 px)': what the runs were trained on."""
@@ -81,27 +85,48 @@ def write_claims_file(sweep_dir: Path, runs: list[dict]) -> Path | None:
 # ---------------------------------------------------------------------------- everything
 
 
-def write_summary(sweep_dir: str | Path, metric: str = "dice", plots: bool = True) -> Path | None:
+@dataclass
+class Summary:
+    """What ``summarize`` wrote: the per-run table's path; the choices of a learning rate made without all
+    their candidates (seg/study/tables.py ``incomplete_choices``); the notes about the runs (duplicates, missing
+    jobs)."""
+
+    path: Path
+    incomplete: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def summarize(sweep_dir: str | Path, metric: str = "dice", plots: bool = True) -> Summary | None:
     """Write the per-run table, the study's table, the paired comparison, the claims (where the sweep holds
-    their runs) and the plots; returns the per-run table's path."""
+    their runs) and the plots; None when the folder holds no run."""
     sweep_dir = Path(sweep_dir)
-    runs = read_runs(sweep_dir)
+    sweep = read_sweep(sweep_dir)
+    runs = [run for run in sweep.runs if run.get("status") != MISSING]
     if not runs:
         return None
-    markdown = write_run_table(sweep_dir, runs)
-    write_study_table(sweep_dir, runs, metric)
-    write_comparison(sweep_dir, runs, metric, plots)
-    write_claims_file(sweep_dir, runs)
+    notes = sweep.notes()
+    markdown = write_run_table(sweep_dir, sweep.runs, notes)
+    write_study_table(sweep_dir, sweep.runs, metric, notes)
+    write_comparison(sweep_dir, sweep.runs, metric, plots)
+    write_claims_file(sweep_dir, sweep.runs)
     if plots:
         write_plots(sweep_dir, runs, metric)
-    return markdown
+    return Summary(markdown, incomplete_choices(select_by_validation(sweep.runs)), notes)
+
+
+def write_summary(sweep_dir: str | Path, metric: str = "dice", plots: bool = True) -> Path | None:
+    """``summarize``; returns the per-run table's path."""
+    summary = summarize(sweep_dir, metric, plots)
+    return None if summary is None else summary.path
 
 
 class MultirunSummary(Callback):
     """Hydra callback: write the sweep's tables and plots when a multirun ends."""
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        path = write_summary(Path(config.hydra.sweep.dir))
-        if path is not None:
-            print(f"Sweep summary: {path}")
-            print((path.parent / "paper_table.md").read_text())
+        summary = summarize(Path(config.hydra.sweep.dir))
+        if summary is not None:
+            print(f"Sweep summary: {summary.path}")
+            print((summary.path.parent / "paper_table.md").read_text())
+            for line in summary.incomplete:
+                print(f"warning: a headline rests on an incomplete choice: {line}", file=sys.stderr)

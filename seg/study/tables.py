@@ -179,6 +179,11 @@ def select_by_validation(runs: list[dict]) -> list[dict]:
     With a single rate there is nothing to choose: its run is taken even without a validation Dice. Where
     no run of several rates has a validation Dice, the entry is a stand-in without Dice whose status says
     why: "diverged" or "failed" (every rate), or "no validation Dice" (e.g. data.val_fraction=0).
+
+    A choice among candidates of which one has no result -- its folder missing from the sweep's plan, its
+    metrics.json unreadable (truncated), its run interrupted, failed or still running -- may not be the one the
+    full sweep makes: ``incomplete`` lists those candidates ('lr 0.5 interrupted'), and the tables name them.
+    A diverged candidate is a result (that rate does not train), not a gap.
     """
     runs, _, _ = complete_settings(runs)
     groups: dict[tuple, list[dict]] = {}
@@ -188,6 +193,8 @@ def select_by_validation(runs: list[dict]) -> list[dict]:
     selected = []
     for members in groups.values():
         rates = {hashable(r["setting"].get("lr")) for r in members}
+        gaps = [f"lr {show(r['setting'].get('lr'))} {short_status(r.get('status'))}" for r in
+                sorted(members, key=lambda r: str(r["setting"].get("lr"))) if r.get("status") not in COMPLETE]
         scored = [r for r in members if r.get("status") == "ok" and is_number(r.get("best_val_dice"))]
         finished = [r for r in members if r.get("status") == "ok"]
         if scored:
@@ -200,10 +207,41 @@ def select_by_validation(runs: list[dict]) -> list[dict]:
                       else "failed" if "failed" in statuses else "/".join(sorted(map(str, statuses))))
             setting = {k: v for k, v in members[0]["setting"].items() if k not in ("lr", *ARM_KEYS)}
             selected.append({"run": "—", "status": status, "setting": {**setting, "lr": None},
-                             "chosen_lr": None, "candidates": len(rates)})
+                             "chosen_lr": None, "candidates": len(rates), "incomplete": gaps})
             continue
-        selected.append({**chosen, "chosen_lr": chosen["setting"].get("lr"), "candidates": len(rates)})
+        selected.append({**chosen, "chosen_lr": chosen["setting"].get("lr"), "candidates": len(rates),
+                         "incomplete": gaps})
     return selected
+
+
+COMPLETE = ("ok", "diverged")  # a candidate with a result: finished, or a rate that does not train
+
+
+def short_status(status) -> str:
+    """A run's status as a choice's note names it: 'unreadable' -> 'unreadable metrics.json'."""
+    return "unreadable metrics.json" if status == "unreadable" else str(status).split(" (")[0]
+
+
+def incomplete_choices(selected: list[dict]) -> list[str]:
+    """One line per choice made without all its candidates: 'norm=bn, seed=1, fold=0: lr 0.5 interrupted'."""
+    lines = []
+    keys = sorted({k for entry in selected for k in entry["setting"]})
+    named = [k for k in keys if k in ("norm", *REPLICATES) or len({show(e["setting"].get(k)) for e in selected}) > 1]
+    for entry in selected:
+        if entry.get("incomplete"):
+            where = ", ".join(f"{k}={show(entry['setting'].get(k))}" for k in named
+                              if k not in ("lr", *ARM_KEYS) and entry["setting"].get(k) is not None)
+            lines.append(f"{where}: {'; '.join(entry['incomplete'])}")
+    return lines
+
+
+def incomplete_note(cell: Cell) -> str:
+    """'choice incomplete in 1/6: lr 0.5 interrupted': a cell's choices made without all their candidates."""
+    gaps = [entry for entry in cell.runs if entry.get("incomplete")]
+    if not gaps:
+        return ""
+    named = sorted({gap for entry in gaps for gap in entry["incomplete"]})
+    return f"choice incomplete in {len(gaps)}/{len(cell.runs)}: {', '.join(named)}"
 
 
 def chosen_rates(cell: Cell) -> str:
@@ -234,6 +272,8 @@ def table_lines(runs: list[dict], metric: str, label: str, csv_rows: list[dict],
                 text = c.text((norm, v) in best) if c else ""
                 if c and selected and chosen_rates(c):
                     text += f" ({chosen_rates(c)})"
+                if c and selected and incomplete_note(c):
+                    text += f" (**{incomplete_note(c)}**)"
                 texts.append(text)
             lines.append(f"| {show(norm)} | " + " | ".join(texts) + " |")
             plain = [text.replace("**", "") + (" (best)" if (norm, v) in best else "")
@@ -244,9 +284,10 @@ def table_lines(runs: list[dict], metric: str, label: str, csv_rows: list[dict],
     return lines
 
 
-def write_study_table(sweep_dir: Path, runs: list[dict], metric: str = "dice") -> Path:
+def write_study_table(sweep_dir: Path, runs: list[dict], metric: str = "dice", notes: list[str] = ()) -> Path:
     """paper_table.md and paper_table.csv (and selection.csv when the sweep varies the learning rate);
-    returns the Markdown path."""
+    ``notes``: lines about the runs behind the tables (duplicates left out, planned jobs missing); returns the
+    Markdown path."""
     _, constant, factors = complete_settings(runs)
     what = {"dice": "test Dice, 3D per volume", "dice_2d": "test Dice, 2D per slice"}.get(metric, metric)
     lines = [f"# Study table: {sweep_dir}", "",
@@ -256,6 +297,7 @@ def write_study_table(sweep_dir: Path, runs: list[dict], metric: str = "dice") -
              f"(1/4 diverged)\" is the mean over the 3 that finished.", ""]
     if constant:
         lines += ["Fixed in this sweep: " + ", ".join(f"{k}={show(v)}" for k, v in constant.items()), ""]
+    lines += [*(f"**Note:** {note}" for note in notes), *([""] if notes else [])]
     csv_rows: list[dict] = []
     if "lr" in factors:
         selected = select_by_validation(runs)
@@ -266,7 +308,10 @@ def write_study_table(sweep_dir: Path, runs: list[dict], metric: str = "dice") -
                   " the learning rate with the highest validation Dice (the best epoch's, whose weights were "
                   "tested) is chosen; a cell is the mean ± std of the test Dice of those choices, and \"lr 0.1×4, "
                   "0.5×2\" says how often each rate was chosen (ties: the larger rate; every choice in "
-                  "selection.csv). A setting where no rate finished shows how its runs ended.", ""]
+                  "selection.csv). A setting where no rate finished shows how its runs ended. A choice made while "
+                  "a candidate rate has no result (its job missing from the sweep's plan, its metrics.json "
+                  "unreadable, its run interrupted, failed or running) is marked **choice incomplete**, naming the "
+                  "candidate: the full sweep may choose otherwise.", ""]
         lines += table_lines([{**r, "setting": {**r["setting"], "lr": None}} for r in selected], metric,
                              "lr chosen on validation", csv_rows, selected=True)
         lines += ["## Test Dice per learning rate — for inspection, not for selection", "",
@@ -293,11 +338,12 @@ def write_selection(sweep_dir: Path, selected: list[dict], metric: str) -> Path:
     path = sweep_dir / "selection.csv"
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([*keys, "rates_tried", "chosen_lr", "best_val_dice", f"test_{metric}", "status", "run"])
+        writer.writerow([*keys, "rates_tried", "chosen_lr", "best_val_dice", f"test_{metric}", "status", "run",
+                         "incomplete"])
         for entry in sorted(selected, key=lambda e: [show(e["setting"].get(k)) for k in keys]):
             writer.writerow([show(entry["setting"].get(k)) for k in keys] + [
                 entry["candidates"], show(entry["chosen_lr"]), cell(entry, "best_val_dice"), cell(entry, metric),
-                entry.get("status"), entry.get("run")])
+                entry.get("status"), entry.get("run"), "; ".join(entry.get("incomplete") or [])])
     return path
 
 

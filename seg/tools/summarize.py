@@ -4,11 +4,17 @@ Writes, into the sweep folder, what a multirun writes at its end (seg/study/summ
 (one row per run), paper_table.md/.csv (rows norms, Dice mean ± std over folds and seeds, diverged
 runs shown as such: first at each norm's learning rate chosen on validation, with selection.csv
 listing every choice, then per learning rate for inspection only), comparison.md/.csv (the norms
-compared pairwise on per-volume test Dice: Wilcoxon with Holm, bootstrap intervals, average
+compared pairwise on per-volume test Dice: Wilcoxon with Holm, t-intervals, average
 ranks), claims.md (the normalization papers' claims, where the sweep holds their runs) and, with the
 ``study`` extra (pip install -e ".[study]": matplotlib, scipy), comparison.png, dice_vs_lr.png (or
 dice_vs_batch_size.png), learning_curves.png and mixing_weights.png. Useful to re-summarize a
 sweep that is still running or was interrupted. docs/study.md explains each file.
+
+Exit codes: 0 the tables were written; 1 an error (no such folder, no run in it), in one line;
+3 (``EXIT_INCOMPLETE``) the tables were written, but a headline rests on an incomplete choice: a
+learning rate was chosen while a candidate rate has no result (its job missing from the sweep's
+multirun.yaml plan, its metrics.json unreadable, its run interrupted, failed or still running) --
+one line per such choice says which.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..study.summary import write_summary
+from ..study.summary import EXIT_INCOMPLETE, summarize
 from . import arguments
 
 
@@ -32,13 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: {args.sweep_dir} is not a folder", file=sys.stderr)
         return 1
-    if write_summary(args.sweep_dir, metric=args.metric, plots=not args.no_plots) is None:
+    summary = summarize(args.sweep_dir, metric=args.metric, plots=not args.no_plots)
+    if summary is None:
         print(f"error: no run folder with a metrics.json directly below {args.sweep_dir}", file=sys.stderr)
         return 1
     print((args.sweep_dir / "paper_table.md").read_text())
     written = sorted(p.name for p in args.sweep_dir.iterdir() if p.suffix in (".md", ".csv", ".png"))
     print(f"Written in {args.sweep_dir}: {', '.join(written)}")
-    return 0
+    for line in summary.incomplete:
+        print(f"incomplete choice (exit {EXIT_INCOMPLETE}): {line}", file=sys.stderr)
+    return EXIT_INCOMPLETE if summary.incomplete else 0
 
 
 if __name__ == "__main__":
