@@ -112,7 +112,7 @@ def test_predict_then_evaluate_returns_the_trainers_test_dice(acdc_root, tmp_pat
         for label in (acdc_root / "database" / "training" / patient).glob("*_gt.nii.gz"):
             (truths / label.name).symlink_to(label)
     printed = run_script("evaluate", f"pred={tmp_path / 'pred'}", f"gt={truths}")
-    assert "| case | dice_rv |" in printed
+    assert "| case | phase | dice_rv |" in printed
     evaluation = evaluate_folders(tmp_path / "pred", truths)
     assert evaluation.classes == ["rv", "myo", "lv"] and len(evaluation.cases) == metrics["num_test_volumes"]
     # predict.py batches one volume's slices, the trainer 16 slices across volumes: a different batch

@@ -40,7 +40,7 @@ from .readers import iter_volumes, summarize, summary_line, warn
 from .slices import PreparedVolume, prepare_volume
 from .volumes import DataError
 
-CACHE_VERSION = 2  # 2: nnU-Net case ids kept and cases grouped by the conversion's naming
+CACHE_VERSION = 3  # 2: nnU-Net case ids kept and cases grouped by the conversion's naming; 3: grid_spacing
 CACHE_FOLDER = ".seg-cache"
 DTYPES = {"float32": torch.float32, "float16": torch.float16}
 

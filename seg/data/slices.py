@@ -90,7 +90,8 @@ class PreparedVolume:
     """One volume after preprocessing, before the task: what the cache stores.
 
     image (S, 1, size, size) float32; label (S, size, size) uint8 in the project's label set;
-    annotated (S,) uint8 annotation bits per slice; case: patient, phase, spacing and metadata.
+    annotated (S,) uint8 annotation bits per slice; case: patient, phase, spacing (as read), grid_spacing
+    (x, y, slice in mm of the prepared grid: the in-plane spacing after resampling) and metadata.
     """
 
     image: torch.Tensor
@@ -104,16 +105,19 @@ def prepare_volume(volume: Volume, *, image_size: int, spacing: float | None, cl
     """Normalise, resample in-plane to ``spacing`` mm and crop/pad one volume to ``image_size``."""
     image = torch.from_numpy(normalize_intensity(volume.image, clip_percentiles, normalize)).unsqueeze(1)
     label = torch.from_numpy(volume.label).unsqueeze(1)
+    grid = [float(s) for s in volume.spacing]  # the spacing of the prepared grid (x, y, slice), mm
     if spacing:
         sx, sy = volume.spacing[0], volume.spacing[1]
         size = (max(1, round(image.shape[-2] * sx / spacing)), max(1, round(image.shape[-1] * sy / spacing)))
         if size != tuple(image.shape[-2:]):
             image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
             label = F.interpolate(label.float(), size=size, mode="nearest-exact").to(torch.uint8)
+        grid[:2] = [volume.image.shape[1] * volume.spacing[0] / size[0],
+                    volume.image.shape[2] * volume.spacing[1] / size[1]]
     image = crop_or_pad(image, image_size, fill=float(image.min()))
     label = crop_or_pad(label, image_size, fill=0)[:, 0]
     case = {"case": volume.case, "patient": volume.patient, "phase": volume.phase,
-            "spacing": [float(s) for s in volume.spacing], **volume.meta}
+            "spacing": [float(s) for s in volume.spacing], "grid_spacing": grid, **volume.meta}
     return PreparedVolume(image.contiguous(), label.contiguous(), torch.from_numpy(volume.annotation().copy()), case)
 
 

@@ -1,17 +1,20 @@
-"""Per-case, per-class Dice and 95% Hausdorff distance of predicted label volumes against ground truth.
+"""Per-case, per-structure scores of predicted label volumes against ground truth: Dice, HD, HD95 and ASSD
+in mm, the predicted and true volume in ml; each case's patient, phase and vendor (seg/evaluation/cases.py).
 
-Definitions -- those of seg/evaluation/dice.py (nnU-Net's); counted on the grid of the files, where the
+Definitions -- Dice those of seg/evaluation/dice.py (nnU-Net's), counted on the grid of the files, where the
 trainer counts on its own (resampled to ``data.spacing``, cropped to ``data.image_size``, only
 ``data.max_slices_per_volume`` slices): the mean Dice of a model's predictions equals the trainer's test
-``dice`` on the same cases when the two grids are one (docs/inference.md, "evaluate"):
+``dice`` on the same cases when the two grids are one (docs/inference.md, "evaluate"); the distances those of
+seg/evaluation/surface.py; the volumes, clinical indices and agreement those of seg/evaluation/cardiac.py and
+seg/evaluation/agreement.py:
 
 - **Dice** of class c in one case, in 3D: 2|P∩G| / (|P| + |G|) (MONAI ``DiceMetric``,
   ``ignore_empty=False``). A case where P and G are both empty is NaN: skipped, neither 1 nor 0.
   An empty G with a non-empty P scores 0.
-- **HD95**, in mm, in 3D: MONAI ``HausdorffDistanceMetric(percentile=95)``, the larger of the two
-  directed 95th percentiles of the distances between the boundary voxels of P and of G, with the
-  voxel spacing of the ground truth's NIfTI header (so thick slices count as thick). Undefined
-  (NaN, skipped) when P or G is empty: there is no distance to nothing. MONAI needs scipy for it.
+- **HD, HD95, ASSD**, in mm, in 3D, with the voxel spacing of the ground truth's NIfTI header (so thick
+  slices count as thick): MONAI's surface distances. Undefined (NaN, skipped) when P or G is empty:
+  there is no distance to nothing. MONAI needs scipy for them; without it they are left out, and said so.
+- **Volumes** (ml): voxel count x voxel volume / 1000, with the same spacing; the error is predicted - true.
 - **Means**: per class, over the cases where it is defined; ``mean`` is the mean of the classes'
   means (the trainer's ``dice``).
 
@@ -28,7 +31,6 @@ import csv
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +38,11 @@ import numpy as np
 import torch
 
 from ..config.options import OptionError
+from ..runtime.temporaries import temporary_path
 from ..data.volumes import LABELS, NIFTI_SUFFIXES, DataError, case_name, is_label_file, read_nifti
+from .cases import CaseInfo
+from .scores import METRICS, geometry_scores, mean_defined
+from .surface import DISTANCES, WITHOUT_SCIPY, distances_available
 
 
 MISSING = ("error", "zero")  # what a ground truth without prediction does
@@ -44,13 +50,24 @@ MISSING = ("error", "zero")  # what a ground truth without prediction does
 
 @dataclass
 class CaseResult:
-    """One case's scores: {class name: value}, NaN where undefined; ``hd95`` None when not computed;
+    """One case's scores, {metric: {class name: value}} for the metrics of ``scores.METRICS`` (NaN where
+    undefined; the distances absent when not computed); its patient, phase and vendor ('' where unknown);
     ``missing``: no prediction was found, scored as an empty one (``missing="zero"``)."""
 
     case: str
-    dice: dict[str, float]
-    hd95: dict[str, float] | None
+    scores: dict[str, dict[str, float]]
     missing: bool = False
+    patient: str = ""
+    phase: str = ""
+    vendor: str = ""
+
+    @property
+    def dice(self) -> dict[str, float]:
+        return self.scores["dice"]
+
+    @property
+    def hd95(self) -> dict[str, float] | None:
+        return self.scores.get("hd95")
 
 
 def nifti_files(folder: Path, recursive: bool = True, exclude: Path | None = None) -> list[Path]:
@@ -117,37 +134,31 @@ def one_hot(labels: np.ndarray, values: list[int]) -> torch.Tensor:
 
 
 def hausdorff_available() -> bool:
-    """MONAI's Hausdorff distance needs scipy's binary erosion and distance transform."""
-    try:
-        import scipy.ndimage  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """MONAI's surface distances (HD, HD95, ASSD) need scipy."""
+    return distances_available()
 
 
 def evaluate_case(prediction: np.ndarray, truth: np.ndarray, labels: dict[str, int], spacing,
-                  with_hd95: bool = True) -> tuple[dict[str, float], dict[str, float] | None]:
-    """({class: Dice}, {class: HD95 in mm} or None) of one case, by the definitions above."""
-    from monai.metrics import DiceMetric, HausdorffDistanceMetric
+                  with_distances: bool = True) -> dict[str, dict[str, float]]:
+    """{metric: {class: value}} of one case, by the definitions above: Dice, and HD, HD95, ASSD (mm; left
+    out unless ``with_distances``) and the volumes (ml)."""
+    from monai.metrics import DiceMetric
 
     values = list(labels.values())
     p, g = one_hot(prediction, values), one_hot(truth, values)
     dice = DiceMetric(include_background=False, reduction="none", ignore_empty=False)(p, g)[0]
     both_empty = (p[0, 1:].flatten(1).sum(1) == 0) & (g[0, 1:].flatten(1).sum(1) == 0)
     dice = torch.where(both_empty, torch.nan, dice)
-    hd95 = None
-    if with_hd95:
-        with warnings.catch_warnings():  # MONAI warns about each empty mask; NaN says it in the table
-            warnings.simplefilter("ignore")
-            metric = HausdorffDistanceMetric(include_background=False, percentile=95, reduction="none")
-            distances = metric(p, g, spacing=tuple(float(s) for s in spacing))[0]
-        hd95 = dict(zip(labels, distances.tolist()))
-    return dict(zip(labels, dice.tolist())), hd95
+    scores = {"dice": dict(zip(labels, dice.tolist())),
+              **geometry_scores(prediction, truth, labels, spacing, distances=with_distances)}
+    if not with_distances:
+        for metric in DISTANCES:
+            del scores[metric]
+    return scores
 
 
 def nanmean(values) -> float:
-    kept = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(kept) / len(kept) if kept else math.nan
+    return mean_defined(values)
 
 
 @dataclass
@@ -158,62 +169,95 @@ class Evaluation:
     classes: list[str]
 
     def mean(self, metric: str, name: str) -> float:
-        return nanmean(getattr(case, metric)[name] for case in self.cases if getattr(case, metric) is not None)
+        return nanmean(case.scores[metric][name] for case in self.cases if metric in case.scores)
 
     @property
-    def has_hd95(self) -> bool:
-        return any(case.hd95 is not None for case in self.cases)
+    def has_distances(self) -> bool:
+        return any("hd95" in case.scores for case in self.cases)
+
+    has_hd95 = has_distances
 
     @property
     def dice(self) -> float:
         """Mean over classes of the per-class mean over cases: the trainer's test ``dice``."""
         return nanmean(self.mean("dice", name) for name in self.classes)
 
+    @property
+    def metrics(self) -> list[str]:
+        """The metrics of the table, in ``scores.METRICS`` order (the distances only when computed)."""
+        return [m for m in METRICS if m not in DISTANCES or self.has_distances]
+
     def columns(self) -> list[tuple[str, str]]:
         """(metric, class) of each table column."""
-        metrics = ("dice", "hd95") if self.has_hd95 else ("dice",)
-        return [(metric, name) for name in self.classes for metric in metrics]
+        return [(metric, name) for metric in self.metrics for name in self.classes]
+
+    @property
+    def has_vendors(self) -> bool:
+        return any(case.vendor for case in self.cases)
 
     @property
     def missing(self) -> list[str]:
         """The cases without prediction, scored as empty predictions."""
         return [case.case for case in self.cases if case.missing]
 
-    def rows(self) -> list[dict]:
-        """One row per case, then the mean row: {"case", "dice_<class>", "hd95_<class>", "missing"}."""
-        rows = [{"case": case.case, **{f"{metric}_{name}": getattr(case, metric)[name]
-                                       for metric, name in self.columns()},
+    def volume_rows(self) -> list[dict]:
+        """One flat row per case (seg/evaluation/scores.py): case, patient, phase, vendor, dice (mean over
+        the classes), <metric>_<class>..., missing."""
+        return [{"case": case.case, "patient": case.patient, "phase": case.phase, "vendor": case.vendor,
+                 "dice": nanmean(case.dice.values()),
+                 **{f"{metric}_{name}": case.scores[metric][name] for metric, name in self.columns()},
                  "missing": "yes" if case.missing else "no"} for case in self.cases]
-        rows.append({"case": "mean",
+
+    def rows(self) -> list[dict]:
+        """The per-case rows, then the mean row (case "mean", the means over the cases of each column)."""
+        rows = self.volume_rows()
+        rows.append({"case": "mean", "patient": "", "phase": "", "vendor": "", "dice": self.dice,
                      **{f"{metric}_{name}": self.mean(metric, name) for metric, name in self.columns()},
                      "missing": str(len(self.missing))})
         return rows
 
     def markdown(self) -> str:
-        header = ["case", *(f"{metric}_{name}" for metric, name in self.columns())]
+        """The per-case table: Dice, HD95, ASSD and the volume error per class (every figure is in the CSV)."""
+        shown = [m for m in ("dice", "hd95", "assd", "vol_error") if m in self.metrics]
+        info = ["phase", *(["vendor"] if self.has_vendors else [])]
+        header = ["case", *info, *(f"{metric}_{name}" for metric in shown for name in self.classes)]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in self.rows():
             case = row["case"] + (" (missing)" if row["missing"] == "yes" else "")
-            lines.append("| " + " | ".join([case, *(format_score(row[key]) for key in header[1:])]) + " |")
+            lines.append("| " + " | ".join([case, *(row[key] or "" for key in info),
+                                            *(format_score(row[key], key) for key in header[1 + len(info):])])
+                         + " |")
         lines += ["", f"Mean Dice over classes: {self.dice:.4f} ({len(self.cases)} cases). "
-                  "— : undefined (Dice: class absent from prediction and truth; HD95: absent from either)."]
+                  "— : undefined (Dice: class absent from prediction and truth; distances: absent from either). "
+                  "HD95, ASSD in mm; vol_error = predicted − true volume in ml."]
         if self.missing:
             lines.append(f"Missing predictions, counted as Dice 0: {', '.join(self.missing)}")
-        if not self.has_hd95:
-            lines.append("HD95 not computed: MONAI's Hausdorff distance needs scipy (pip install -e '.[study]').")
+        if not self.has_distances:
+            lines.append(f"Note: {WITHOUT_SCIPY}.")
         return "\n".join(lines)
 
     def write_csv(self, path: Path) -> None:
-        rows = self.rows()
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows([{k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-                              for row in rows])
+        write_rows(path, self.rows())
 
 
-def format_score(value: float) -> str:
-    return "—" if value is None or math.isnan(value) else f"{value:.4f}" if value <= 1 else f"{value:.2f}"
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """A CSV of ``rows`` (the first row's keys as the header; NaN and None as empty fields), written to a
+    temporary name and renamed."""
+    temporary = temporary_path(path, keep_suffix=".csv")
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fieldnames)
+        writer.writeheader()
+        writer.writerows([{k: ("" if v is None or isinstance(v, float) and math.isnan(v) else v)
+                           for k, v in row.items()} for row in rows])
+    temporary.replace(path)
+
+
+def format_score(value, metric: str = "dice") -> str:
+    """4 decimals for a Dice, 2 for mm and ml; "—" where undefined."""
+    if value is None or isinstance(value, str) or math.isnan(value):
+        return "—" if not isinstance(value, str) or not value else value
+    return f"{value:.4f}" if metric.startswith("dice") else f"{value:.2f}"
 
 
 def labels_to_evaluate(pred_dir: Path, pairs: list[tuple[str, Path | None, Path]]) -> dict[str, int]:
@@ -255,7 +299,8 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
     pred_dir, gt_dir = Path(pred_dir), Path(gt_dir)
     pairs = match_cases(pred_dir, gt_dir, missing)
     labels = labels or labels_to_evaluate(pred_dir, pairs)
-    with_hd95 = hausdorff_available()
+    with_distances = distances_available()
+    info = CaseInfo()
     results = []
     for case, pred_path, truth_path in pairs:
         truth, spacing, truth_affine = read_nifti(truth_path)
@@ -266,7 +311,7 @@ def evaluate_folders(pred_dir: str | os.PathLike, gt_dir: str | os.PathLike,
         if prediction.shape != truth.shape or not np.allclose(pred_affine, truth_affine, atol=1e-3):
             raise DataError(f"{pred_path}: shape {prediction.shape} or affine differs from the ground truth "
                             f"{truth_path} {truth.shape}")
-        dice, hd95 = evaluate_case(np.rint(prediction).astype(np.int64), np.rint(truth).astype(np.int64), labels,
-                                   spacing, with_hd95)
-        results.append(CaseResult(case, dice, hd95, missing=pred_path is None))
+        scores = evaluate_case(np.rint(prediction).astype(np.int64), np.rint(truth).astype(np.int64), labels,
+                               spacing, with_distances)
+        results.append(CaseResult(case, scores, missing=pred_path is None, **info(case, truth_path)))
     return Evaluation(results, list(labels))

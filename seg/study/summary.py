@@ -7,8 +7,8 @@ in configs/train.yaml), or by ``seg-summarize <sweep folder>`` (seg/tools/summar
 - ``summary.md`` / ``summary.csv``: one row per run (norm, lr, batch size, seed, status, Dice...);
 - ``paper_table.md`` / ``paper_table.csv``: the study's table, laid out like the ILN paper's --
   rows norms, columns batch sizes when the sweep varies them, each cell the test Dice mean ± std
-  over the runs that differ only in fold and seed. One table per value of anything else the sweep
-  varied (task, test vendor, ...). When the sweep varies the learning rate, the rate is chosen per
+  over the runs that differ only in fold and seed, and an HD95 column (mm) where the runs have one.
+  One table per value of anything else the sweep varied (task, test vendor, ...). When the sweep varies the learning rate, the rate is chosen per
   norm, fold and seed (and everything else) by **validation** Dice (``select_by_validation``) and
   the table reports the test Dice of that choice; the table with one column per learning rate
   follows, labelled "for inspection, not for selection" (picking each norm's best column there
@@ -16,6 +16,8 @@ in configs/train.yaml), or by ``seg-summarize <sweep folder>`` (seg/tools/summar
 - ``comparison.md`` / ``comparison.csv`` / ``comparison.png``: the norms compared pairwise on
   per-volume test Dice of the runs they share (fold and seed), with Wilcoxon tests (Holm),
   bootstrap intervals and average ranks (seg/study/stats.py);
+- ``comparison_cardiac.md`` / ``.csv``: the same pairing and ranks on the error of the ejection fraction and
+  on HD95 (lower is better), from the runs' per-volume figures (seg/study/cardiac.py);
 - ``claims.md``: the normalization papers' claims tested on the sweep's runs, where it holds the runs a
   claim needs (seg/study/claims.py; ``experiment=claims`` holds all of them);
 - ``dice_vs_lr.png`` (or ``dice_vs_batch_size.png``), ``learning_curves.png`` and
@@ -44,6 +46,7 @@ from pathlib import Path
 
 from hydra.experimental.callback import Callback
 
+from .cardiac import write_cardiac_comparison
 from .claims import evaluate_claims, write_claims
 from .comparison import write_comparison
 from .plots import write_plots
@@ -108,6 +111,7 @@ def summarize(sweep_dir: str | Path, metric: str = "dice", plots: bool = True) -
     markdown = write_run_table(sweep_dir, sweep.runs, notes)
     write_study_table(sweep_dir, sweep.runs, metric, notes)
     write_comparison(sweep_dir, sweep.runs, metric, plots)
+    write_cardiac_comparison(sweep_dir, runs)
     write_claims_file(sweep_dir, sweep.runs)
     if plots:
         write_plots(sweep_dir, runs, metric)

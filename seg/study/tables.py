@@ -9,6 +9,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .hd95_column import has_hd95, hd95_text
 from .runs import ARM_KEYS, NAMED_STATUSES, NORM_ORDER, REPLICATES, cell, show
 
 # ---------------------------------------------------------------------------- the study's table
@@ -263,8 +264,12 @@ def table_lines(runs: list[dict], metric: str, label: str, csv_rows: list[dict],
         sizes = sorted({len(c.runs) for c in table.cells.values()})
         heads = ["test Dice" if table.column == "lr" and selected else f"{table.column}={show(v)}"
                  for v in table.columns]
+        distances = has_hd95(table.cells.values())
+        if distances:
+            heads += [f"HD95 (mm){'' if len(table.columns) == 1 else f' {table.column}={show(v)}'}"
+                      for v in table.columns]
         lines += [f"### {table.title()}", "", f"Runs per cell: {', '.join(map(str, sizes))}", "",
-                  "| norm | " + " | ".join(heads) + " |", "|---|" + "---|" * len(table.columns)]
+                  "| norm | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
         for norm in table.norms:
             texts = []
             for v in table.columns:
@@ -275,9 +280,12 @@ def table_lines(runs: list[dict], metric: str, label: str, csv_rows: list[dict],
                 if c and selected and incomplete_note(c):
                     text += f" (**{incomplete_note(c)}**)"
                 texts.append(text)
-            lines.append(f"| {show(norm)} | " + " | ".join(texts) + " |")
             plain = [text.replace("**", "") + (" (best)" if (norm, v) in best else "")
                      for v, text in zip(table.columns, texts)]
+            if distances:  # the HD95 column(s): seg/study/hd95_column.py
+                texts += [hd95_text(table.cells.get((norm, v))) for v in table.columns]
+                plain += texts[len(table.columns):]
+            lines.append(f"| {show(norm)} | " + " | ".join(texts) + " |")
             csv_rows.append({"table": label, **{k: show(v) for k, v in table.where.items()}, "norm": show(norm),
                              **{head: text for head, text in zip(heads, plain)}})
         lines.append("")

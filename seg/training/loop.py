@@ -5,7 +5,8 @@
     train_epoch     the epoch's shuffled batches, each one ``train_step`` (seg/training/step.py), the losses logged
     end_epoch       the epoch's record, validation, the best epoch's weights, last.pt; a signal stops here
     evaluate_split  the Dice of one split (validation after each epoch, test at the end)
-    finish          the test with the best validation epoch's weights, metrics.json and the report
+    finish          the test with the best validation epoch's weights (per test volume also HD, HD95, ASSD and
+                    volumes, per patient EF and mass: seg/evaluation/per_volume.py), metrics.json and the report
 
 The learning rate changes in ``train`` itself, at the end of every epoch, by the schedule (seg/training/schedules.py).
 Where the pieces come from: the model ``seg.model.build.build_model``, the optimizer ``seg.training.optimizers``, the
@@ -42,7 +43,8 @@ from ..data import DataError, class_names, load_splits
 from ..data.augmentations import Augmentation, augmentation_of
 from ..runtime.distributed import World
 from .losses import build_loss
-from ..evaluation.dice import evaluate, per_volume_dice
+from ..evaluation.dice import evaluate
+from ..evaluation.per_volume import per_volume_figures, summary as per_volume_summary
 from ..model.build import build_model, load_weights, norm_options
 from ..norms import spec
 from .optimizers import build_optimizer
@@ -435,8 +437,10 @@ def finish(run: Run, state: RunState) -> None:
                        mixing_weights=mixing_weights(run.model),
                        resumed_from=str(run.resume_from) if run.resume_from else None,
                        wall_time_s=time.perf_counter() - run.started)
-    run.metrics["per_volume"] = per_volume_dice(test_prediction, run.splits["test"], run.num_classes,
-                                                run.classes)  # for the paired tests of a study
+    if run.world.is_main:  # rank 0 alone writes metrics.json: the others skip the surface distances
+        # per test volume: Dice, HD, HD95, ASSD, volumes, phase, vendor (for the paired tests of a study)
+        rows = per_volume_figures(test_prediction, run.splits["test"], run.num_classes, run.classes)
+        run.metrics.update(per_volume_summary(rows, run.classes), per_volume=rows)
     if run.cfg.trainer.compile:
         run.metrics["graph_breaks"] = graph_breaks()  # 0 for every norm (a test checks)
     log_hparams(run.writer, run.metrics)

@@ -145,5 +145,7 @@ def print_report(metrics: dict, classes: list[str]) -> None:
           f"norm={metrics['norm']} lr={metrics['lr']} batch={metrics['batch_size']} seed={metrics['seed']}\n"
           f"  test Dice, 3D per volume: {metrics['dice']:.4f}  ({per_class})\n"
           f"  test Dice, 2D per slice:  {metrics['dice_2d']:.4f}\n"
-          f"  best validation Dice:     {'n/a' if best is None else f'{best:.4f}'} (epoch {metrics['best_epoch']})\n"
+          + (f"  test HD95, ASSD (mm):     {metrics['hd95']:.2f}, {metrics['assd']:.2f}\n"
+             if isinstance(metrics.get("hd95"), float) and isinstance(metrics.get("assd"), float) else "")
+          + f"  best validation Dice:     {'n/a' if best is None else f'{best:.4f}'} (epoch {metrics['best_epoch']})\n"
           f"  outputs: {metrics['output_dir']}  (metrics.json, TensorBoard events, checkpoints/)")
