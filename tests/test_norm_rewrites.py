@@ -172,6 +172,7 @@ def test_the_rewritten_layer_computes_what_the_earlier_one_did(name, training, f
     out, grads = run(layer, lambda m, t, c: m(t, c), x, cond, upstream)
     ref_out, ref_grads = run(earlier, reference, x, cond, upstream)
     torch.testing.assert_close(out, ref_out, **TIGHT)
+    assert out.stride() == ref_out.stride()  # stored as before: the next layer sees the same memory format
     names = ["input"] + [n for n, p in layer.named_parameters() if p.requires_grad]
     for label, got, want in zip(names, grads, ref_grads):
         if want is None:
