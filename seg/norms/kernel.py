@@ -128,7 +128,9 @@ class KNConv2d(nn.Conv2d):
         weight_sums = self.weight.sum(dim=(1, 2, 3))
         if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
             return correction_reference(out, mean, var, weight_sums, self.bias, self.eps)
-        return _Correction.apply(out, mean, var, weight_sums, self.bias, self.eps)
+        with full_precision(mean):  # under autocast: the statistics' precision, as type promotion gave before
+            dtype = torch.promote_types(out.dtype, mean.dtype)
+            return _Correction.apply(out.to(dtype), mean, var, weight_sums.to(dtype), self.bias.to(dtype), self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout_p={self.dropout_p}, eps={self.eps}"
