@@ -143,7 +143,9 @@ def build(name):
     raise KeyError(name)
 
 
-LAYERS = ["frn", "lcn", "lcn_window31", "lcn_stop", "lcn_cpg4", "kn", "spade", "sean", "sean_plain"]
+# the conv layers' cases take several seconds each (convolutions in float64 at 256x256): the slow tier
+LAYERS = ["frn", "lcn", "lcn_window31", "lcn_stop", "lcn_cpg4",
+          *(pytest.param(name, marks=pytest.mark.slow) for name in ("kn", "spade", "sean", "sean_plain"))]
 
 
 def run(layer, forward, x, cond, upstream):
