@@ -18,7 +18,10 @@ Conditional layers (cin, adain, spade, sean) are timed with a fixed ``Condition`
 an image of the tensor's size, 4 domain ids, 64-wide style codes, soft masks of 4 regions at
 1/4 resolution with their codes. Their time includes each layer's own modulation network (for
 spade and sean the 128-channel 3x3 convs, at the full resolution of the tensor), not the
-conditioner the U-Net runs once per forward pass for all layers.
+conditioner the U-Net runs once per forward pass for all layers. Those convolutions are the methods'
+own cost, so a third table gives spade and sean against that 128-wide conv pair alone (plain torch
+convolutions from the image to (gamma, beta), timed in the same rounds), and sean against spade
+(the cost of its region path).
 
 A step is forward, then the gradients of a fixed upstream gradient with respect to the input
 and every parameter (``torch.autograd.grad``, nothing accumulates). Candidates are timed in
@@ -81,6 +84,36 @@ class WithCondition(nn.Module):
         return self.module(x, self.cond)
 
 
+class ModulationConvs(nn.Module):
+    """The cost that SPADE and SEAN cannot shed: the 128-wide pair of 3x3 convolutions that maps the image to
+    (gamma, beta), as plain torch convolutions (1 -> 128 channels, ReLU, 128 -> 2 C), without any normalization."""
+
+    def __init__(self, num_channels: int, image: torch.Tensor, hidden: int = 128):
+        super().__init__()
+        self.image = image
+        self.convs = nn.Sequential(nn.Conv2d(image.shape[1], hidden, 3, padding=1), nn.ReLU(inplace=True),
+                                   nn.Conv2d(hidden, 2 * num_channels, 3, padding=1))
+
+    def forward(self, x):
+        return self.convs(self.image)
+
+
+MODULATION = "128-wide conv pair (spade's modulation convs alone)"
+
+
+def conditional_table(figures: dict) -> str:
+    """spade and sean against the 128-wide conv pair they are built on, and sean's region path against spade."""
+    reference = figures[MODULATION]["ms"]
+    rows = [[name, f"{figures[name]['ms']:.1f}", f"{figures[name]['ms'] / reference:.2f}",
+             f"{figures[name]['ms'] / figures['spade']['ms']:.2f}" if name == "sean" and "spade" in figures else ""]
+            for name in ("spade", "sean") if name in figures]
+    text = ("## Conditional layers against their modulation convolutions\n\n"
+            + markdown_table(["layer", "ms fwd+bwd (median)", "ratio to the 128-wide conv pair", "ratio to spade"],
+                             rows))
+    print("\n" + text, flush=True)
+    return text
+
+
 def bench_condition(x: torch.Tensor, num_domains: int = 4, style_dim: int = 64, regions: int = 4) -> Condition:
     """A condition of the shapes the U-Net gives its layers at the resolution of ``x``."""
     n, _, h, w = x.shape
@@ -104,7 +137,7 @@ def step_fn(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
     inputs = [x] + [p for p in module.parameters() if p.requires_grad]
 
     def step():
-        torch.autograd.grad(module(x), inputs, grad)
+        torch.autograd.grad(module(x), inputs, grad, allow_unused=True)  # the conv pair does not read x
 
     return step
 
@@ -193,6 +226,8 @@ def main() -> None:
     layers.update({name: build(name, make_norm, cond, c) for name in chosen if spec(name).kind != "conv_pair"})
     if "iln" in chosen:
         layers["iln, unfused (3 separate norms)"] = UnfusedILN(c)
+    if {"spade", "sean"} & set(chosen):
+        layers[MODULATION] = ModulationConvs(c, cond.image)
     layers = {name: m.to(memory_format=fmt) for name, m in layers.items()}
     same_shape = torch.randn_like(x)
     copy_bytes = max(x.numel() * x.element_size(), 2**30 if device.type == "cuda" else 0)
@@ -200,9 +235,12 @@ def main() -> None:
     about += (f" Copy bandwidth on {device}: {copy_rate / 1e9:.3g} GB/s (read + written, {copy_bytes / 2**20:.3g} MiB "
               f"buffers); a layer's bandwidth counts {PASSES} passes of the input ({PASSES} x "
               f"{x.numel() * x.element_size() / 2**20:.3g} MiB per step).")
-    alone, alone_figures = table("Layer alone", run(layers, x, lambda probe: same_shape, args.rounds, args.repeats),
+    upstream = (lambda probe: same_shape if probe.shape == same_shape.shape else torch.randn_like(probe))
+    alone, alone_figures = table("Layer alone", run(layers, x, upstream, args.rounds, args.repeats),
                                  gn, PASSES * x.numel() * x.element_size(), copy_rate)
     tables, figures = [alone], {"layer_alone": alone_figures}
+    if MODULATION in alone_figures:
+        tables.append(conditional_table(alone_figures))
 
     if not args.skip_pairs:
         conv_gn = "conv 3x3 + GroupNorm(16, 16)"

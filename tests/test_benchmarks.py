@@ -15,7 +15,8 @@ from conftest import ROOT
 BENCHMARKS = ROOT / "scripts"
 PAGES = {"bench.py": "bench", "bench_default_run.py": "bench_default_run", "bench_norms.py": "bench_norms",
          "bench_prepare.py": "bench_prepare", "bench_resume.py": "soak_resume",
-         "bench_train_step.py": "bench_train_step", "bench_augment.py": "bench_augment", "bad_inputs_report.py": "bad_inputs", "gpu_check.py": "gpu_check"}
+         "bench_train_step.py": "bench_train_step", "bench_augment.py": "bench_augment",
+         "bad_inputs_report.py": "bad_inputs", "gpu_check.py": "gpu_check", "profile_step.py": "profile_step"}
 
 
 def test_a_result_page_has_its_stamp_above_its_figures(tmp_path, monkeypatch):
@@ -82,3 +83,34 @@ def test_the_augmentation_benchmark_writes_a_stamped_page(tmp_path):
                 "| bias_field alone, p = 1 |", "| rician alone, p = 1 |"):
         assert row in page
 
+
+@pytest.mark.slow
+def test_the_step_profile_writes_a_stamped_page_with_its_shares_and_flop_rate(tmp_path):
+    """profile_step.py end to end at a tiny size: the default run's step by phase and kind, and its FLOP/s."""
+    out = tmp_path / "profile_step.md"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "profile_step.py"), "--size", "32", "--steps", "1",
+                             "--warmup", "1", "--rounds", "1", "--matmul-size", "128", "--out", str(out)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = out.read_text()
+    assert page.startswith("# One training step") and "- command: `python scripts/profile_step.py --size 32" in page
+    assert "norm=bn, batch 1, 32x32, channels_last=True" in page  # the default run's settings
+    for row in ("| augmentation |", "| forward: normalization |", "| backward: convolution |", "| optimizer |"):
+        assert row in page
+    assert "Largest cost: **" in page and "GFLOP/s**, against a matmul peak of" in page
+    normalization = next(line for line in page.splitlines() if line.startswith("| **all normalization** |"))
+    assert float(normalization.split("|")[3]) > 0  # the bn layers' time is found and assigned
+
+
+@pytest.mark.slow
+def test_the_norm_benchmark_runs_in_its_smallest_mode_and_sets_spade_and_sean_against_their_convs(tmp_path):
+    out = tmp_path / "bench_norms.md"
+    result = subprocess.run([sys.executable, str(BENCHMARKS / "bench_norms.py"), "--shape", "2", "16", "16", "16",
+                             "--rounds", "1", "--repeats", "1", "--pair-repeats", "1", "--layers", "frn", "spade",
+                             "sean", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = out.read_text()
+    assert "| 128-wide conv pair (spade's modulation convs alone) |" in page
+    table = page.split("## Conditional layers against their modulation convolutions")[1]
+    assert "| spade |" in table and "| sean |" in table and "ratio to spade" in table
+    assert "| conv 3x3 + frn |" in page

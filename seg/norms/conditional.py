@@ -61,7 +61,11 @@ def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
 
 
 class Modulation(nn.Module):
-    """SPADE's modulation network: a shared 3x3 conv + ReLU, then a 3x3 conv each for gamma and beta."""
+    """SPADE's modulation network: a shared 3x3 conv + ReLU, then a 3x3 conv each for gamma and beta.
+
+    The gamma and beta convs read the same hidden map, so they run as one convolution with their
+    weights stacked (2 C output channels: one pass over the 128-wide hidden map instead of two).
+    """
 
     def __init__(self, in_channels: int, hidden: int, out_channels: int):
         super().__init__()
@@ -69,9 +73,33 @@ class Modulation(nn.Module):
         self.gamma = conv3x3(hidden, out_channels)
         self.beta = conv3x3(hidden, out_channels)
 
-    def forward(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stacked(self, m: torch.Tensor, gamma_scale=1.0, beta_scale=1.0, gamma_offset: float = 0.0) -> torch.Tensor:
+        """(gamma_scale gamma + gamma_offset, beta_scale beta) stacked on the channel axis, (N, 2 C, H, W): the
+        scales and the offset folded into the stacked conv's weights and bias (no pass of their own)."""
         hidden = self.shared(m)
-        return self.gamma(hidden), self.beta(hidden)
+        scale = torch.cat([torch.as_tensor(gamma_scale, dtype=hidden.dtype).expand(self.gamma.out_channels),
+                           torch.as_tensor(beta_scale, dtype=hidden.dtype).expand(self.beta.out_channels)])
+        weight = torch.cat([self.gamma.weight, self.beta.weight]) * scale[:, None, None, None]
+        bias = torch.cat([self.gamma.bias * scale[:self.gamma.out_channels] + gamma_offset,
+                          self.beta.bias * scale[self.gamma.out_channels:]])
+        return F.conv2d(hidden, weight, bias, padding=1)
+
+    def forward(self, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.stacked(m).chunk(2, dim=1)
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last where x is stored so (and not also contiguous), else the contiguous format."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def modulate(normalized: torch.Tensor, stacked: torch.Tensor) -> torch.Tensor:
+    """normalized * gamma' + beta for ``stacked`` = (gamma', beta) on the channel axis: one pass, a new tensor
+    in the memory format of ``normalized`` (``stacked`` is brought to it first if it is stored otherwise)."""
+    gamma, beta = stacked.contiguous(memory_format=memory_format(normalized)).chunk(2, dim=1)
+    return torch.addcmul(beta, normalized, gamma)
 
 
 def resize_to(m: torch.Tensor, x: torch.Tensor, mode: str = "nearest") -> torch.Tensor:
@@ -218,8 +246,8 @@ class SPADE(nn.Module):
 
     def forward(self, x, cond=None):
         image = required(cond, "image", "spade")
-        gamma, beta = self.modulation(resize_to(image, x).to(x.dtype))
-        return self.norm(x) * (1 + gamma) + beta
+        # y = x_hat (1 + gamma) + beta: the 1 is folded into the gamma conv's bias
+        return modulate(self.norm(x), self.modulation.stacked(resize_to(image, x).to(x.dtype), gamma_offset=1.0))
 
 
 # ---------------------------------------------------------------------------- SEAN
@@ -336,18 +364,35 @@ class SEAN(nn.Module):
             return codes
         return torch.stack([torch.relu(fc(codes[:, k])) for k, fc in enumerate(self.region_fc)], dim=1)
 
+    def region_modulation(self, regions: torch.Tensor, codes: torch.Tensor, gamma_scale, beta_scale) -> torch.Tensor:
+        """(gamma_scale gamma_s, beta_scale beta_s) stacked on the channel axis, (N, 2 C, H, W), from the region
+        masks (N, K, H, W) and the codes (N, K, D) without the style map (N, D, H, W).
+
+        The style map is sum_k mask_k code_k, and a convolution is linear, so
+        conv(style map, W) = sum_k conv(mask_k, W code_k): per image, one convolution of its K masks
+        with the weights contracted with its codes (N * 2 C filters over K channels, one grouped
+        convolution) -- the same sums, over K input channels instead of D.
+        """
+        n, k, h, w = regions.shape
+        out = self.style_gamma.out_channels
+        weight = torch.cat([self.style_gamma.weight * gamma_scale, self.style_beta.weight * beta_scale])
+        bias = torch.cat([self.style_gamma.bias * gamma_scale, self.style_beta.bias * beta_scale])
+        per_image = torch.einsum("odij,nkd->nokij", weight, codes.to(weight.dtype)).reshape(n * 2 * out, k, 3, 3)
+        per_image = per_image.contiguous()  # einsum's strides would make the convolution's output channels_last
+        stacked = F.conv2d(regions.reshape(1, n * k, h, w), per_image, bias.repeat(n), padding=1, groups=n)
+        return stacked.reshape(n, 2 * out, h, w)
+
     def forward(self, x, cond=None):
         image = required(cond, "image", "sean")
         regions, codes = required(cond, "regions", "sean"), required(cond, "region_codes", "sean")
         normalized = self.norm(self.add_noise(x))
-        gamma_o, beta_o = self.modulation(resize_to(image, x).to(x.dtype))
-        codes = self.style_codes(codes)
-        style_map = torch.einsum("nkhw,nkd->ndhw", resize_to(regions, x, "bilinear"), codes).to(x.dtype)
-        gamma_s, beta_s = self.style_gamma(style_map), self.style_beta(style_map)
         a_gamma, a_beta = torch.sigmoid(self.blend_gamma), torch.sigmoid(self.blend_beta)
-        gamma = a_gamma * gamma_s + (1 - a_gamma) * gamma_o
-        beta = a_beta * beta_s + (1 - a_beta) * beta_o
-        return normalized * (1 + gamma) + beta
+        # y = x_hat (1 + a_g gamma_s + (1 - a_g) gamma_o) + a_b beta_s + (1 - a_b) beta_o: the blend weights
+        # are folded into the weights of both convolutions, the 1 into a bias
+        stacked = self.modulation.stacked(resize_to(image, x).to(x.dtype), 1 - a_gamma, 1 - a_beta, gamma_offset=1.0)
+        masks = resize_to(regions, x, "bilinear").to(x.dtype)
+        stacked = stacked.add_(self.region_modulation(masks, self.style_codes(codes), a_gamma, a_beta))
+        return modulate(normalized, stacked)
 
     def mixing_weights(self) -> dict[str, torch.Tensor]:
         """The share of the region-style branch in gamma and in beta (0.5 at the start)."""

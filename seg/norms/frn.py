@@ -5,9 +5,65 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import compute_dtype, full_precision
+from .fused import compute_dtype, full_precision, product_sums, scale_shift
 from .registry import register_norm
 from .standard import check_runs
+
+
+def frn_reference(x, weight, bias, tau, eps):
+    """The layer in plain autograd (under torch.compile, which fuses it by itself, and torch.func)."""
+    nu2 = x.square().mean(dim=(2, 3), keepdim=True)
+    y = torch.addcmul(bias[:, None, None], x * torch.rsqrt(nu2 + eps), weight[:, None, None])
+    tau = tau[:, None, None]
+    return torch.maximum(y, tau) - tau.clamp(max=0)
+
+
+def square_sums(x: torch.Tensor) -> torch.Tensor:
+    """Sum over (H, W) of x^2, (N, C): one pass, no full-size temporary."""
+    if x.is_contiguous():
+        return product_sums(x, x)[0]
+    return torch.linalg.vector_norm(x, 2, dim=(2, 3)).square()
+
+
+class _FilterResponse(torch.autograd.Function):
+    """z' = max(x * s + beta, tau) - min(tau, 0), s = gamma / sqrt(mean_hw(x^2) + eps), with a hand-written backward.
+
+    Forward: one reduction (the sums of x^2), then one pass that writes z' as
+    max(x * s + (beta - min(tau, 0)), max(tau, 0)). Backward, with y = x * s + beta and the mask
+    m = 1 where y > tau, 1/2 where y = tau (torch.maximum's rule), 0 elsewhere:
+        gy = g * m,   A = sum_hw(gy * x),   B = sum_hw(gy),   G = sum_hw(g)   (per sample and channel)
+        d gamma = sum_n A / sqrt(nu2 + eps),   d beta = sum_n B,   d tau = sum_n (G - B) - [tau <= 0] sum_n G
+        dx = gy * s - x * gamma A / (sqrt(nu2 + eps)^3 H W)
+    x is the only full-size tensor kept; the mask is recomputed from it.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, tau, eps):
+        count = x.shape[2] * x.shape[3]
+        inv = torch.rsqrt(square_sums(x) / count + eps)  # (N, C)
+        scale = weight * inv
+        z = scale_shift(x, scale, (bias - tau.clamp(max=0)).expand_as(scale))
+        z = torch.maximum(z, tau.clamp(min=0)[:, None, None], out=z)
+        ctx.save_for_backward(x, inv, weight, bias, tau)
+        return z
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, inv, weight, bias, tau = ctx.saved_tensors
+        with full_precision(x):
+            scale = weight * inv
+            gy = scale_shift(x, scale, (bias - tau).expand_as(scale))  # y - tau
+            gy = gy.heaviside_(gy.new_full((), 0.5)).mul_(grad)
+            a, b = product_sums(gy, x) if gy.is_contiguous() and x.is_contiguous() else (
+                (gy * x).sum(dim=(2, 3)), gy.sum(dim=(2, 3)))
+            g = grad.sum(dim=(2, 3)).sum(0)
+            grad_tau = g - b.sum(0) - torch.where(tau <= 0, g, torch.zeros_like(g))
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                slope = -weight * a * inv.pow(3) / (x.shape[2] * x.shape[3])
+                grad_x = gy.mul_(scale[..., None, None]).addcmul_(x, slope[..., None, None])
+            return grad_x, (a * inv).sum(0), b.sum(0), grad_tau, None
 
 
 @register_norm("frn")
@@ -43,6 +99,11 @@ class FilterResponseNorm(nn.Module):
     centring, the paper finds some networks sensitive to the initial learning rate, notably those
     with several max-pool layers (as this U-Net), and advises a learning-rate warm-up, which the
     trainer's schedules do not have.
+
+    Implementation: one reduction (the sums of x^2) and one pass writing z' forward; a hand-written
+    backward (``_FilterResponse``) that keeps only x and recomputes the TLU's mask from it. Under
+    torch.compile and torch.func the plain formulation (``frn_reference``) is used; the two are
+    tested against each other (tests/test_norm_rewrites.py).
     """
 
     kind = "post_conv"
@@ -59,10 +120,9 @@ class FilterResponseNorm(nn.Module):
     def forward(self, x, cond=None):
         x = compute_dtype(x)
         with full_precision(x):
-            nu2 = x.square().mean(dim=(2, 3), keepdim=True)
-            y = torch.addcmul(self.bias[:, None, None], x * torch.rsqrt(nu2 + self.eps), self.weight[:, None, None])
-            tau = self.tau[:, None, None]
-            return torch.maximum(y, tau) - tau.clamp(max=0)
+            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+                return frn_reference(x, self.weight, self.bias, self.tau, self.eps)
+            return _FilterResponse.apply(x, self.weight, self.bias, self.tau, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"

@@ -26,6 +26,71 @@ def dropped_out(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     return F.dropout(x, p) if training and p > 0 else x
 
 
+def correction_reference(out, mean, var, weight_sums, bias, eps):
+    """(out - mean * sum(W[o])) / sqrt(var + eps) + b[o] in plain autograd (torch.compile, torch.func)."""
+    out = (out - mean * weight_sums[None, :, None, None]) * torch.rsqrt(var + eps)
+    return out + bias[None, :, None, None]
+
+
+class _Correction(torch.autograd.Function):
+    """y = (out - mean * s) inv + b, inv = 1 / sqrt(var + eps), for the conv output ``out`` (N, O, H, W), the
+    window statistics ``mean``, ``var`` (N, 1, H, W) and per-channel s = sum(W[o]), b: two passes forward,
+    the conv output the only full-size tensor kept. Backward, per pixel and over the channels o:
+        d out = g inv,   d mean = -inv sum_o g s,   d var = -inv^3 / 2 (sum_o g out - mean sum_o g s)
+        d s = -sum_{n,h,w} g mean inv,   d b = sum_{n,h,w} g
+    """
+
+    @staticmethod
+    def forward(ctx, out, mean, var, weight_sums, bias, eps):
+        inv = torch.rsqrt(var + eps)
+        y = torch.addcmul(bias[None, :, None, None], out, inv, out=torch.empty_like(out))
+        y.addcmul_(mean * inv, weight_sums[None, :, None, None], value=-1)
+        ctx.save_for_backward(out, mean, inv, weight_sums)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        out, mean, inv, weight_sums = ctx.saved_tensors
+        with full_precision(out):
+            weighted = torch.einsum("nohw,o->nhw", grad, weight_sums).unsqueeze(1)  # sum_o g s
+            grad_out = torch.mul(grad, inv, out=torch.empty_like(out))
+            grad_inv = (grad * out).sum(1, keepdim=True).sub_(mean * weighted)
+            grad_var = grad_inv.mul_(inv.pow(3)).mul_(-0.5)
+            grad_mean = -inv * weighted
+            grad_sums = -torch.einsum("nohw,nhw->o", grad, (mean * inv).squeeze(1))
+            return grad_out, grad_mean, grad_var, grad_sums, grad.sum(dim=(0, 2, 3)), None
+
+
+def dropout_noise(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The multiplier of ``F.dropout(x, p)`` (0 or 1 / (1 - p) per element), drawn as torch draws it on the CPU
+    (the same random numbers: a seeded run drops the same elements)."""
+    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+
+
+class _ChannelMoments(torch.autograd.Function):
+    """Per pixel, the sums over the channels of s and s^2, s = x * keep (the dropped-out copy; x itself where
+    ``keep`` is None): (N, 1, H, W) each, without keeping s. Backward, keep being 0 or k = 1 / (1 - p):
+        dx = keep (d S1 + 2 k x d S2)   (without dropout: d S1 + 2 x d S2)
+    """
+
+    @staticmethod
+    def forward(ctx, x, keep, k):
+        source = x if keep is None else x * keep
+        sums = source.sum(1, keepdim=True)
+        square_sums = torch.linalg.vector_norm(source, 2, dim=1, keepdim=True).square_()
+        ctx.save_for_backward(x, keep)
+        ctx.k = 1.0 if keep is None else k
+        return sums, square_sums
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_sums, grad_square_sums):
+        x, keep = ctx.saved_tensors
+        grad_x = torch.addcmul(grad_sums, x, grad_square_sums, value=2 * ctx.k, out=torch.empty_like(x))
+        return (grad_x if keep is None else grad_x.mul_(keep)), None, None
+
+
 class KNConv2d(nn.Conv2d):
     """A k x k convolution with 'same' zero padding whose every input window is kernel-normalized.
 
@@ -43,20 +108,29 @@ class KNConv2d(nn.Conv2d):
 
     def window_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and biased variance of every kernel window: two (N, 1, H, W) tensors."""
-        source = compute_dtype(dropped_out(x, self.dropout_p, self.training))
-        with full_precision(source):
+        x = compute_dtype(x)
+        with full_precision(x):
+            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+                source = dropped_out(x, self.dropout_p, self.training)
+                sums, square_sums = source.sum(1, keepdim=True), source.square().sum(1, keepdim=True)
+            else:
+                keep = dropout_noise(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+                sums, square_sums = _ChannelMoments.apply(x, keep, 1 / (1 - self.dropout_p))
             box = dict(kernel_size=self.kernel_size, stride=1, padding=self.padding, count_include_pad=True)
             # avg_pool2d divides by kh*kw (padding included); the channel sum needs a further 1/C_in
-            mean = F.avg_pool2d(source.sum(1, keepdim=True), **box) / self.in_channels
-            mean_sq = F.avg_pool2d(source.square().sum(1, keepdim=True), **box) / self.in_channels
+            mean = F.avg_pool2d(sums, **box) / self.in_channels
+            mean_sq = F.avg_pool2d(square_sums, **box) / self.in_channels
             return mean, (mean_sq - mean.square()).clamp_min(0)
 
     def forward(self, x, cond=None):
         out = F.conv2d(x, self.weight, None, padding=self.padding)
         mean, var = self.window_moments(x)
-        weight_sums = self.weight.sum(dim=(1, 2, 3))[None, :, None, None]
-        out = (out - mean * weight_sums) * torch.rsqrt(var + self.eps)
-        return out + self.bias[None, :, None, None]
+        weight_sums = self.weight.sum(dim=(1, 2, 3))
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            return correction_reference(out, mean, var, weight_sums, self.bias, self.eps)
+        with full_precision(mean):  # under autocast: the statistics' precision, as type promotion gave before
+            dtype = torch.promote_types(out.dtype, mean.dtype)
+            return _Correction.apply(out.to(dtype), mean, var, weight_sums.to(dtype), self.bias.to(dtype), self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout_p={self.dropout_p}, eps={self.eps}"

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import compute_dtype, full_precision
+from .fused import compute_dtype, full_precision, product_sums
 from .registry import register_norm
 from .standard import check_runs
 
@@ -75,7 +75,8 @@ def window_sums(t: torch.Tensor, window: int) -> torch.Tensor:
     A separable box filter by cumulative sums: per axis, the sum over [i - r, i + r] clipped to
     [0, L) is P[min(i + r + 1, L)] - P[max(i - r, 0)] for the prefix sums P (P[0] = 0), so the
     cost does not depend on the window size. Padding P with r zeros in front and r copies of its
-    last value behind turns both look-ups into plain slices.
+    last value behind turns both look-ups into plain slices. Differentiable (the plain formulation,
+    under torch.compile and torch.func); ``box_sums`` computes the same without autograd.
     """
     radius = window // 2
     for dim in (-2, -1):
@@ -85,6 +86,30 @@ def window_sums(t: torch.Tensor, window: int) -> torch.Tensor:
         last = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, radius))
         padded = torch.cat([zeros, prefix, last], dim)  # padded[j] = P[clip(j - r, 0, L)]
         t = padded.narrow(dim, 2 * radius + 1, length) - padded.narrow(dim, 0, length)
+    return t
+
+
+def box_sums(t: torch.Tensor, window: int) -> torch.Tensor:
+    """``window_sums`` without autograd and without the padded copy: per axis, one cumulative sum C
+    (C[i] = P[i + 1]) and one pass that writes each output once, as C[min(i + r, L - 1)] minus
+    C[i - r - 1] where that index exists, the axis split where either look-up changes form."""
+    radius = window // 2
+    for dim in (-2, -1):
+        length = t.shape[dim]
+        prefix = t.cumsum(dim)
+        t = torch.empty_like(prefix)
+        cuts = sorted({0, length, min(radius + 1, length), max(length - radius, 0)})
+        for start, stop in zip(cuts, cuts[1:]):
+            size = stop - start
+            if start + radius <= length - 1:
+                upper = prefix.narrow(dim, start + radius, size)
+            else:  # the window reaches past the last pixel
+                upper = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, size))
+            target = t.narrow(dim, start, size)
+            if start >= radius + 1:
+                torch.sub(upper, prefix.narrow(dim, start - radius - 1, size), out=target)
+            else:  # the window starts at the first pixel
+                target.copy_(upper)
     return t
 
 
@@ -163,17 +188,115 @@ class LocalContextNorm(nn.Module):
 
     def forward(self, x, cond=None):
         x = compute_dtype(x)
+        h, w = x.shape[2:]
+        constant = self.stop_stat_grad and self.window < h and self.window < w  # the official rule
+        with full_precision(x):
+            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+                return lcn_reference(x, self.weight, self.bias, self.channels_per_group, self.window, self.eps,
+                                     constant)
+            return _LocalContext.apply(x, self.weight, self.bias, self.channels_per_group, self.window, self.eps,
+                                       constant)
+
+
+def lcn_reference(x, weight, bias, channels_per_group: int, window: int, eps: float, constant: bool):
+    """The layer in plain autograd (under torch.compile and torch.func); ``constant``: no gradient through the
+    local statistics."""
+    n, c, h, w = x.shape
+    grouped = x.view(n, c // channels_per_group, channels_per_group, h, w)
+    # centring on the group's global mean m keeps E[x^2] - E[x]^2 well conditioned; the
+    # local variance does not depend on m, and (x - m) - local_mean(x - m) = x - local_mean(x)
+    centred = grouped - grouped.mean(dim=(2, 3, 4), keepdim=True).detach()
+    with torch.no_grad() if constant else contextlib.nullcontext():
+        count = window_counts(h, w, window, x.device) * channels_per_group
+        mean = window_sums(centred.sum(2), window) / count
+        mean_sq = window_sums(centred.square().sum(2), window) / count
+        var = (mean_sq - mean.square()).clamp_min(0)
+    normalized = (centred - mean.unsqueeze(2)) * torch.rsqrt(var + eps).unsqueeze(2)
+    return _affine(normalized.reshape(n, c, h, w), weight, bias)
+
+
+class _LocalContext(torch.autograd.Function):
+    """LCN with a hand-written backward: group-sized statistics only, two full-size passes forward.
+
+    Per group g of k = ``channels_per_group`` channels, with x centred on the group's global mean m
+    (detached: it cancels), S1 = sum_c x_c and S2 = sum_c x_c^2 per pixel (the channel loop writes
+    only group-sized tensors), box-filtered in one call on the pair: mean = B(S1) / n, var = B(S2) / n
+    - mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma (x - m -
+    mean) inv + beta. Backward, gg = g * gamma, xhat = (x - m - mean) inv:
+        Q = sum_c gg * xhat, P = sum_c gg                (per group and pixel)
+        d var = -Q inv^2 / 2 (0 where the clamp acted),   d mean = -P inv - 2 mean d var
+        dx = gg inv + B(d mean / n) + 2 (x - m) B(d var / n)   (B is symmetric: its own transpose)
+        d gamma = sum g * xhat, d beta = sum g
+    With ``constant`` (stop_stat_grad) the two box-filter terms are left out.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, per_group, window, eps, constant):
+        n, c, h, w = x.shape
+        grouped = x.view(n, c // per_group, per_group, h, w)
+        centre = grouped.mean(dim=(2, 3, 4))  # (N, G)
+        sums = x.new_empty(2, n, c // per_group, h, w)
+        for k in range(per_group):
+            centred = grouped[:, :, k] - centre[..., None, None]
+            if k == 0:
+                sums[0].copy_(centred)
+                torch.mul(centred, centred, out=sums[1])
+            else:
+                sums[0].add_(centred)
+                sums[1].addcmul_(centred, centred)
+        count = window_counts(h, w, window, x.device).to(x.dtype) * per_group
+        mean, mean_sq = box_sums(sums, window).div_(count)
+        var = mean_sq.addcmul_(mean, mean, value=-1)
+        unclamped = var >= 0
+        inv = var.clamp_min_(0).add_(eps).rsqrt_()
+        mean.add_(centre[..., None, None])  # the local mean of x itself
+        y = normalized(x, per_group, mean, inv)
+        y = y.mul_(weight[:, None, None]).add_(bias[:, None, None])
+        ctx.save_for_backward(x, weight, centre, mean, inv, unclamped, count)
+        ctx.options = (per_group, window, constant)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, centre, mean, inv, unclamped, count = ctx.saved_tensors
+        per_group, window, constant = ctx.options
         n, c, h, w = x.shape
         with full_precision(x):
-            grouped = x.view(n, c // self.channels_per_group, self.channels_per_group, h, w)
-            # centring on the group's global mean m keeps E[x^2] - E[x]^2 well conditioned; the
-            # local variance does not depend on m, and (x - m) - local_mean(x - m) = x - local_mean(x)
-            centred = grouped - grouped.mean(dim=(2, 3, 4), keepdim=True).detach()
-            constant = self.stop_stat_grad and self.window < h and self.window < w  # the official rule
-            with torch.no_grad() if constant else contextlib.nullcontext():
-                count = window_counts(h, w, self.window, x.device) * self.channels_per_group
-                mean = window_sums(centred.sum(2), self.window) / count
-                mean_sq = window_sums(centred.square().sum(2), self.window) / count
-                var = (mean_sq - mean.square()).clamp_min(0)
-            normalized = (centred - mean.unsqueeze(2)) * torch.rsqrt(var + self.eps).unsqueeze(2)
-            return _affine(normalized.view(n, c, h, w), self.weight, self.bias)
+            grouped = x.view(n, c // per_group, per_group, h, w)
+            xhat = normalized(x, per_group, mean, inv)
+            if grad.is_contiguous() and xhat.is_contiguous():
+                grad_weight, grad_bias = product_sums(grad, xhat)
+            else:
+                grad_weight, grad_bias = (grad * xhat).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
+            gg = torch.mul(grad, weight[:, None, None], out=torch.empty_like(x))
+            gg = gg.view(n, c // per_group, per_group, h, w)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                xhat = xhat.view(n, c // per_group, per_group, h, w)
+                if not constant:
+                    q, p = gg[:, :, 0] * xhat[:, :, 0], gg[:, :, 0].clone()
+                    for k in range(1, per_group):
+                        q.addcmul_(gg[:, :, k], xhat[:, :, k])
+                        p.add_(gg[:, :, k])
+                    grad_var = q.mul_(inv.square()).mul_(-0.5).mul_(unclamped)
+                    local_mean = mean - centre[..., None, None]  # the statistic of the centred x
+                    grad_mean = p.mul_(inv).neg_().addcmul_(local_mean, grad_var, value=-2)
+                    box_mean, box_var = box_sums(torch.stack([grad_mean, grad_var]).div_(count), window)
+                    box_var.mul_(2)
+                    offset = box_mean.sub_(box_var * centre[..., None, None])  # B(d mean/n) - 2 m B(d var/n)
+                grad_x = gg.mul_(inv[:, :, None])
+                if not constant:
+                    grad_x.addcmul_(grouped, box_var[:, :, None]).add_(offset[:, :, None])
+                grad_x = grad_x.view(n, c, h, w)
+        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+
+
+def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """(x - mean) * inv for x (N, C, H, W) and the statistics (N, G, H, W) of its groups of ``per_group``
+    channels: one pass, a new tensor in x's memory format."""
+    n, c, h, w = x.shape
+    out = torch.empty_like(x)
+    torch.addcmul((-mean * inv)[:, :, None], x.view(n, c // per_group, per_group, h, w), inv[:, :, None],
+                  out=out.view(n, c // per_group, per_group, h, w))
+    return out
