@@ -119,7 +119,7 @@ def page(found: dict, result: dict, grid: list[str], threads: int) -> tuple[str,
     varying = [k for k in setting_keys if len({str(r["setting"][k]) for r in result["runs"]}) > 1] or setting_keys
     others = [arm for arm in found if arm != "plain"]
     summary = markdown_table(
-        ["sweep", "what differs from plain", "runs (ok / all)", "wall time", "max \\|ΔDice\\| vs plain",
+        ["sweep", "what differs from plain", "runs (ok / all)", "wall time", "max |ΔDice| vs plain",
          "runs whose status differs", "rates chosen on validation that differ from plain"],
         [[arm, {"plain": "—", "threads": f"OMP_NUM_THREADS={arm_threads('threads', threads)} (plain: {threads})",
                 "contiguous": "trainer.channels_last=false", "stacked": "hydra/launcher=stacked"}[arm],
@@ -132,7 +132,7 @@ def page(found: dict, result: dict, grid: list[str], threads: int) -> tuple[str,
                f"**{result['band']:.4f}**. Stacked against plain: **{cell(result['max'].get('stacked', '—'))}**, "
                f"{within}. Rates chosen on validation that differ from plain: "
                + ", ".join(f"{arm} {result['flips'][arm]} of {len(result['choices'])}" for arm in others) + ".")
-    per_run = markdown_table([*varying, "plain Dice", *(f"\\|ΔDice\\| {arm}" for arm in others)],
+    per_run = markdown_table([*varying, "plain Dice", *(f"|ΔDice| {arm}" for arm in others)],
                              [[r["setting"][k] for k in varying] + [cell(r["plain"])] + [cell(r[a]) for a in others]
                               for r in result["runs"]])
     chosen_keys = [k for k in varying if k != "lr"]

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from harness import write_result
-from study_page import (arms, arms_table, chosen_dice, copy_plots, demote, launcher_note, page_paths, plots_section,
+from study_page import (arms, arms_table, chosen_dice, copy_plots, launcher_note, page_paths, plots_section,
                         read_sweep, run_sweep, scope, scope_line, shown_command, sweep_file, wall_line,
                         write_headline)
 
@@ -85,9 +85,9 @@ def main() -> None:
     body = (f"## Runs per arm\n\n{arms_table(counted, ('claim',))}\n"
             f"## Verdicts\n\n{summary or 'See claims.md below.'}\n\nThe same, for a program: "
             f"[{json_path.name}]({json_path.name}). {launcher_note()}\n\n"
-            f"## claims.md\n\n{demote(tables['claims.md'])}\n\n{LIMITS}\n")
+            f"## claims.md\n\n{tables['claims.md']}\n\n{LIMITS}\n")
     for name in ("paper_table.md", "comparison.md"):
-        body += f"## {name}\n\n" + (demote(tables[name]) if tables[name] else "The sweep did not write it.") + "\n\n"
+        body += f"## {name}\n\n" + (tables[name] if tables[name] else "The sweep did not write it.") + "\n\n"
     body += plots_section(plots_dir.name, copied)
     write_result("study_claims", "The claims preset: verdicts on the built-in phantom", body, about, page_path)
 

@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from harness import markdown_table, write_result
-from study_page import (arms, arms_table, chosen_dice, copy_plots, demote, launcher_note, page_paths, plots_section,
+from study_page import (arms, arms_table, chosen_dice, copy_plots, launcher_note, page_paths, plots_section,
                         read_sweep, run_sweep, scope, scope_line, shown_command, sweep_file, wall_line,
                         write_headline)
 
@@ -90,7 +90,7 @@ def main() -> None:
             f"{launcher_note()}\n\n")
     for name, title in (("paper_table.md", "The study's table (paper_table.md)"),
                         ("comparison.md", "Paired comparison (comparison.md)"), ("claims.md", "Claims (claims.md)")):
-        body += f"## {title}\n\n" + (demote(tables[name]) if tables[name] else "The sweep did not write it.") + "\n\n"
+        body += f"## {title}\n\n" + (tables[name] if tables[name] else "The sweep did not write it.") + "\n\n"
     body += plots_section(plots_dir.name, copied)
     write_result("study_iln", "The ILN paper's comparison on the synthetic phantom (CPU size)", body, about, page_path)
 

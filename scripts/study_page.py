@@ -47,8 +47,10 @@ def demote(markdown: str, levels: int = 1) -> str:
 
 
 def sweep_file(sweep: Path, name: str) -> str | None:
+    """The sweep's own page ``name`` as it wrote it, its headings two levels down (under this page's sections)
+    and the temporary sweep folder's path said as "the sweep"."""
     path = sweep / name
-    return path.read_text() if path.is_file() else None
+    return demote(path.read_text().replace(str(sweep), "the sweep"), 2) if path.is_file() else None
 
 
 def scope(sweep: Path, runs: list[dict]) -> dict:
@@ -67,7 +69,8 @@ def scope_line(sizes: dict, runs: int) -> str:
     data = ("the built-in **synthetic phantom**" if sizes["data"] == "phantom" else f"data={sizes['data']}")
     return (f"**Scope**: {data} ({sizes['patients']} patients, {sizes['image_size']}x{sizes['image_size']} px at "
             f"{sizes['spacing']} mm, {sizes['slices_per_volume']} slices per volume), trained on "
-            f"**{sizes['device'] or 'cpu'}**: U-Net depth {sizes['depth']} ({sizes['up']}), {sizes['epochs']} epochs, "
+            f"**{sizes['device'] or 'cpu'}**: U-Net depth {sizes['depth']} ({sizes['up']}), {sizes['epochs']} "
+            f"epoch{'s' if sizes['epochs'] != 1 else ''}, "
             f"batch {sizes['batch_size']}; {runs} runs. The figures are about this phantom at these sizes, not about "
             f"the papers' data.")
 
