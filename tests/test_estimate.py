@@ -49,7 +49,7 @@ def test_the_launcher_is_named_with_its_parallelism_and_stack_size():
 def test_a_run_costs_its_steps_its_validations_and_its_test():
     measured = Measured(step_s=0.05, val_s=2.0, test_s=3.0, steps=400, epochs=4, how="", data_s=0.0)
     assert measured.run_s == pytest.approx(400 * 0.05 + 4 * 2.0 + 3.0)
-    assert (duration(30), duration(600), duration(3 * 3600)) == ("30 s", "10 min", "3.0 h")
+    assert (duration(0.42), duration(30), duration(600), duration(3 * 3600)) == ("0.4 s", "30 s", "10 min", "3.0 h")
 
 
 def test_a_disabled_estimate_prints_nothing(capsys):

@@ -6,9 +6,10 @@
 (the phantom is generated here when it is not yet, once for the whole sweep) and times, on the device the
 runs will use:
 
-- a few training steps of the real model on real training slices (``seg.training.step.train_step``, the
-  trainer's own step); under ``hydra/launcher=stacked`` one stacked step of as many runs as one stack holds
-  (``seg.training.stacked.Stack``), divided by their number;
+- a few training steps of the real model on real training slices, each batch augmented as the trainer's loop
+  does (``augment_batch``, then ``seg.training.step.train_step``, the trainer's own step); under
+  ``hydra/launcher=stacked`` a few stacked steps of as many runs as the first job's stack holds
+  (``seg.training.stacked.Stack``, without the stack's augmentation), divided by their number;
 - one evaluation of the validation and test slices (``seg.evaluation.dice.evaluate``).
 
 A run's estimate is its steps (``ceil(train slices / batch size) x epochs``) times the step, plus one
@@ -39,6 +40,7 @@ from ..evaluation.dice import evaluate
 from ..model.build import build_model, norm_options
 from ..norms import spec
 from ..runtime.device import autocast_context, resolve_device, resolve_precision
+from .augment import augment_batch
 from .checks import validate
 from .losses import build_loss
 from .optimizers import build_optimizer
@@ -135,8 +137,15 @@ def measure(cfg, stacked_runs: int, seconds: float = 2.0) -> Measured:
         step = TrainStep.of(model, build_optimizer(model, cfg.optim), build_loss(cfg.loss), autocast=autocast,
                             memory_format=memory_format, aux_weight=cfg.model.aux_weight,
                             grad_clip=cfg.optim.grad_clip, conditioned=True)
-        step_s, calls = timed(lambda: train_step(step, images, labels, domain_ids), seconds)
-        how = f"{calls} training steps"
+        generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+
+        def one_step():  # as the trainer's loop: the batch augmented with the run's generator, then the step
+            batch = augment_batch(images, labels, rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
+                                  generator=generator)
+            return train_step(step, *batch, domain_ids)
+
+        step_s, calls = timed(one_step, seconds)
+        how = f"{calls} training steps (augmentation included)"
     classes = class_names(cfg.data.task)
 
     def evaluation(name: str) -> float:
@@ -155,6 +164,8 @@ def measure(cfg, stacked_runs: int, seconds: float = 2.0) -> Measured:
 
 
 def duration(seconds: float) -> str:
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
