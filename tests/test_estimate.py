@@ -93,3 +93,11 @@ def test_the_estimate_can_be_turned_off_and_a_bad_value_is_left_to_the_jobs(data
 ])
 def test_the_stack_timed_is_as_large_as_the_first_jobs_stack(overrides, max_runs, size):
     assert stack_size(sweep_jobs(multirun_config(*overrides)), max_runs) == size
+
+
+def test_a_config_group_choice_is_counted_as_shared():
+    """experiment=claims: each +claim arm sets its norm and batch size; the first arm's stack is counted from its
+    own 3 seeds (the launcher also stacks shift_bn with it: the estimate can only be longer)."""
+    jobs = sweep_jobs(multirun_config("experiment=claims"))
+    assert stack_size(jobs, 8, frozenset({"norm", "model", "claim"})) == 3
+    assert stack_size(jobs, 8, frozenset()) == 8  # blind to the group: all 36 jobs would look alike

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 from hydra import compose
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -60,19 +61,26 @@ def sweep_jobs(config) -> list[list[str]] | None:
     return [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
 
 
-def stack_size(jobs: list[list[str]], max_runs: int) -> int:
+def stack_size(jobs: list[list[str]], max_runs: int, groups: frozenset[str] = frozenset({"norm", "model"})) -> int:
     """How many runs the stacked launcher puts in the first job's stack: the jobs whose overrides agree with the
-    first's in every key a stack shares (``SHARED_KEYS``, the norm group, ``trainer.epochs``), split into stacks
-    of at most ``max_runs`` of even sizes (as the launcher's plan)."""
+    first's in every key a stack shares (``SHARED_KEYS``, ``trainer.epochs``) and in every choice of a config
+    group (``groups``, e.g. ``+claim=...``, which may set any of them), split into stacks of at most
+    ``max_runs`` of even sizes (as the launcher's plan). Counting every group choice as shared can only make
+    the stack smaller than the launcher's, and the estimate longer."""
     def shared(job: list[str]) -> tuple:
         pairs = (override.lstrip("+~").split("=", 1) for override in job)
         return tuple(sorted((key, value) for key, value in (p if len(p) == 2 else (p[0], "") for p in pairs)
-                            if key in ("norm", "model", "trainer.epochs") or any(
+                            if key in groups or key == "trainer.epochs" or any(
                                 key == k.rstrip(".") or key.startswith(k if k.endswith(".") else k + ".")
                                 or key == k for k in SHARED_KEYS)))
 
     group = sum(shared(job) == shared(jobs[0]) for job in jobs)
     return math.ceil(group / math.ceil(group / max_runs))
+
+
+def config_groups() -> frozenset[str]:
+    """The top-level config groups of the running application (norm, model, data, claim, experiment, ...)."""
+    return frozenset(GlobalHydra.instance().config_loader().list_groups("")) - {"hydra"}
 
 
 @dataclass
@@ -212,7 +220,7 @@ class SweepEstimate(Callback):
             return head
         try:
             cfg = compose(config_name=config_name, overrides=list(jobs[0]))
-            stacked = stack_size(jobs, max_runs) if max_runs > 1 and spec(cfg.norm.name).can_stack else 1
+            stacked = stack_size(jobs, max_runs, config_groups()) if max_runs > 1 and spec(cfg.norm.name).can_stack else 1
             if stacked > 1 and (cfg.optim.name != "sgd" or cfg.loss != "ce" or cfg.trainer.compile):
                 stacked = 1
             started = time.perf_counter()
