@@ -57,6 +57,20 @@ def compose_train(*overrides: str, hydra: bool = False):
     return copy.deepcopy(_COMPOSED[key])
 
 
+def multirun_config(*overrides: str):
+    """The configuration ``python train.py -m <overrides>`` hands its callbacks (sweeps allowed, hydra.* included)."""
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.types import RunMode
+
+    from seg.config.launch import register_configs
+
+    register_configs()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
+        return GlobalHydra.instance().hydra.compose_config(config_name="train", overrides=list(overrides),
+                                                           run_mode=RunMode.MULTIRUN, with_log_configuration=False)
+
+
 @pytest.fixture
 def train_cfg():
     """The default configuration (configs/train.yaml, no overrides): composed once, a fresh copy per test."""

@@ -265,3 +265,20 @@ def test_a_job_that_fails_in_a_stack_is_failed_and_the_others_finish(data_dir, t
             assert metrics["error"] == f"model.init_from={missing}: no such checkpoint file"
     assert result.stderr.count(f"model.init_from={missing}: no such checkpoint file") >= 2
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_stacked_runs_stay_within_the_rounding_band(data_dir, tmp_path):
+    """Stacked against plain runs, held against the band that rounding alone makes, measured here on the same grid
+    (scripts/bench_launcher_band.py --smoke: batch 1, rates 0.5 and 0.1, bn and iln, 32 px): plain with another
+    thread count and plain with contiguous tensors. Stacked may differ from plain by at most twice that band plus
+    0.01 (two tiny test volumes: a few pixels move the Dice by about that); every run finishes under each
+    launcher with the same status, and the runs learn (otherwise every Dice is 0 and nothing is compared)."""
+    import bench_launcher_band as band
+
+    found = band.run_arms(band.SMOKE, data_dir, tmp_path, threads=1, quiet=True)
+    result = band.compare(found)
+    assert all(len(runs) == 4 for runs, _, _ in found.values()), {a: len(r) for a, (r, _, _) in found.items()}
+    assert not any(result["missing"].values()), result["missing"]
+    assert max(r["plain"] for r in result["runs"]) > 0.05, result["runs"]  # something was learned to compare
+    assert result["max"]["stacked"] <= 2 * result["band"] + 0.01, (result["max"], result["runs"])
