@@ -14,15 +14,14 @@ figures are checked against (tests/test_study_pages.py).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import tempfile
 from pathlib import Path
 
 from harness import write_result
-from study_page import (arms, arms_table, chosen_dice, copy_plots, launcher_note, page_paths, plots_section,
-                        read_sweep, run_sweep, scope, scope_line, shown_command, sweep_file, wall_line,
-                        write_headline)
+from study_page import (arms, arms_table, chosen_dice, copy_plots, launcher_note, page_arguments, page_paths,
+                        plots_section, read_sweep, run_sweep, scope, scope_line, shown_command, sweep_file,
+                        wall_line, write_headline)
 
 PRESET = "claims"
 FULL_SIZE = ("`python train.py -m experiment=claims hydra/launcher=stacked data.image_size=256 data.spacing=1.5 "
@@ -54,12 +53,7 @@ def verdicts(runs: list[dict]) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--launcher", default="stacked", help="hydra/launcher of the sweep (default: stacked)")
-    parser.add_argument("--out", type=Path, default=None, help="the result page (default: docs/results/)")
-    parser.add_argument("--data-dir", type=Path, default=None, help="data folder (default: a fresh one)")
-    parser.add_argument("overrides", nargs="*", help="overrides of the sweep (after --)")
-    args = parser.parse_args()
+    args = page_arguments(__doc__.splitlines()[0], "study_claims")
     page_path, json_path, plots_dir = page_paths("study_claims", args.out)
     with tempfile.TemporaryDirectory() as tmp:
         sweep = Path(tmp) / "sweep"

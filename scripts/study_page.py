@@ -11,6 +11,7 @@ figures are the sweep's (seg/study), read back.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import os
 import shutil
@@ -25,6 +26,17 @@ from seg.study.runs import read_runs, read_yaml
 from seg.study.tables import select_by_validation
 
 PLOTS = ("dice_vs_lr.png", "dice_vs_batch_size.png", "learning_curves.png", "mixing_weights.png", "comparison.png")
+
+
+def page_arguments(description: str, page: str) -> argparse.Namespace:
+    """The command line every study page takes: the launcher, the page's path, a data folder, and the sweep's
+    overrides after ``--``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--launcher", default="stacked", help="hydra/launcher of the sweep (default: stacked)")
+    parser.add_argument("--out", type=Path, default=None, help=f"the result page (default: docs/results/{page}.md)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="data folder (default: a fresh one)")
+    parser.add_argument("overrides", nargs="*", help="overrides of the sweep (after --)")
+    return parser.parse_args()
 
 
 def run_sweep(preset: str, launcher: str, overrides: list[str], data_dir: Path, sweep: Path) -> tuple[float, int]:
