@@ -85,8 +85,8 @@ def machine() -> str:
 
 
 def load() -> str:
-    """The machine's load when the page is written: the mean number of runnable processes over the last 1,
-    5 and 15 minutes, against its cores (other work on a shared machine slows every timing alike)."""
+    """The machine's load now: the mean number of runnable processes over the last 1, 5 and 15 minutes,
+    against its cores (other work on a shared machine slows every timing alike)."""
     try:
         one, five, fifteen = os.getloadavg()
     except (OSError, AttributeError):
@@ -97,12 +97,19 @@ def load() -> str:
 # The commit the benchmark started at: one that runs for an hour must not be stamped with a commit made
 # while it ran (the code it measured is the code it imported).
 STARTED_AT = git_commit()
+# The load when the benchmark started (a quiet machine is one whose load is below 1 then), and when it wrote.
+LOAD_AT_START = load()
+
+
+def loads() -> str:
+    """'<load at the start> at the start; <load now> when written'."""
+    return f"{LOAD_AT_START} at the start; {load()} when written"
 
 
 def stamp() -> str:
     """Markdown lines: command, commit (when the benchmark started), machine, its load, torch's version, date."""
     return (f"- command: `{command_line()}`\n- commit: `{STARTED_AT}`\n- machine: {machine()}\n"
-            f"- load average: {load()}\n- torch: {torch.__version__}\n- date: {datetime.date.today().isoformat()}\n")
+            f"- load average: {loads()}\n- torch: {torch.__version__}\n- date: {datetime.date.today().isoformat()}\n")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -129,7 +136,7 @@ def write_json(path: Path, figures: dict) -> Path:
     ``path`` as JSON, under the same stamp as a result page: {"stamp": {...}, "figures": figures}."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    stamped = {"stamp": {"command": command_line(), "commit": git_commit(), "machine": machine(), "load": load(),
+    stamped = {"stamp": {"command": command_line(), "commit": STARTED_AT, "machine": machine(), "load": loads(),
                          "torch": torch.__version__, "date": datetime.date.today().isoformat()},
                "figures": figures}
     with open(path, "w") as file:

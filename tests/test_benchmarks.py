@@ -4,6 +4,7 @@ figures, and every benchmark writes its page through it (none by hand)."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 
@@ -32,7 +33,8 @@ def test_a_result_page_has_its_stamp_above_its_figures(tmp_path, monkeypatch):
     assert "CPU cores" in stamp["- machine"] and "RAM" in stamp["- machine"]
     assert ("no GPU" in stamp["- machine"]) != harness.torch.cuda.is_available()
     assert stamp["- torch"] == harness.torch.__version__ and len(stamp["- date"]) == 10
-    assert "(1 / 5 / 15 minutes)" in stamp["- load average"]
+    assert "(1 / 5 / 15 minutes) on" in stamp["- load average"]
+    assert stamp["- load average"].startswith(harness.LOAD_AT_START + " at the start; ")
     assert lines.index("| layer | ms |") > max(i for i, line in enumerate(lines) if line.startswith("- "))
     assert "| a\\|b | 2 |" in lines  # a cell's | does not break the table
     assert harness.write_result.__defaults__[-1] is None and harness.RESULTS == ROOT / "docs" / "results"
@@ -114,3 +116,12 @@ def test_the_norm_benchmark_runs_in_its_smallest_mode_and_sets_spade_and_sean_ag
     table = page.split("## Conditional layers against their modulation convolutions")[1]
     assert "| spade |" in table and "| sean |" in table and "ratio to spade" in table
     assert "| conv 3x3 + frn |" in page
+
+
+def test_the_json_of_a_benchmark_carries_the_commit_it_started_at(tmp_path, monkeypatch):
+    """A benchmark that runs for an hour writes its JSON under the commit it imported, as its page does, not the
+    commit made while it ran."""
+    monkeypatch.setattr(harness, "STARTED_AT", "0123abc")
+    stamped = json.loads(harness.write_json(tmp_path / "x.json", {"a": 1}).read_text())
+    assert stamped["stamp"]["commit"] == "0123abc" and stamped["figures"] == {"a": 1}
+    assert stamped["stamp"]["load"].startswith(harness.LOAD_AT_START + " at the start; ")
