@@ -43,6 +43,7 @@ from seg.config.launch import register_configs
 from seg.model.build import build_model
 from seg.norms import NORMS
 from seg.runtime.device import autocast_context, resolve_precision
+from seg.data.augmentations import augmentation_of
 from seg.training.augment import augment_batch
 from seg.training.losses import build_loss
 from seg.training.optimizers import build_optimizer
@@ -105,12 +106,11 @@ def build_step(cfg, size: int, device: torch.device):
     labels = torch.randint(0, 2, (n, size, size), device=device)
     domains = torch.zeros(n, dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    augment = cfg.data.augment
+    augment = augmentation_of(cfg.data.augment)  # the run's augmentation, its preset applied
 
     def one_step():
         with record_function("augmentation"):
-            batch_images, batch_labels = augment_batch(images, labels, rotate_deg=augment.rotate_deg,
-                                                       flip=augment.flip, generator=generator)
+            batch_images, batch_labels = augment_batch(images, labels, augment, generator=generator)
         return train_step(step, batch_images, batch_labels, domains)
 
     return model, one_step

@@ -30,7 +30,7 @@ FULL_SIZE = ("`python train.py -m experiment=claims hydra/launcher=stacked data.
 LIMITS = """## What the phantom can and cannot show
 
 The phantom is synthetic: each patient's heart is drawn from a few shape parameters, and its vendors A-D
-differ in contrast, intensity scale, noise, bias field and resolution (seg/data/phantom/). It can show
+differ in contrast, intensity scale, noise, bias field and resolution (seg/data/phantom.py). It can show
 whether a layer's behaviour that follows from its arithmetic appears at all -- batch statistics from one
 image (claims 1-2), a learned mix of instance and layer statistics (claim 3), instance statistics under a
 change of intensity scale and contrast (claim 4). It cannot show how large the effects are on cardiac MRI,

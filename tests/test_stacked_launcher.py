@@ -36,6 +36,9 @@ pytest.importorskip("hydra_plugins.hydra_joblib_launcher")  # the launchers extr
 FIRST_LOSS_RTOL = 1e-5  # the loss of each run's first step (TensorBoard's train/loss at step 1)
 LOSS_RTOL = 1e-2  # each epoch's mean training loss, after 9 steps
 DICE_TOL = 0.05  # test and validation Dice (in [0, 1]) of a stacked run against the same run alone
+# distances (mm) and volumes (ml) come from the same masks as the Dice, whose few moved pixels move them too:
+# within this share of their value
+SURFACE_RTOL = 0.1
 GRID = ["experiment=smoke", "data.image_size=32", "data.phantom.num_patients=6", "trainer.progress=false",
         "trainer.batch_size=6", "norm=bn,iln", "lr=0.05,0.01", "seed=0,1"]
 # differ by nature: times, the folder, and whether the data cache existed when the run started
@@ -100,7 +103,8 @@ def assert_close_text(actual: str, expected: str, tol: float, label: str) -> Non
     """The same text, except numbers that may differ by ``tol``."""
     assert NUMBER.sub("#", actual) == NUMBER.sub("#", expected), label
     for a, e in zip(NUMBER.findall(actual), NUMBER.findall(expected)):
-        assert float(a) == pytest.approx(float(e), abs=tol), f"{label}: {a} vs {e}"
+        bound = tol if abs(float(e)) <= 1 else SURFACE_RTOL * abs(float(e))  # a Dice, or a distance in mm
+        assert float(a) == pytest.approx(float(e), abs=bound), f"{label}: {a} vs {e}"
 
 
 @pytest.fixture(scope="module")
@@ -126,9 +130,11 @@ def test_a_stacked_sweep_writes_the_folders_and_metrics_of_the_joblib_sweep(grid
         assert actual.keys() == expected.keys(), name
         assert actual["status"] == expected["status"] == "ok", name
         for key, value in expected.items():
-            if key in TIMING or key in ("history", "per_volume", "mixing_weights"):
+            if key in TIMING or key in ("history", "per_volume", "per_patient", "mixing_weights"):
                 continue
-            if isinstance(value, float):
+            if isinstance(value, float) and key.startswith(("hd", "assd")):
+                assert actual[key] == pytest.approx(value, rel=SURFACE_RTOL), f"{name} {key}"
+            elif isinstance(value, float):
                 tol = DICE_TOL if "dice" in key else 1e-6
                 assert actual[key] == pytest.approx(value, abs=tol), f"{name} {key}"
             else:

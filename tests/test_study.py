@@ -122,7 +122,8 @@ def test_lr_optuna_search_at_tiny_size(data_dir, tmp_path):
     assert len(list(tmp_path.glob("*/metrics.json"))) == 2 and (tmp_path / "paper_table.md").is_file()
     runs = [json.loads(p.read_text()) for p in tmp_path.glob("*/metrics.json")]
     assert results["best_value"] == pytest.approx(max(r["best_val_dice"] for r in runs))
-    assert all(r["dice"] != r["best_val_dice"] for r in runs)  # the objective is not the test Dice
+    if max(r["dice"] for r in runs) != max(r["best_val_dice"] for r in runs):  # where the two tell apart
+        assert results["best_value"] != pytest.approx(max(r["dice"] for r in runs))  # not the test Dice
 
 
 # ---------------------------------------------------------------------------- summary of a sweep
@@ -204,7 +205,10 @@ def test_plots_of_a_sweep(synthetic_sweep):
 def test_summarize_script(synthetic_sweep):
     result = subprocess.run([sys.executable, "-m", "seg.tools.summarize", str(synthetic_sweep), "--no-plots"],
                             capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    # the sweep's gn at lr 0.1 failed: its choice of a rate lacks that candidate, so the tables are written and the
+    # command says which choice is incomplete (exit 3, seg/tools/summarize.py)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == "warning: incomplete choice (exit 3): fold=0, norm=gn, seed=0: lr 0.1 failed\n"
     assert "diverged (2/2)" in result.stdout and (synthetic_sweep / "paper_table.csv").is_file()
 
 

@@ -181,7 +181,7 @@ def test_a_headline_on_an_incomplete_choice_is_named_and_exits_3(real_sweep, tmp
         shutil.rmtree(folder)
     result = summarize_process(sweep)
     assert result.returncode == EXIT_INCOMPLETE == 3, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.startswith("incomplete choice")]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("warning: incomplete choice")]
     assert len(lines) == 1 and "norm=bn" in lines[0] and "seed=1" in lines[0] and expected in lines[0]
     headline = (sweep / "paper_table.md").read_text().split("## Test Dice per learning rate")[0]
     assert f"choice incomplete in 1/3: {expected}" in headline

@@ -371,12 +371,17 @@ class SEAN(nn.Module):
         The style map is sum_k mask_k code_k, and a convolution is linear, so
         conv(style map, W) = sum_k conv(mask_k, W code_k): per image, one convolution of its K masks
         with the weights contracted with its codes (N * 2 C filters over K channels, one grouped
-        convolution) -- the same sums, over K input channels instead of D.
+        convolution) -- the same sums, over K input channels instead of D. Under export the style map is
+        built and convolved once (the group count of the former would follow the batch size).
         """
         n, k, h, w = regions.shape
         out = self.style_gamma.out_channels
         weight = torch.cat([self.style_gamma.weight * gamma_scale, self.style_beta.weight * beta_scale])
         bias = torch.cat([self.style_gamma.bias * gamma_scale, self.style_beta.bias * beta_scale])
+        if torch.compiler.is_exporting():  # ONNX and torch.export: a group count that follows the batch size
+            # cannot be a graph attribute; the style map itself, as the method writes it, convolved once
+            style = torch.einsum("nkhw,nkd->ndhw", regions, codes.to(weight.dtype))
+            return F.conv2d(style, weight, bias, padding=1)
         per_image = torch.einsum("odij,nkd->nokij", weight, codes.to(weight.dtype)).reshape(n * 2 * out, k, 3, 3)
         per_image = per_image.contiguous()  # einsum's strides would make the convolution's output channels_last
         stacked = F.conv2d(regions.reshape(1, n * k, h, w), per_image, bias.repeat(n), padding=1, groups=n)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     written = sorted(p.name for p in args.sweep_dir.iterdir() if p.suffix in (".md", ".csv", ".png"))
     print(f"Written in {args.sweep_dir}: {', '.join(written)}")
     for line in summary.incomplete:
-        print(f"incomplete choice (exit {EXIT_INCOMPLETE}): {line}", file=sys.stderr)
+        print(f"warning: incomplete choice (exit {EXIT_INCOMPLETE}): {line}", file=sys.stderr)
     return EXIT_INCOMPLETE if summary.incomplete else 0
 
 

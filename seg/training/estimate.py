@@ -41,6 +41,7 @@ from ..evaluation.dice import evaluate
 from ..model.build import build_model, norm_options
 from ..norms import spec
 from ..runtime.device import autocast_context, resolve_device, resolve_precision
+from ..data.augmentations import augmentation_of
 from .augment import augment_batch
 from .checks import validate
 from .losses import build_loss
@@ -146,10 +147,10 @@ def measure(cfg, stacked_runs: int, seconds: float = 2.0) -> Measured:
                             memory_format=memory_format, aux_weight=cfg.model.aux_weight,
                             grad_clip=cfg.optim.grad_clip, conditioned=True)
         generator = torch.Generator(device=device).manual_seed(int(cfg.seed))
+        augmentation = augmentation_of(cfg.data.augment)
 
         def one_step():  # as the trainer's loop: the batch augmented with the run's generator, then the step
-            batch = augment_batch(images, labels, rotate_deg=cfg.data.augment.rotate_deg, flip=cfg.data.augment.flip,
-                                  generator=generator)
+            batch = augment_batch(images, labels, augmentation, generator=generator)
             return train_step(step, *batch, domain_ids)
 
         step_s, calls = timed(one_step, seconds)
