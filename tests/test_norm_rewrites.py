@@ -183,3 +183,22 @@ def test_the_rewritten_layer_computes_what_the_earlier_one_did(name, training, f
         torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{label}: {m}")
     for (label, buffer), (_, want) in zip(layer.named_buffers(), earlier.named_buffers()):
         torch.testing.assert_close(buffer, want, **TIGHT, msg=lambda m: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("tau", [0.0, -0.5, 0.7], ids=["tau0", "tau_negative", "tau_positive"])
+def test_frn_splits_the_gradient_at_ties_as_torch_maximum_does(tau):
+    """Where y = tau exactly (x = 0 with beta = tau: dead inputs at initialisation, where beta = tau = 0),
+    torch.maximum gives half the gradient to each side; the rewritten backward must too."""
+    torch.manual_seed(0)
+    layer = randomize(make_norm("frn", SHAPE[1])).double()
+    with torch.no_grad():
+        layer.tau.fill_(tau)
+        layer.bias.fill_(tau)
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    x[:, :, :128] = 0  # half of every map: y = beta = tau
+    upstream = torch.randn(SHAPE, dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t, c), x, None, upstream)
+    ref_out, ref_grads = run(copy.deepcopy(layer), frn_reference, x, None, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TIGHT)

@@ -32,9 +32,10 @@ class _FilterResponse(torch.autograd.Function):
     max(x * s + (beta - min(tau, 0)), max(tau, 0)). Backward, with y = x * s + beta and the mask
     m = 1 where y > tau, 1/2 where y = tau (torch.maximum's rule), 0 elsewhere:
         gy = g * m,   A = sum_hw(gy * x),   B = sum_hw(gy),   G = sum_hw(g)   (per sample and channel)
-        d gamma = sum_n A / sqrt(nu2 + eps),   d beta = sum_n B,   d tau = sum_n (G - B) - [tau <= 0] sum_n G
+        d gamma = sum_n A / sqrt(nu2 + eps),   d beta = sum_n B,   d tau = [tau > 0] sum_n G - sum_n B
         dx = gy * s - x * gamma A / (sqrt(nu2 + eps)^3 H W)
-    x is the only full-size tensor kept; the mask is recomputed from it.
+    x is the only full-size tensor kept; the mask is recomputed from it, as 2 m = 1 + sign(y - tau)
+    (two vectorized passes that write 2 gy in place; torch's heaviside is a scalar loop).
     """
 
     @staticmethod
@@ -53,16 +54,20 @@ class _FilterResponse(torch.autograd.Function):
         x, inv, weight, bias, tau = ctx.saved_tensors
         with full_precision(x):
             scale = weight * inv
-            gy = scale_shift(x, scale, (bias - tau).expand_as(scale))  # y - tau
-            gy = gy.heaviside_(gy.new_full((), 0.5)).mul_(grad)
-            a, b = product_sums(gy, x) if gy.is_contiguous() and x.is_contiguous() else (
-                (gy * x).sum(dim=(2, 3)), gy.sum(dim=(2, 3)))
-            g = grad.sum(dim=(2, 3)).sum(0)
-            grad_tau = g - b.sum(0) - torch.where(tau <= 0, g, torch.zeros_like(g))
+            # 2 m = 1 + sign(y - tau): 1 + 1, 1 + 0 or 1 - 1, so gy2 = 2 gy = g + sign(y - tau) g, in place
+            gy2 = scale_shift(x, scale, (bias - tau).expand_as(scale)).sign_()
+            gy2 = torch.addcmul(grad, gy2, grad, out=gy2)
+            a, b = product_sums(gy2, x) if gy2.is_contiguous() and x.is_contiguous() else (
+                (gy2 * x).sum(dim=(2, 3)), gy2.sum(dim=(2, 3)))
+            a, b = a / 2, b / 2
+            # d tau needs G = sum g only where tau > 0 (the usual tau <= 0 saves that pass over g)
+            grad_tau = -b.sum(0)
+            if bool((tau > 0).any()):
+                grad_tau = grad_tau + torch.where(tau > 0, grad.sum(dim=(2, 3)).sum(0), 0)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 slope = -weight * a * inv.pow(3) / (x.shape[2] * x.shape[3])
-                grad_x = gy.mul_(scale[..., None, None]).addcmul_(x, slope[..., None, None])
+                grad_x = gy2.mul_(scale[..., None, None] / 2).addcmul_(x, slope[..., None, None])
             return grad_x, (a * inv).sum(0), b.sum(0), grad_tau, None
 
 
