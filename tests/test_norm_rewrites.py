@@ -35,6 +35,10 @@ def frn_reference(layer, x, cond=None):
     return torch.maximum(y, tau) - tau.clamp(max=0)
 
 
+def pn_reference(layer, x, cond=None):
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), layer.weight, layer.bias, layer.eps).permute(0, 3, 1, 2)
+
+
 def _sized(shape, dim, size):
     shape = list(shape)
     shape[dim] = size
@@ -128,6 +132,8 @@ def build(name):
         with torch.no_grad():  # thresholds on both sides of 0, some above most outputs
             layer.tau.copy_(torch.linspace(-1.0, 1.5, c))
         return layer.double(), frn_reference
+    if name == "pn":
+        return randomize(make_norm("pn", c)).double(), pn_reference
     if name.startswith("lcn"):
         options = {"lcn": {}, "lcn_window31": {"window": 31}, "lcn_stop": {"window": 31, "stop_stat_grad": True},
                    "lcn_cpg4": {"channels_per_group": 4, "window": 63}}[name]
@@ -144,7 +150,7 @@ def build(name):
 
 
 # the conv layers' cases take several seconds each (convolutions in float64 at 256x256): the slow tier
-LAYERS = ["frn", "lcn", "lcn_window31", "lcn_stop", "lcn_cpg4",
+LAYERS = ["frn", "pn", "lcn", "lcn_window31", "lcn_stop", "lcn_cpg4",
           *(pytest.param(name, marks=pytest.mark.slow) for name in ("kn", "spade", "sean", "sean_plain"))]
 
 
@@ -174,7 +180,10 @@ def test_the_rewritten_layer_computes_what_the_earlier_one_did(name, training, f
     out, grads = run(layer, lambda m, t, c: m(t, c), x, cond, upstream)
     ref_out, ref_grads = run(earlier, reference, x, cond, upstream)
     torch.testing.assert_close(out, ref_out, **TIGHT)
-    assert out.stride() == ref_out.stride()  # stored as before: the next layer sees the same memory format
+    if name == "pn":  # the earlier pn returned a channels_last tensor for a contiguous one; now x's format
+        assert out.is_contiguous(memory_format=FORMATS[fmt])
+    else:
+        assert out.stride() == ref_out.stride()  # stored as before: the next layer sees the same memory format
     names = ["input"] + [n for n, p in layer.named_parameters() if p.requires_grad]
     for label, got, want in zip(names, grads, ref_grads):
         if want is None:

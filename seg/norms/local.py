@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import compute_dtype, full_precision, product_sums
+from .fused import _MAX_MEAN_SQUARED_OVER_VAR, compute_dtype, full_precision, product_sums
 from .registry import register_norm
 from .standard import check_runs
 
@@ -33,9 +33,11 @@ class PositionalNorm(nn.Module):
     none, or one per position, which would fix the input size).
 
     Implementation: that is exactly layer norm over the last axis of the (N, H, W, C) view, so
-    torch's fused layer-norm kernel does it (free view for channels_last input, one copy otherwise).
-    Stacked (``runs`` = R > 1): over the last axis of the (N, H, W, R, C) view, each run's own
-    channels, then the per-channel affine.
+    torch's fused layer-norm kernel does it for channels_last input (a free view), on other devices
+    and under torch.compile and torch.func. A contiguous CPU tensor would need a copy of x and of
+    its gradient into that layout: ``_PositionalContiguous`` computes the same in the NCHW layout
+    instead, from per-pixel sums over the channels. Stacked (``runs`` = R > 1): over the last axis of
+    the (N, H, W, R, C) view, each run's own channels, then the per-channel affine.
     """
 
     kind = "post_conv"
@@ -56,8 +58,74 @@ class PositionalNorm(nn.Module):
                 per_run = x.permute(0, 2, 3, 1).reshape(n, h, w, self.runs, c // self.runs)
                 normalized = F.layer_norm(per_run, (c // self.runs,), eps=self.eps).view(n, h, w, c)
                 return _affine(normalized.permute(0, 3, 1, 2), self.weight, self.bias)
+            if (x.device.type == "cpu" and x.is_contiguous() and not torch.compiler.is_compiling()
+                    and not torch._C._are_functorch_transforms_active()):
+                moments = pixel_moments(x, self.eps)
+                if moments is not None:  # else |mean| >> std somewhere: the layer-norm kernel's exact route
+                    return _PositionalContiguous.apply(x, self.weight, self.bias, *moments)
             channels_last = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
             return channels_last.permute(0, 3, 1, 2)
+
+
+def pixel_moments(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mean and 1 / sqrt(biased variance + eps) over the channels of every pixel of a contiguous (N, C, H, W)
+    tensor: two (N, H, W) tensors, from the sums of x and x^2 (one channel plane at a time, no full-size
+    temporary). None where E[x^2] - E[x]^2 could lose precision (mean^2 > 1e3 var at some pixel)."""
+    channels = x.shape[1]
+    x = x.detach()
+    mean = x.sum(1).div_(channels)
+    var = torch.mul(x[:, 0], x[:, 0])
+    for k in range(1, channels):
+        var.addcmul_(x[:, k], x[:, k])
+    var = var.div_(channels).addcmul_(mean, mean, value=-1).clamp_min_(0)
+    if bool((mean.square() > _MAX_MEAN_SQUARED_OVER_VAR * var).any()):
+        return None
+    return mean, var.add_(eps).rsqrt_()
+
+
+class _PositionalContiguous(torch.autograd.Function):
+    """PN on a contiguous (N, C, H, W) tensor, given the per-pixel mean m and inverse deviation r (N, H, W):
+    y = gamma_c (x - m) r + beta_c, two elementwise passes forward, x the only full-size tensor kept.
+    Backward, per pixel, with P = sum_c gamma_c g_c, S = sum_c gamma_c g_c x_c, Q = r (S - m P):
+        dx_c = gamma_c r g_c - x_c r^2 Q / C + (m r^2 Q - r P) / C
+        d gamma_c = sum_{n,h,w} g_c x_c r - sum_{n,h,w} g_c m r,   d beta_c = sum_{n,h,w} g_c
+    The sums over the channels go one channel plane at a time, the sums over the pixels through a batched
+    matrix product; the only full-size tensor written is dx.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, inv):
+        y = torch.addcmul((-mean * inv)[:, None], x, inv[:, None])
+        y = y.mul_(weight[:, None, None]).add_(bias[:, None, None])
+        ctx.save_for_backward(x, weight, mean, inv)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, mean, inv = ctx.saved_tensors
+        n, c, h, w = x.shape
+        grad = grad.contiguous()
+        gammas = weight.tolist()
+        flat = grad.view(n, c, h * w)
+        columns = torch.stack([torch.ones_like(inv), mean * inv], dim=-1).view(n, h * w, 2)
+        grad_bias, shifted = torch.bmm(flat, columns).sum(0).unbind(-1)  # sum g, sum g m r
+        product, sums, weighted = torch.empty_like(inv), torch.zeros_like(inv), torch.zeros_like(inv)  # g x; S; P
+        scaled = x.new_empty(c)  # sum g x r per channel
+        for k in range(c):
+            weighted.add_(grad[:, k], alpha=gammas[k])
+            torch.mul(grad[:, k], x[:, k], out=product)
+            sums.add_(product, alpha=gammas[k])
+            scaled[k] = torch.dot(product.view(-1), inv.view(-1))
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            q = sums.sub_(mean * weighted).mul_(inv)
+            slope = -(inv * inv * q) / c
+            offset = (mean * inv * inv * q - inv * weighted) / c
+            grad_x = torch.addcmul(offset[:, None], x, slope[:, None])
+            for k in range(c):
+                grad_x[:, k].addcmul_(grad[:, k], inv, value=gammas[k])
+        return grad_x, scaled - shifted, grad_bias, None, None
 
 
 def check_channels_per_group(num_channels: int, channels_per_group: int, layer: str) -> None:
