@@ -45,7 +45,8 @@ def test_every_benchmark_writes_its_page_through_the_harness():
     itself."""
     pages = {}
     for path in sorted(BENCHMARKS.glob("*.py")):
-        if path.name in ("harness.py", "bad_inputs.py", "gpu_steps.py", "gpu_wheels.py", "study_page.py"):  # modules the programs import
+        if path.name in ("harness.py", "bad_inputs.py", "gpu_steps.py", "gpu_wheels.py", "study_page.py",  # modules
+                         "results_all.py"):  # the programs import; the sitting that runs the others
             continue
         calls = [node for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.Call)
                  and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_result"]
@@ -55,6 +56,35 @@ def test_every_benchmark_writes_its_page_through_the_harness():
         assert "write_text(" not in source and "def stamp" not in source, f"{path.name} writes a page itself"
     assert PAGES.items() <= pages.items()
     assert len(set(pages.values())) == len(pages)  # a page each
+
+
+def test_the_sitting_runs_each_page_with_the_command_its_stamp_names():
+    """scripts/results_all.py lists every page of docs/results, each with the command that page's stamp
+    names (the sitting and a page run alone are the same run) and a script that writes that page."""
+    import results_all
+
+    written = {}
+    for script in {command[0] for command in results_all.PAGES.values()}:
+        call = next(node for node in ast.walk(ast.parse((ROOT / script).read_text())) if isinstance(node, ast.Call)
+                    and getattr(node.func, "id", getattr(node.func, "attr", None)) == "write_result")
+        written[script] = call.args[0].value
+    assert all(written[command[0]] == name for name, command in results_all.PAGES.items())
+    pages = {path.stem for path in (ROOT / "docs" / "results").glob("*.md")}
+    assert pages <= set(results_all.PAGES), sorted(pages - set(results_all.PAGES))
+    for name in sorted(pages):
+        stamped = next(line for line in (ROOT / "docs" / "results" / f"{name}.md").read_text().splitlines()
+                       if line.startswith("- command: "))
+        assert stamped == f"- command: `python {' '.join(results_all.PAGES[name])}`", name
+
+
+def test_the_sitting_refuses_a_busy_machine(monkeypatch, capsys):
+    import results_all
+
+    monkeypatch.setattr(results_all.os, "getloadavg", lambda: (3.5, 2.0, 1.0))
+    monkeypatch.setattr(results_all.subprocess, "call", lambda *a, **k: pytest.fail("ran a page on a busy machine"))
+    assert results_all.main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the load average is 3.50") and "--anyway" in err
 
 
 @pytest.mark.slow
