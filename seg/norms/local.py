@@ -89,28 +89,47 @@ def window_sums(t: torch.Tensor, window: int) -> torch.Tensor:
     return t
 
 
-def box_sums(t: torch.Tensor, window: int) -> torch.Tensor:
-    """``window_sums`` without autograd and without the padded copy: per axis, one cumulative sum C
-    (C[i] = P[i + 1]) and one pass that writes each output once, as C[min(i + r, L - 1)] minus
-    C[i - r - 1] where that index exists, the axis split where either look-up changes form."""
+def box_sums(t: torch.Tensor, window: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``window_sums`` without autograd and without temporaries, for a contiguous (..., H, W) ``t``,
+    which it overwrites (its prefix sums): the result goes to ``out`` (a new tensor if None).
+
+    Per axis, the prefix sums C (C[i] = P[i + 1]), then one pass that writes each output once, as
+    C[min(i + r, L - 1)] minus C[i - r - 1] where that index exists, the axis split where either
+    look-up changes form (``_window_differences``). The prefix sums along H are one in-place add
+    per row on the CPU (vectorized along W; torch's cumsum over a non-last axis is a scalar loop,
+    several times slower); along W torch's cumsum, the axis it scans contiguously. So the box
+    filter reads and writes ``t`` and ``out`` twice each and allocates nothing.
+    """
     radius = window // 2
-    for dim in (-2, -1):
-        length = t.shape[dim]
-        prefix = t.cumsum(dim)
-        t = torch.empty_like(prefix)
-        cuts = sorted({0, length, min(radius + 1, length), max(length - radius, 0)})
-        for start, stop in zip(cuts, cuts[1:]):
-            size = stop - start
-            if start + radius <= length - 1:
-                upper = prefix.narrow(dim, start + radius, size)
-            else:  # the window reaches past the last pixel
-                upper = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, size))
-            target = t.narrow(dim, start, size)
-            if start >= radius + 1:
-                torch.sub(upper, prefix.narrow(dim, start - radius - 1, size), out=target)
-            else:  # the window starts at the first pixel
-                target.copy_(upper)
-    return t
+    if out is None:
+        out = torch.empty_like(t)
+    if t.device.type == "cpu":
+        rows = t.unbind(-2)
+        torch._foreach_add_(rows[1:], rows[:-1])  # on the CPU a loop in list order: row i += row i - 1
+    else:  # on a GPU the foreach kernels run the rows in parallel
+        t.cumsum_(-2)
+    _window_differences(t, -2, radius, out)
+    torch.cumsum(out, -1, out=t)
+    _window_differences(t, -1, radius, out)
+    return out
+
+
+def _window_differences(prefix: torch.Tensor, dim: int, radius: int, out: torch.Tensor) -> None:
+    """out[i] = C[min(i + r, L - 1)] - C[i - r - 1] (the second term where i > r) along ``dim``, for the
+    prefix sums C of a tensor: its sums over the windows [i - r, i + r] clipped to [0, L)."""
+    length = prefix.shape[dim]
+    cuts = sorted({0, length, min(radius + 1, length), max(length - radius, 0)})
+    for start, stop in zip(cuts, cuts[1:]):
+        size = stop - start
+        if start + radius <= length - 1:
+            upper = prefix.narrow(dim, start + radius, size)
+        else:  # the window reaches past the last pixel
+            upper = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, size))
+        target = out.narrow(dim, start, size)
+        if start >= radius + 1:
+            torch.sub(upper, prefix.narrow(dim, start - radius - 1, size), out=target)
+        else:  # the window starts at the first pixel
+            target.copy_(upper)
 
 
 def _sized(shape: torch.Size, dim: int, size: int) -> list[int]:
@@ -216,87 +235,104 @@ def lcn_reference(x, weight, bias, channels_per_group: int, window: int, eps: fl
 
 
 class _LocalContext(torch.autograd.Function):
-    """LCN with a hand-written backward: group-sized statistics only, two full-size passes forward.
+    """LCN with a hand-written backward: group-sized (N, G, H, W) temporaries only, reused, and two
+    full-size passes each way (forward: the normalization, then the affine, in place; backward: the
+    normalized x, then the gradients in place).
 
     Per group g of k = ``channels_per_group`` channels, with x centred on the group's global mean m
-    (detached: it cancels), S1 = sum_c x_c and S2 = sum_c x_c^2 per pixel (the channel loop writes
-    only group-sized tensors), box-filtered in one call on the pair: mean = B(S1) / n, var = B(S2) / n
-    - mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma (x - m -
-    mean) inv + beta. Backward, gg = g * gamma, xhat = (x - m - mean) inv:
-        Q = sum_c gg * xhat, P = sum_c gg                (per group and pixel)
-        d var = -Q inv^2 / 2 (0 where the clamp acted),   d mean = -P inv - 2 mean d var
-        dx = gg inv + B(d mean / n) + 2 (x - m) B(d var / n)   (B is symmetric: its own transpose)
-        d gamma = sum g * xhat, d beta = sum g
-    With ``constant`` (stop_stat_grad) the two box-filter terms are left out.
+    (detached: it cancels), S1 = sum_c (x_c - m) and S2 = sum_c (x_c - m)^2 per pixel (one channel
+    at a time), each box-filtered (``box_sums``, in place): mean = B(S1) / n, var = B(S2) / n -
+    mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma xhat + beta
+    with xhat = (x - m - mean) inv. Backward, gg = g * gamma:
+        d gamma = sum g * xhat, d beta = sum g           (one fused pass, ``product_sums``)
+        Q = sum_c gg * xhat, P = sum_c gg                 (per group and pixel)
+        V = Q inv^2 (0 where the clamp acted)             (d var = -V / 2)
+        d mean = -P inv - 2 mean d var = -(P inv - mean V)
+        dx = gg inv + B(d mean / n) + 2 (x - m) B(d var / n)      (B is symmetric: its own transpose)
+           = gg inv + x W + (M - m W),   M = B(-(P inv - mean V) / n), W = B(-V / n)
+    The signs are folded into the divisions by -n, so each step is one multiply-add. With
+    ``constant`` (stop_stat_grad) the two box-filter terms are left out: dx = gg inv.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, per_group, window, eps, constant):
         n, c, h, w = x.shape
         grouped = x.view(n, c // per_group, per_group, h, w)
-        centre = grouped.mean(dim=(2, 3, 4))  # (N, G)
-        sums = x.new_empty(2, n, c // per_group, h, w)
-        for k in range(per_group):
-            centred = grouped[:, :, k] - centre[..., None, None]
-            if k == 0:
-                sums[0].copy_(centred)
-                torch.mul(centred, centred, out=sums[1])
-            else:
-                sums[0].add_(centred)
-                sums[1].addcmul_(centred, centred)
+        centre = grouped.mean(dim=(2, 3, 4))[..., None, None]  # (N, G, 1, 1)
+        sums, squares, spare = (x.new_empty(n, c // per_group, h, w) for _ in range(3))
+        torch.sub(grouped[:, :, 0], centre, out=sums)
+        torch.mul(sums, sums, out=squares)
+        for k in range(1, per_group):
+            centred = torch.sub(grouped[:, :, k], centre, out=spare)
+            sums.add_(centred)
+            squares.addcmul_(centred, centred)
         count = window_counts(h, w, window, x.device).to(x.dtype) * per_group
-        mean, mean_sq = box_sums(sums, window).div_(count)
-        var = mean_sq.addcmul_(mean, mean, value=-1)
-        unclamped = var >= 0
+        mean = box_sums(sums, window, out=spare).div_(count)  # of x - m; ``sums`` is free again
+        var = box_sums(squares, window, out=sums).div_(count).addcmul_(mean, mean, value=-1)
+        clamped = var < 0 if ctx.needs_input_grad[0] and not constant else None
         inv = var.clamp_min_(0).add_(eps).rsqrt_()
-        mean.add_(centre[..., None, None])  # the local mean of x itself
-        y = normalized(x, per_group, mean, inv)
-        y = y.mul_(weight[:, None, None]).add_(bias[:, None, None])
-        ctx.save_for_backward(x, weight, centre, mean, inv, unclamped, count)
+        mean.add_(centre)  # the local mean of x itself
+        y = normalized(x, per_group, mean, inv, squares)
+        torch.addcmul(bias[:, None, None], y, weight[:, None, None], out=y)
+        ctx.save_for_backward(x, weight, centre, mean, inv, clamped, count)
         ctx.options = (per_group, window, constant)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, centre, mean, inv, unclamped, count = ctx.saved_tensors
+        x, weight, centre, mean, inv, clamped, count = ctx.saved_tensors
         per_group, window, constant = ctx.options
         n, c, h, w = x.shape
+        groups = c // per_group
         with full_precision(x):
-            grouped = x.view(n, c // per_group, per_group, h, w)
-            xhat = normalized(x, per_group, mean, inv)
-            if grad.is_contiguous() and xhat.is_contiguous():
-                grad_weight, grad_bias = product_sums(grad, xhat)
+            grad_x = normalized(x, per_group, mean, inv, torch.empty_like(mean))  # xhat, then dx in place
+            if grad.is_contiguous() and grad_x.is_contiguous():
+                grad_weight, grad_bias = product_sums(grad, grad_x)
             else:
-                grad_weight, grad_bias = (grad * xhat).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
-            gg = torch.mul(grad, weight[:, None, None], out=torch.empty_like(x))
-            gg = gg.view(n, c // per_group, per_group, h, w)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                xhat = xhat.view(n, c // per_group, per_group, h, w)
-                if not constant:
-                    q, p = gg[:, :, 0] * xhat[:, :, 0], gg[:, :, 0].clone()
-                    for k in range(1, per_group):
-                        q.addcmul_(gg[:, :, k], xhat[:, :, k])
-                        p.add_(gg[:, :, k])
-                    grad_var = q.mul_(inv.square()).mul_(-0.5).mul_(unclamped)
-                    local_mean = mean - centre[..., None, None]  # the statistic of the centred x
-                    grad_mean = p.mul_(inv).neg_().addcmul_(local_mean, grad_var, value=-2)
-                    box_mean, box_var = box_sums(torch.stack([grad_mean, grad_var]).div_(count), window)
-                    box_var.mul_(2)
-                    offset = box_mean.sub_(box_var * centre[..., None, None])  # B(d mean/n) - 2 m B(d var/n)
-                grad_x = gg.mul_(inv[:, :, None])
-                if not constant:
-                    grad_x.addcmul_(grouped, box_var[:, :, None]).add_(offset[:, :, None])
-                grad_x = grad_x.view(n, c, h, w)
+                grad_weight, grad_bias = (grad * grad_x).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
+            if not ctx.needs_input_grad[0]:
+                return None, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+            per_channel = weight.view(groups, per_group, 1, 1)
+            upstream = grad.view(n, groups, per_group, h, w)
+            dx = grad_x.view(n, groups, per_group, h, w)
+            q, p, spare = (x.new_empty(n, groups, h, w) for _ in range(3))
+            for k in range(per_group):
+                gg_xhat = dx[:, :, k].mul_(upstream[:, :, k])  # g * xhat (no longer needed itself)
+                if k == 0:
+                    torch.mul(gg_xhat, per_channel[:, k], out=q)
+                else:
+                    q.addcmul_(gg_xhat, per_channel[:, k])
+                torch.mul(upstream[:, :, k], per_channel[:, k], out=dx[:, :, k])  # gg
+            if not constant:
+                torch.sum(dx, 2, out=p)
+                v = q.mul_(inv).mul_(inv).masked_fill_(clamped, 0)
+                centred_mean = torch.sub(mean, centre, out=spare)
+                p.mul_(inv).addcmul_(centred_mean, v, value=-1).div_(-count)  # d mean / n
+                box_mean = box_sums(p, window, out=spare)
+                box_var = box_sums(v.div_(-count), window, out=p)  # 2 B(d var / n)
+                offset = box_mean.addcmul_(box_var, centre, value=-1)
+                for k in range(per_group):
+                    partial = torch.addcmul(offset, grouped_channel(x, per_group, k), box_var, out=q)
+                    torch.addcmul(partial, dx[:, :, k], inv, out=dx[:, :, k])
+            else:
+                dx.mul_(inv[:, :, None])
         return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
 
 
-def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+def grouped_channel(x: torch.Tensor, per_group: int, k: int) -> torch.Tensor:
+    """Channel k of every group of ``per_group`` channels of x (N, C, H, W): an (N, G, H, W) view."""
+    n, c, h, w = x.shape
+    return x.view(n, c // per_group, per_group, h, w)[:, :, k]
+
+
+def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor,
+               spare: torch.Tensor) -> torch.Tensor:
     """(x - mean) * inv for x (N, C, H, W) and the statistics (N, G, H, W) of its groups of ``per_group``
-    channels: one pass, a new tensor in x's memory format."""
+    channels: one pass, a new tensor in x's memory format; ``spare`` (N, G, H, W) is overwritten."""
     n, c, h, w = x.shape
     out = torch.empty_like(x)
-    torch.addcmul((-mean * inv)[:, :, None], x.view(n, c // per_group, per_group, h, w), inv[:, :, None],
+    shift = torch.mul(mean, inv, out=spare).neg_()
+    torch.addcmul(shift[:, :, None], x.view(n, c // per_group, per_group, h, w), inv[:, :, None],
                   out=out.view(n, c // per_group, per_group, h, w))
     return out
