@@ -235,9 +235,9 @@ def lcn_reference(x, weight, bias, channels_per_group: int, window: int, eps: fl
 
 
 class _LocalContext(torch.autograd.Function):
-    """LCN with a hand-written backward: group-sized (N, G, H, W) temporaries only, reused, and two
-    full-size passes each way (forward: the normalization, then the affine, in place; backward: the
-    normalized x, then the gradients in place).
+    """LCN with a hand-written backward: group-sized (N, G, H, W) temporaries only, reused in place;
+    full-size work is the output (and in backward the input gradient) written once and updated in
+    place with group statistics broadcast over the group's channels.
 
     Per group g of k = ``channels_per_group`` channels, with x centred on the group's global mean m
     (detached: it cancels), S1 = sum_c (x_c - m) and S2 = sum_c (x_c - m)^2 per pixel (one channel
@@ -245,12 +245,12 @@ class _LocalContext(torch.autograd.Function):
     mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma xhat + beta
     with xhat = (x - m - mean) inv. Backward, gg = g * gamma:
         d gamma = sum g * xhat, d beta = sum g           (one fused pass, ``product_sums``)
-        Q = sum_c gg * xhat, P = sum_c gg                 (per group and pixel)
+        Q = sum_c gg * xhat, P = sum_c gg                 (per group and pixel: ``channel_sums``)
         V = Q inv^2 (0 where the clamp acted)             (d var = -V / 2)
         d mean = -P inv - 2 mean d var = -(P inv - mean V)
         dx = gg inv + B(d mean / n) + 2 (x - m) B(d var / n)      (B is symmetric: its own transpose)
            = gg inv + x W + (M - m W),   M = B(-(P inv - mean V) / n), W = B(-V / n)
-    The signs are folded into the divisions by -n, so each step is one multiply-add. With
+    The signs are folded into the divisions by -n, so each step is one in-place operation. With
     ``constant`` (stop_stat_grad) the two box-filter terms are left out: dx = gg inv.
     """
 
@@ -269,11 +269,12 @@ class _LocalContext(torch.autograd.Function):
         count = window_counts(h, w, window, x.device).to(x.dtype) * per_group
         mean = box_sums(sums, window, out=spare).div_(count)  # of x - m; ``sums`` is free again
         var = box_sums(squares, window, out=sums).div_(count).addcmul_(mean, mean, value=-1)
-        clamped = var < 0 if ctx.needs_input_grad[0] and not constant else None
+        # where the clamp acts its gradient is 0; rounding makes var < 0 rarely, so no mask is kept then
+        clamped = var < 0 if ctx.needs_input_grad[0] and not constant and bool(var.min() < 0) else None
         inv = var.clamp_min_(0).add_(eps).rsqrt_()
         mean.add_(centre)  # the local mean of x itself
-        y = normalized(x, per_group, mean, inv, squares)
-        torch.addcmul(bias[:, None, None], y, weight[:, None, None], out=y)
+        y = normalized(x, per_group, mean, inv)
+        y.mul_(weight[:, None, None]).add_(bias[:, None, None])
         ctx.save_for_backward(x, weight, centre, mean, inv, clamped, count)
         ctx.options = (per_group, window, constant)
         return y
@@ -286,53 +287,49 @@ class _LocalContext(torch.autograd.Function):
         n, c, h, w = x.shape
         groups = c // per_group
         with full_precision(x):
-            grad_x = normalized(x, per_group, mean, inv, torch.empty_like(mean))  # xhat, then dx in place
+            grad_x = normalized(x, per_group, mean, inv)  # xhat, then dx in place
             if grad.is_contiguous() and grad_x.is_contiguous():
                 grad_weight, grad_bias = product_sums(grad, grad_x)
             else:
                 grad_weight, grad_bias = (grad * grad_x).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
             if not ctx.needs_input_grad[0]:
                 return None, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
-            per_channel = weight.view(groups, per_group, 1, 1)
-            upstream = grad.view(n, groups, per_group, h, w)
             dx = grad_x.view(n, groups, per_group, h, w)
-            q, p, spare = (x.new_empty(n, groups, h, w) for _ in range(3))
-            for k in range(per_group):
-                gg_xhat = dx[:, :, k].mul_(upstream[:, :, k])  # g * xhat (no longer needed itself)
-                if k == 0:
-                    torch.mul(gg_xhat, per_channel[:, k], out=q)
-                else:
-                    q.addcmul_(gg_xhat, per_channel[:, k])
-                torch.mul(upstream[:, :, k], per_channel[:, k], out=dx[:, :, k])  # gg
             if not constant:
-                torch.sum(dx, 2, out=p)
-                v = q.mul_(inv).mul_(inv).masked_fill_(clamped, 0)
+                q, p, spare = (x.new_empty(n, groups, h, w) for _ in range(3))
+                channel_sums(grad_x.mul_(grad), weight, per_group, out=q)  # sum_c gamma g xhat
+                channel_sums(grad, weight, per_group, out=p)
+            torch.mul(grad, weight[:, None, None], out=grad_x)  # gg
+            dx.mul_(inv[:, :, None])
+            if not constant:
+                v = q.mul_(inv).mul_(inv)
+                if clamped is not None:
+                    v.masked_fill_(clamped, 0)
                 centred_mean = torch.sub(mean, centre, out=spare)
                 p.mul_(inv).addcmul_(centred_mean, v, value=-1).div_(-count)  # d mean / n
-                box_mean = box_sums(p, window, out=spare)
+                box_mean = box_sums(p, window, out=centred_mean)
                 box_var = box_sums(v.div_(-count), window, out=p)  # 2 B(d var / n)
                 offset = box_mean.addcmul_(box_var, centre, value=-1)
-                for k in range(per_group):
-                    partial = torch.addcmul(offset, grouped_channel(x, per_group, k), box_var, out=q)
-                    torch.addcmul(partial, dx[:, :, k], inv, out=dx[:, :, k])
-            else:
-                dx.mul_(inv[:, :, None])
+                dx.addcmul_(x.view(n, groups, per_group, h, w), box_var[:, :, None]).add_(offset[:, :, None])
         return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
 
 
-def grouped_channel(x: torch.Tensor, per_group: int, k: int) -> torch.Tensor:
-    """Channel k of every group of ``per_group`` channels of x (N, C, H, W): an (N, G, H, W) view."""
-    n, c, h, w = x.shape
-    return x.view(n, c // per_group, per_group, h, w)[:, :, k]
+def channel_sums(t: torch.Tensor, weight: torch.Tensor, per_group: int, out: torch.Tensor) -> torch.Tensor:
+    """sum_c weight_c t_c over the channels c of each group of ``per_group`` channels of t (N, C, H, W), into
+    ``out`` (N, G, H, W), channel by channel (fewer passes than a product and a sum over the channels)."""
+    n, c, h, w = t.shape
+    grouped, per_channel = t.view(n, c // per_group, per_group, h, w), weight.view(c // per_group, per_group, 1, 1)
+    torch.mul(grouped[:, :, 0], per_channel[:, 0], out=out)
+    for k in range(1, per_group):
+        out.addcmul_(grouped[:, :, k], per_channel[:, k])
+    return out
 
 
-def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor,
-               spare: torch.Tensor) -> torch.Tensor:
+def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
     """(x - mean) * inv for x (N, C, H, W) and the statistics (N, G, H, W) of its groups of ``per_group``
-    channels: one pass, a new tensor in x's memory format; ``spare`` (N, G, H, W) is overwritten."""
+    channels: two passes over a new tensor in x's memory format."""
     n, c, h, w = x.shape
     out = torch.empty_like(x)
-    shift = torch.mul(mean, inv, out=spare).neg_()
-    torch.addcmul(shift[:, :, None], x.view(n, c // per_group, per_group, h, w), inv[:, :, None],
-                  out=out.view(n, c // per_group, per_group, h, w))
+    grouped = out.view(n, c // per_group, per_group, h, w)
+    torch.sub(x.view(n, c // per_group, per_group, h, w), mean[:, :, None], out=grouped).mul_(inv[:, :, None])
     return out
