@@ -187,7 +187,8 @@ class LocalContextNorm(nn.Module):
       falls back to group norm with the unbiased variance (this layer stays local until the window
       spans the map from every pixel, then equals group norm with the biased variance; at 128 px:
       1.1e-2 / 1.2e-2).
-    The window must be odd (centred). Stacked runs (``runs``) need nothing more: a group of
+    Where the window spans the map torch's group norm computes the layer (the same statistics and
+    gradient: tests/test_norm_rewrites.py). The window must be odd (centred). Stacked runs (``runs``) need nothing more: a group of
     ``channels_per_group`` consecutive channels never straddles two runs when it divides each run's width.
     """
 
@@ -213,6 +214,8 @@ class LocalContextNorm(nn.Module):
             if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
                 return lcn_reference(x, self.weight, self.bias, self.channels_per_group, self.window, self.eps,
                                      constant)
+            if self.window >= 2 * max(h, w) - 1:  # every window holds the whole map: exactly group norm
+                return F.group_norm(x, x.shape[1] // self.channels_per_group, self.weight, self.bias, self.eps)
             return _LocalContext.apply(x, self.weight, self.bias, self.channels_per_group, self.window, self.eps,
                                        constant)
 
@@ -259,7 +262,9 @@ class _LocalContext(torch.autograd.Function):
         n, c, h, w = x.shape
         grouped = x.view(n, c // per_group, per_group, h, w)
         centre = grouped.mean(dim=(2, 3, 4))[..., None, None]  # (N, G, 1, 1)
-        sums, squares, spare = (x.new_empty(n, c // per_group, h, w) for _ in range(3))
+        y = torch.empty_like(x)
+        sums, spare = x.new_empty(n, c // per_group, h, w), x.new_empty(n, c // per_group, h, w)
+        squares, = group_buffers(y, c // per_group, 1)  # y is written only once the statistics are done
         torch.sub(grouped[:, :, 0], centre, out=sums)
         torch.mul(sums, sums, out=squares)
         for k in range(1, per_group):
@@ -273,7 +278,7 @@ class _LocalContext(torch.autograd.Function):
         clamped = var < 0 if ctx.needs_input_grad[0] and not constant and bool(var.min() < 0) else None
         inv = var.clamp_min_(0).add_(eps).rsqrt_()
         mean.add_(centre)  # the local mean of x itself
-        y = normalized(x, per_group, mean, inv)
+        normalized(x, per_group, mean, inv, out=y)
         y.mul_(weight[:, None, None]).add_(bias[:, None, None])
         ctx.save_for_backward(x, weight, centre, mean, inv, clamped, count)
         ctx.options = (per_group, window, constant)
@@ -287,7 +292,7 @@ class _LocalContext(torch.autograd.Function):
         n, c, h, w = x.shape
         groups = c // per_group
         with full_precision(x):
-            grad_x = normalized(x, per_group, mean, inv)  # xhat, then dx in place
+            grad_x = normalized(x, per_group, mean, inv, out=torch.empty_like(x))  # xhat, then dx in place
             if grad.is_contiguous() and grad_x.is_contiguous():
                 grad_weight, grad_bias = product_sums(grad, grad_x)
             else:
@@ -296,20 +301,22 @@ class _LocalContext(torch.autograd.Function):
                 return None, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
             dx = grad_x.view(n, groups, per_group, h, w)
             if not constant:
-                q, p, spare = (x.new_empty(n, groups, h, w) for _ in range(3))
+                q, box_mean = x.new_empty(n, groups, h, w), x.new_empty(n, groups, h, w)
                 channel_sums(grad_x.mul_(grad), weight, per_group, out=q)  # sum_c gamma g xhat
+                # until dx is written, its storage holds the group-sized terms (where it has room)
+                p, v = group_buffers(grad_x, groups, 2) if per_group > 1 else (x.new_empty(q.shape), q)
                 channel_sums(grad, weight, per_group, out=p)
+                torch.mul(q, inv, out=v).mul_(inv)
+                if clamped is not None:
+                    v.masked_fill_(clamped, 0)
+                # d mean / n = -(P inv - (mean - m) V) / n
+                p.mul_(inv).addcmul_(mean, v, value=-1).addcmul_(v, centre).div_(-count)
+                box_sums(p, window, out=box_mean)
+                box_var = box_sums(v.div_(-count), window, out=q if v is not q else p)  # 2 B(d var / n)
+                offset = box_mean.addcmul_(box_var, centre, value=-1)
             torch.mul(grad, weight[:, None, None], out=grad_x)  # gg
             dx.mul_(inv[:, :, None])
             if not constant:
-                v = q.mul_(inv).mul_(inv)
-                if clamped is not None:
-                    v.masked_fill_(clamped, 0)
-                centred_mean = torch.sub(mean, centre, out=spare)
-                p.mul_(inv).addcmul_(centred_mean, v, value=-1).div_(-count)  # d mean / n
-                box_mean = box_sums(p, window, out=centred_mean)
-                box_var = box_sums(v.div_(-count), window, out=p)  # 2 B(d var / n)
-                offset = box_mean.addcmul_(box_var, centre, value=-1)
                 dx.addcmul_(x.view(n, groups, per_group, h, w), box_var[:, :, None]).add_(offset[:, :, None])
         return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
 
@@ -325,11 +332,21 @@ def channel_sums(t: torch.Tensor, weight: torch.Tensor, per_group: int, out: tor
     return out
 
 
-def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+def group_buffers(full: torch.Tensor, groups: int, count: int) -> list[torch.Tensor]:
+    """``count`` contiguous (N, G, H, W) tensors in the storage of ``full`` (N, C, H, W), a new tensor
+    (from empty_like, so its storage is exactly its elements), for count * G <= C: scratch space that
+    costs no allocation (fresh memory is paid for page by page)."""
+    n, c, h, w = full.shape
+    assert count * groups <= c
+    flat, size = full.as_strided((full.numel(),), (1,)), n * groups * h * w
+    return [flat[i * size:(i + 1) * size].view(n, groups, h, w) for i in range(count)]
+
+
+def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
     """(x - mean) * inv for x (N, C, H, W) and the statistics (N, G, H, W) of its groups of ``per_group``
-    channels: two passes over a new tensor in x's memory format."""
+    channels, into ``out`` (x's shape and memory format): two passes."""
     n, c, h, w = x.shape
-    out = torch.empty_like(x)
     grouped = out.view(n, c // per_group, per_group, h, w)
     torch.sub(x.view(n, c // per_group, per_group, h, w), mean[:, :, None], out=grouped).mul_(inv[:, :, None])
     return out
