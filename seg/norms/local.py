@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import compute_dtype, full_precision, product_sums
+from .fused import compute_dtype, full_precision
 from .registry import register_norm
 from .standard import check_runs
 
@@ -247,7 +247,7 @@ class _LocalContext(torch.autograd.Function):
     at a time), each box-filtered (``box_sums``, in place): mean = B(S1) / n, var = B(S2) / n -
     mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma xhat + beta
     with xhat = (x - m - mean) inv. Backward, gg = g * gamma:
-        d gamma = sum g * xhat, d beta = sum g           (one fused pass, ``product_sums``)
+        d gamma = sum g * xhat, d beta = sum g           (g * xhat in dx's storage)
         Q = sum_c gg * xhat, P = sum_c gg                 (per group and pixel: ``channel_sums``)
         V = Q inv^2 (0 where the clamp acted)             (d var = -V / 2)
         d mean = -P inv - 2 mean d var = -(P inv - mean V)
@@ -293,16 +293,14 @@ class _LocalContext(torch.autograd.Function):
         groups = c // per_group
         with full_precision(x):
             grad_x = normalized(x, per_group, mean, inv, out=torch.empty_like(x))  # xhat, then dx in place
-            if grad.is_contiguous() and grad_x.is_contiguous():
-                grad_weight, grad_bias = product_sums(grad, grad_x)
-            else:
-                grad_weight, grad_bias = (grad * grad_x).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
+            grad_x.mul_(grad)  # g * xhat
+            grad_weight, grad_bias = grad_x.sum(dim=(0, 2, 3)), grad.sum(dim=(0, 2, 3))
             if not ctx.needs_input_grad[0]:
-                return None, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+                return None, grad_weight, grad_bias, None, None, None, None
             dx = grad_x.view(n, groups, per_group, h, w)
             if not constant:
                 q, box_mean = x.new_empty(n, groups, h, w), x.new_empty(n, groups, h, w)
-                channel_sums(grad_x.mul_(grad), weight, per_group, out=q)  # sum_c gamma g xhat
+                channel_sums(grad_x, weight, per_group, out=q)  # sum_c gamma g xhat
                 # until dx is written, its storage holds the group-sized terms (where it has room)
                 p, v = group_buffers(grad_x, groups, 2) if per_group > 1 else (x.new_empty(q.shape), q)
                 channel_sums(grad, weight, per_group, out=p)
@@ -318,7 +316,7 @@ class _LocalContext(torch.autograd.Function):
             dx.mul_(inv[:, :, None])
             if not constant:
                 dx.addcmul_(x.view(n, groups, per_group, h, w), box_var[:, :, None]).add_(offset[:, :, None])
-        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 def channel_sums(t: torch.Tensor, weight: torch.Tensor, per_group: int, out: torch.Tensor) -> torch.Tensor:
