@@ -89,34 +89,48 @@ def window_sums(t: torch.Tensor, window: int) -> torch.Tensor:
     return t
 
 
-def box_sums(t: torch.Tensor, window: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``window_sums`` without autograd and without temporaries, for a contiguous (..., H, W) ``t``,
-    which it overwrites (its prefix sums): the result goes to ``out`` (a new tensor if None).
+def box_sums(t: torch.Tensor, window: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``window_sums`` in place, without autograd: ``t`` (..., H, W) is overwritten by its window sums
+    and returned; ``scratch`` (t's shape, contiguous; a new tensor if None) is overwritten.
 
-    Per axis, the prefix sums C (C[i] = P[i + 1]), then one pass that writes each output once, as
-    C[min(i + r, L - 1)] minus C[i - r - 1] where that index exists, the axis split where either
-    look-up changes form (``_window_differences``). The prefix sums along H are one in-place add
-    per row on the CPU (vectorized along W; torch's cumsum over a non-last axis is a scalar loop,
-    several times slower); along W torch's cumsum, the axis it scans contiguously. So the box
-    filter reads and writes ``t`` and ``out`` twice each and allocates nothing.
+    Per axis, the prefix sums C (C[i] = P[i + 1]) and the window sums C[min(i + r, L - 1)] minus
+    C[i - r - 1] where that index exists, the axis split where either look-up changes form
+    (``_segments``). Along H the prefix sums are one in-place add per row on the CPU (vectorized
+    along W; torch's cumsum over a non-last axis is a scalar loop, several times slower). The rows
+    whose window starts at the first row need no difference: their sums along H are rows of C, so
+    the prefix sums along W (torch's cumsum, over the contiguous axis) read those rows directly; the
+    other rows are differenced into ``scratch`` and summed along W there. The differences along W
+    write back into ``t``. So the filter writes each of ``t`` and ``scratch`` about twice and
+    allocates nothing.
     """
     radius = window // 2
-    if out is None:
-        out = torch.empty_like(t)
+    if scratch is None:
+        scratch = torch.empty_like(t)
     if t.device.type == "cpu":
         rows = t.unbind(-2)
         torch._foreach_add_(rows[1:], rows[:-1])  # on the CPU a loop in list order: row i += row i - 1
     else:  # on a GPU the foreach kernels run the rows in parallel
         t.cumsum_(-2)
-    _window_differences(t, -2, radius, out)
-    torch.cumsum(out, -1, out=t)
-    _window_differences(t, -1, radius, out)
-    return out
+    for start, size, upper, lower in _segments(t, -2, radius):
+        target = scratch.narrow(-2, start, size)
+        if lower is None:
+            torch.cumsum(upper, -1, out=target)
+        else:
+            torch.sub(upper, lower, out=target).cumsum_(-1)
+    for start, size, upper, lower in _segments(scratch, -1, radius):
+        target = t.narrow(-1, start, size)
+        if lower is None:
+            target.copy_(upper)
+        else:
+            torch.sub(upper, lower, out=target)
+    return t
 
 
-def _window_differences(prefix: torch.Tensor, dim: int, radius: int, out: torch.Tensor) -> None:
-    """out[i] = C[min(i + r, L - 1)] - C[i - r - 1] (the second term where i > r) along ``dim``, for the
-    prefix sums C of a tensor: its sums over the windows [i - r, i + r] clipped to [0, L)."""
+def _segments(prefix: torch.Tensor, dim: int, radius: int):
+    """The window sums of a tensor along ``dim`` from its prefix sums C there, by segments of the axis:
+    (start, size, upper, lower) with views such that the sums at [start, start + size) are upper - lower
+    (C[min(i + r, L - 1)] and C[i - r - 1]), or upper alone (lower None) where the window starts at the
+    first pixel."""
     length = prefix.shape[dim]
     cuts = sorted({0, length, min(radius + 1, length), max(length - radius, 0)})
     for start, stop in zip(cuts, cuts[1:]):
@@ -125,11 +139,8 @@ def _window_differences(prefix: torch.Tensor, dim: int, radius: int, out: torch.
             upper = prefix.narrow(dim, start + radius, size)
         else:  # the window reaches past the last pixel
             upper = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, size))
-        target = out.narrow(dim, start, size)
-        if start >= radius + 1:
-            torch.sub(upper, prefix.narrow(dim, start - radius - 1, size), out=target)
-        else:  # the window starts at the first pixel
-            target.copy_(upper)
+        lower = prefix.narrow(dim, start - radius - 1, size) if start >= radius + 1 else None
+        yield start, size, upper, lower
 
 
 def _sized(shape: torch.Size, dim: int, size: int) -> list[int]:
@@ -263,17 +274,17 @@ class _LocalContext(torch.autograd.Function):
         grouped = x.view(n, c // per_group, per_group, h, w)
         centre = grouped.mean(dim=(2, 3, 4))[..., None, None]  # (N, G, 1, 1)
         y = torch.empty_like(x)
-        sums, spare = x.new_empty(n, c // per_group, h, w), x.new_empty(n, c // per_group, h, w)
-        squares, = group_buffers(y, c // per_group, 1)  # y is written only once the statistics are done
+        sums, squares = x.new_empty(n, c // per_group, h, w), x.new_empty(n, c // per_group, h, w)
+        scratch = group_scratch(y, c // per_group)  # y is written only once the statistics are done
         torch.sub(grouped[:, :, 0], centre, out=sums)
         torch.mul(sums, sums, out=squares)
         for k in range(1, per_group):
-            centred = torch.sub(grouped[:, :, k], centre, out=spare)
+            centred = torch.sub(grouped[:, :, k], centre, out=scratch)
             sums.add_(centred)
             squares.addcmul_(centred, centred)
         count = window_counts(h, w, window, x.device).to(x.dtype) * per_group
-        mean = box_sums(sums, window, out=spare).div_(count)  # of x - m; ``sums`` is free again
-        var = box_sums(squares, window, out=sums).div_(count).addcmul_(mean, mean, value=-1)
+        mean = box_sums(sums, window, scratch).div_(count)  # of x - m
+        var = box_sums(squares, window, scratch).div_(count).addcmul_(mean, mean, value=-1)
         # where the clamp acts its gradient is 0; rounding makes var < 0 rarely, so no mask is kept then
         clamped = var < 0 if ctx.needs_input_grad[0] and not constant and bool(var.min() < 0) else None
         inv = var.clamp_min_(0).add_(eps).rsqrt_()
@@ -299,18 +310,17 @@ class _LocalContext(torch.autograd.Function):
                 return None, grad_weight, grad_bias, None, None, None, None
             dx = grad_x.view(n, groups, per_group, h, w)
             if not constant:
-                q, box_mean = x.new_empty(n, groups, h, w), x.new_empty(n, groups, h, w)
-                channel_sums(grad_x, weight, per_group, out=q)  # sum_c gamma g xhat
-                # until dx is written, its storage holds the group-sized terms (where it has room)
-                p, v = group_buffers(grad_x, groups, 2) if per_group > 1 else (x.new_empty(q.shape), q)
+                v, p = x.new_empty(n, groups, h, w), x.new_empty(n, groups, h, w)
+                channel_sums(grad_x, weight, per_group, out=v)  # Q = sum_c gamma g xhat
                 channel_sums(grad, weight, per_group, out=p)
-                torch.mul(q, inv, out=v).mul_(inv)
+                scratch = group_scratch(grad_x, groups)  # until dx is written
+                v.mul_(inv).mul_(inv)
                 if clamped is not None:
                     v.masked_fill_(clamped, 0)
                 # d mean / n = -(P inv - (mean - m) V) / n
                 p.mul_(inv).addcmul_(mean, v, value=-1).addcmul_(v, centre).div_(-count)
-                box_sums(p, window, out=box_mean)
-                box_var = box_sums(v.div_(-count), window, out=q if v is not q else p)  # 2 B(d var / n)
+                box_mean = box_sums(p, window, scratch)
+                box_var = box_sums(v.div_(-count), window, scratch)  # 2 B(d var / n)
                 offset = box_mean.addcmul_(box_var, centre, value=-1)
             torch.mul(grad, weight[:, None, None], out=grad_x)  # gg
             dx.mul_(inv[:, :, None])
@@ -330,14 +340,12 @@ def channel_sums(t: torch.Tensor, weight: torch.Tensor, per_group: int, out: tor
     return out
 
 
-def group_buffers(full: torch.Tensor, groups: int, count: int) -> list[torch.Tensor]:
-    """``count`` contiguous (N, G, H, W) tensors in the storage of ``full`` (N, C, H, W), a new tensor
-    (from empty_like, so its storage is exactly its elements), for count * G <= C: scratch space that
-    costs no allocation (fresh memory is paid for page by page)."""
+def group_scratch(full: torch.Tensor, groups: int) -> torch.Tensor:
+    """A contiguous (N, G, H, W) tensor in the storage of ``full`` (N, C, H, W), a new tensor from
+    empty_like (so its storage is exactly its elements), G <= C: scratch space until ``full`` is
+    written, which costs no allocation (fresh memory is paid for page by page)."""
     n, c, h, w = full.shape
-    assert count * groups <= c
-    flat, size = full.as_strided((full.numel(),), (1,)), n * groups * h * w
-    return [flat[i * size:(i + 1) * size].view(n, groups, h, w) for i in range(count)]
+    return full.as_strided((n, groups, h, w), (groups * h * w, h * w, w, 1))
 
 
 def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor,
