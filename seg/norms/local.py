@@ -101,7 +101,8 @@ def box_sums(t: torch.Tensor, window: int, scratch: torch.Tensor | None = None) 
     the prefix sums along W (torch's cumsum, over the contiguous axis) read those rows directly; the
     other rows are differenced into ``scratch`` and summed along W there. The differences along W
     write back into ``t``. So the filter writes each of ``t`` and ``scratch`` about twice and
-    allocates nothing.
+    allocates nothing. The row-by-row prefix sums accumulate in t's dtype (torch's cumsum carries
+    float32 sums in float64): float32 results move by rounding, float64 ones not at all.
     """
     radius = window // 2
     if scratch is None:
@@ -257,7 +258,7 @@ class _LocalContext(torch.autograd.Function):
     (detached: it cancels), S1 = sum_c (x_c - m) and S2 = sum_c (x_c - m)^2 per pixel (one channel
     at a time), each box-filtered (``box_sums``, in place): mean = B(S1) / n, var = B(S2) / n -
     mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma xhat + beta
-    with xhat = (x - m - mean) inv. Backward, gg = g * gamma:
+    with xhat = (x - m - mean) inv (mean: the local mean of x - m). Backward, gg = g * gamma:
         d gamma = sum g * xhat, d beta = sum g           (g * xhat in dx's storage)
         Q = sum_c gg * xhat, P = sum_c gg                 (per group and pixel: ``channel_sums``)
         V = Q inv^2 (0 where the clamp acted)             (d var = -V / 2)
@@ -286,7 +287,7 @@ class _LocalContext(torch.autograd.Function):
         mean = box_sums(sums, window, scratch).div_(count)  # of x - m
         var = box_sums(squares, window, scratch).div_(count).addcmul_(mean, mean, value=-1)
         # where the clamp acts its gradient is 0; rounding makes var < 0 rarely, so no mask is kept then
-        clamped = var < 0 if ctx.needs_input_grad[0] and not constant and bool(var.min() < 0) else None
+        clamped = var < 0 if ctx.needs_input_grad[0] and not constant and var.numel() and var.min() < 0 else None
         inv = var.clamp_min_(0).add_(eps).rsqrt_()
         mean.add_(centre)  # the local mean of x itself
         normalized(x, per_group, mean, inv, out=y)
