@@ -211,3 +211,26 @@ def test_frn_splits_the_gradient_at_ties_as_torch_maximum_does(tau):
     torch.testing.assert_close(out, ref_out, **TIGHT)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TIGHT)
+
+
+# map sizes of the U-Net's deeper levels and odd shapes: windows larger than the map, windows that span it
+# (group norm computes the layer there), one channel per group (no scratch room in the output), stop_stat_grad
+LCN_SMALL = [((2, 8, 16, 16), {}), ((2, 8, 64, 64), {}), ((2, 8, 128, 128), {}), ((2, 8, 16, 16), {"window": 29}),
+             ((2, 6, 24, 40), {"window": 31, "channels_per_group": 3}), ((2, 4, 20, 12), {"window": 5}),
+             ((2, 4, 33, 17), {"window": 7, "channels_per_group": 1}), ((1, 4, 40, 40), {"window": 9, "stop_stat_grad": True})]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,options", LCN_SMALL, ids=[f"{s[2]}x{s[3]}-{o}" for s, o in LCN_SMALL])
+def test_lcn_computes_what_the_earlier_one_did_at_other_sizes(shape, options, training, fmt):
+    torch.manual_seed(0)
+    layer = randomize(make_norm("lcn", shape[1], **options)).double().train(training)
+    earlier = copy.deepcopy(layer)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=FORMATS[fmt])
+    upstream = torch.randn(shape, dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t, c), x, None, upstream)
+    ref_out, ref_grads = run(earlier, lcn_reference, x, None, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    for label, got, want in zip(["input", "weight", "bias"], grads, ref_grads):
+        torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{label}: {m}")

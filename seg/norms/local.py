@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import _MAX_MEAN_SQUARED_OVER_VAR, compute_dtype, full_precision, product_sums
+from .fused import _MAX_MEAN_SQUARED_OVER_VAR, compute_dtype, full_precision
 from .registry import register_norm
 from .standard import check_runs
 
@@ -157,28 +157,59 @@ def window_sums(t: torch.Tensor, window: int) -> torch.Tensor:
     return t
 
 
-def box_sums(t: torch.Tensor, window: int) -> torch.Tensor:
-    """``window_sums`` without autograd and without the padded copy: per axis, one cumulative sum C
-    (C[i] = P[i + 1]) and one pass that writes each output once, as C[min(i + r, L - 1)] minus
-    C[i - r - 1] where that index exists, the axis split where either look-up changes form."""
+def box_sums(t: torch.Tensor, window: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """``window_sums`` in place, without autograd: ``t`` (..., H, W) is overwritten by its window sums
+    and returned; ``scratch`` (t's shape, contiguous; a new tensor if None) is overwritten.
+
+    Per axis, the prefix sums C (C[i] = P[i + 1]) and the window sums C[min(i + r, L - 1)] minus
+    C[i - r - 1] where that index exists, the axis split where either look-up changes form
+    (``_segments``). Along H the prefix sums are one in-place add per row on the CPU (vectorized
+    along W; torch's cumsum over a non-last axis is a scalar loop, several times slower). The rows
+    whose window starts at the first row need no difference: their sums along H are rows of C, so
+    the prefix sums along W (torch's cumsum, over the contiguous axis) read those rows directly; the
+    other rows are differenced into ``scratch`` and summed along W there. The differences along W
+    write back into ``t``. So the filter writes each of ``t`` and ``scratch`` about twice and
+    allocates nothing. The row-by-row prefix sums accumulate in t's dtype (torch's cumsum carries
+    float32 sums in float64): float32 results move by rounding, float64 ones not at all.
+    """
     radius = window // 2
-    for dim in (-2, -1):
-        length = t.shape[dim]
-        prefix = t.cumsum(dim)
-        t = torch.empty_like(prefix)
-        cuts = sorted({0, length, min(radius + 1, length), max(length - radius, 0)})
-        for start, stop in zip(cuts, cuts[1:]):
-            size = stop - start
-            if start + radius <= length - 1:
-                upper = prefix.narrow(dim, start + radius, size)
-            else:  # the window reaches past the last pixel
-                upper = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, size))
-            target = t.narrow(dim, start, size)
-            if start >= radius + 1:
-                torch.sub(upper, prefix.narrow(dim, start - radius - 1, size), out=target)
-            else:  # the window starts at the first pixel
-                target.copy_(upper)
+    if scratch is None:
+        scratch = torch.empty_like(t)
+    if t.device.type == "cpu":
+        rows = t.unbind(-2)
+        torch._foreach_add_(rows[1:], rows[:-1])  # on the CPU a loop in list order: row i += row i - 1
+    else:  # on a GPU the foreach kernels run the rows in parallel
+        t.cumsum_(-2)
+    for start, size, upper, lower in _segments(t, -2, radius):
+        target = scratch.narrow(-2, start, size)
+        if lower is None:
+            torch.cumsum(upper, -1, out=target)
+        else:
+            torch.sub(upper, lower, out=target).cumsum_(-1)
+    for start, size, upper, lower in _segments(scratch, -1, radius):
+        target = t.narrow(-1, start, size)
+        if lower is None:
+            target.copy_(upper)
+        else:
+            torch.sub(upper, lower, out=target)
     return t
+
+
+def _segments(prefix: torch.Tensor, dim: int, radius: int):
+    """The window sums of a tensor along ``dim`` from its prefix sums C there, by segments of the axis:
+    (start, size, upper, lower) with views such that the sums at [start, start + size) are upper - lower
+    (C[min(i + r, L - 1)] and C[i - r - 1]), or upper alone (lower None) where the window starts at the
+    first pixel."""
+    length = prefix.shape[dim]
+    cuts = sorted({0, length, min(radius + 1, length), max(length - radius, 0)})
+    for start, stop in zip(cuts, cuts[1:]):
+        size = stop - start
+        if start + radius <= length - 1:
+            upper = prefix.narrow(dim, start + radius, size)
+        else:  # the window reaches past the last pixel
+            upper = prefix.narrow(dim, length - 1, 1).expand(*_sized(prefix.shape, dim, size))
+        lower = prefix.narrow(dim, start - radius - 1, size) if start >= radius + 1 else None
+        yield start, size, upper, lower
 
 
 def _sized(shape: torch.Size, dim: int, size: int) -> list[int]:
@@ -236,7 +267,8 @@ class LocalContextNorm(nn.Module):
       falls back to group norm with the unbiased variance (this layer stays local until the window
       spans the map from every pixel, then equals group norm with the biased variance; at 128 px:
       1.1e-2 / 1.2e-2).
-    The window must be odd (centred). Stacked runs (``runs``) need nothing more: a group of
+    Where the window spans the map torch's group norm computes the layer (the same statistics and
+    gradient: tests/test_norm_rewrites.py). The window must be odd (centred). Stacked runs (``runs``) need nothing more: a group of
     ``channels_per_group`` consecutive channels never straddles two runs when it divides each run's width.
     """
 
@@ -262,6 +294,8 @@ class LocalContextNorm(nn.Module):
             if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
                 return lcn_reference(x, self.weight, self.bias, self.channels_per_group, self.window, self.eps,
                                      constant)
+            if self.window >= 2 * max(h, w) - 1:  # every window holds the whole map: exactly group norm
+                return F.group_norm(x, x.shape[1] // self.channels_per_group, self.weight, self.bias, self.eps)
             return _LocalContext.apply(x, self.weight, self.bias, self.channels_per_group, self.window, self.eps,
                                        constant)
 
@@ -284,87 +318,110 @@ def lcn_reference(x, weight, bias, channels_per_group: int, window: int, eps: fl
 
 
 class _LocalContext(torch.autograd.Function):
-    """LCN with a hand-written backward: group-sized statistics only, two full-size passes forward.
+    """LCN with a hand-written backward: group-sized (N, G, H, W) temporaries only, reused in place;
+    full-size work is the output (and in backward the input gradient) written once and updated in
+    place with group statistics broadcast over the group's channels.
 
     Per group g of k = ``channels_per_group`` channels, with x centred on the group's global mean m
-    (detached: it cancels), S1 = sum_c x_c and S2 = sum_c x_c^2 per pixel (the channel loop writes
-    only group-sized tensors), box-filtered in one call on the pair: mean = B(S1) / n, var = B(S2) / n
-    - mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma (x - m -
-    mean) inv + beta. Backward, gg = g * gamma, xhat = (x - m - mean) inv:
-        Q = sum_c gg * xhat, P = sum_c gg                (per group and pixel)
-        d var = -Q inv^2 / 2 (0 where the clamp acted),   d mean = -P inv - 2 mean d var
-        dx = gg inv + B(d mean / n) + 2 (x - m) B(d var / n)   (B is symmetric: its own transpose)
-        d gamma = sum g * xhat, d beta = sum g
-    With ``constant`` (stop_stat_grad) the two box-filter terms are left out.
+    (detached: it cancels), S1 = sum_c (x_c - m) and S2 = sum_c (x_c - m)^2 per pixel (one channel
+    at a time), each box-filtered (``box_sums``, in place): mean = B(S1) / n, var = B(S2) / n -
+    mean^2 (clamped at 0), inv = 1 / sqrt(var + eps) for the pixel counts n; y = gamma xhat + beta
+    with xhat = (x - m - mean) inv (mean: the local mean of x - m). Backward, gg = g * gamma:
+        d gamma = sum g * xhat, d beta = sum g           (g * xhat in dx's storage)
+        Q = sum_c gg * xhat, P = sum_c gg                 (per group and pixel: ``channel_sums``)
+        V = Q inv^2 (0 where the clamp acted)             (d var = -V / 2)
+        d mean = -P inv - 2 mean d var = -(P inv - mean V)
+        dx = gg inv + B(d mean / n) + 2 (x - m) B(d var / n)      (B is symmetric: its own transpose)
+           = gg inv + x W + (M - m W),   M = B(-(P inv - mean V) / n), W = B(-V / n)
+    The signs are folded into the divisions by -n, so each step is one in-place operation. With
+    ``constant`` (stop_stat_grad) the two box-filter terms are left out: dx = gg inv.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, per_group, window, eps, constant):
         n, c, h, w = x.shape
         grouped = x.view(n, c // per_group, per_group, h, w)
-        centre = grouped.mean(dim=(2, 3, 4))  # (N, G)
-        sums = x.new_empty(2, n, c // per_group, h, w)
-        for k in range(per_group):
-            centred = grouped[:, :, k] - centre[..., None, None]
-            if k == 0:
-                sums[0].copy_(centred)
-                torch.mul(centred, centred, out=sums[1])
-            else:
-                sums[0].add_(centred)
-                sums[1].addcmul_(centred, centred)
+        centre = grouped.mean(dim=(2, 3, 4))[..., None, None]  # (N, G, 1, 1)
+        y = torch.empty_like(x)
+        sums, squares = x.new_empty(n, c // per_group, h, w), x.new_empty(n, c // per_group, h, w)
+        scratch = group_scratch(y, c // per_group)  # y is written only once the statistics are done
+        torch.sub(grouped[:, :, 0], centre, out=sums)
+        torch.mul(sums, sums, out=squares)
+        for k in range(1, per_group):
+            centred = torch.sub(grouped[:, :, k], centre, out=scratch)
+            sums.add_(centred)
+            squares.addcmul_(centred, centred)
         count = window_counts(h, w, window, x.device).to(x.dtype) * per_group
-        mean, mean_sq = box_sums(sums, window).div_(count)
-        var = mean_sq.addcmul_(mean, mean, value=-1)
-        unclamped = var >= 0
+        mean = box_sums(sums, window, scratch).div_(count)  # of x - m
+        var = box_sums(squares, window, scratch).div_(count).addcmul_(mean, mean, value=-1)
+        # where the clamp acts its gradient is 0; rounding makes var < 0 rarely, so no mask is kept then
+        clamped = var < 0 if ctx.needs_input_grad[0] and not constant and var.numel() and var.min() < 0 else None
         inv = var.clamp_min_(0).add_(eps).rsqrt_()
-        mean.add_(centre[..., None, None])  # the local mean of x itself
-        y = normalized(x, per_group, mean, inv)
-        y = y.mul_(weight[:, None, None]).add_(bias[:, None, None])
-        ctx.save_for_backward(x, weight, centre, mean, inv, unclamped, count)
+        mean.add_(centre)  # the local mean of x itself
+        normalized(x, per_group, mean, inv, out=y)
+        y.mul_(weight[:, None, None]).add_(bias[:, None, None])
+        ctx.save_for_backward(x, weight, centre, mean, inv, clamped, count)
         ctx.options = (per_group, window, constant)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, centre, mean, inv, unclamped, count = ctx.saved_tensors
+        x, weight, centre, mean, inv, clamped, count = ctx.saved_tensors
         per_group, window, constant = ctx.options
         n, c, h, w = x.shape
+        groups = c // per_group
         with full_precision(x):
-            grouped = x.view(n, c // per_group, per_group, h, w)
-            xhat = normalized(x, per_group, mean, inv)
-            if grad.is_contiguous() and xhat.is_contiguous():
-                grad_weight, grad_bias = product_sums(grad, xhat)
-            else:
-                grad_weight, grad_bias = (grad * xhat).sum(dim=(2, 3)), grad.sum(dim=(2, 3))
-            gg = torch.mul(grad, weight[:, None, None], out=torch.empty_like(x))
-            gg = gg.view(n, c // per_group, per_group, h, w)
-            grad_x = None
-            if ctx.needs_input_grad[0]:
-                xhat = xhat.view(n, c // per_group, per_group, h, w)
-                if not constant:
-                    q, p = gg[:, :, 0] * xhat[:, :, 0], gg[:, :, 0].clone()
-                    for k in range(1, per_group):
-                        q.addcmul_(gg[:, :, k], xhat[:, :, k])
-                        p.add_(gg[:, :, k])
-                    grad_var = q.mul_(inv.square()).mul_(-0.5).mul_(unclamped)
-                    local_mean = mean - centre[..., None, None]  # the statistic of the centred x
-                    grad_mean = p.mul_(inv).neg_().addcmul_(local_mean, grad_var, value=-2)
-                    box_mean, box_var = box_sums(torch.stack([grad_mean, grad_var]).div_(count), window)
-                    box_var.mul_(2)
-                    offset = box_mean.sub_(box_var * centre[..., None, None])  # B(d mean/n) - 2 m B(d var/n)
-                grad_x = gg.mul_(inv[:, :, None])
-                if not constant:
-                    grad_x.addcmul_(grouped, box_var[:, :, None]).add_(offset[:, :, None])
-                grad_x = grad_x.view(n, c, h, w)
-        return grad_x, grad_weight.sum(0), grad_bias.sum(0), None, None, None, None
+            grad_x = normalized(x, per_group, mean, inv, out=torch.empty_like(x))  # xhat, then dx in place
+            grad_x.mul_(grad)  # g * xhat
+            grad_weight, grad_bias = grad_x.sum(dim=(0, 2, 3)), grad.sum(dim=(0, 2, 3))
+            if not ctx.needs_input_grad[0]:
+                return None, grad_weight, grad_bias, None, None, None, None
+            dx = grad_x.view(n, groups, per_group, h, w)
+            if not constant:
+                v, p = x.new_empty(n, groups, h, w), x.new_empty(n, groups, h, w)
+                channel_sums(grad_x, weight, per_group, out=v)  # Q = sum_c gamma g xhat
+                channel_sums(grad, weight, per_group, out=p)
+                scratch = group_scratch(grad_x, groups)  # until dx is written
+                v.mul_(inv).mul_(inv)
+                if clamped is not None:
+                    v.masked_fill_(clamped, 0)
+                # d mean / n = -(P inv - (mean - m) V) / n
+                p.mul_(inv).addcmul_(mean, v, value=-1).addcmul_(v, centre).div_(-count)
+                box_mean = box_sums(p, window, scratch)
+                box_var = box_sums(v.div_(-count), window, scratch)  # 2 B(d var / n)
+                offset = box_mean.addcmul_(box_var, centre, value=-1)
+            torch.mul(grad, weight[:, None, None], out=grad_x)  # gg
+            dx.mul_(inv[:, :, None])
+            if not constant:
+                dx.addcmul_(x.view(n, groups, per_group, h, w), box_var[:, :, None]).add_(offset[:, :, None])
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
-def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+def channel_sums(t: torch.Tensor, weight: torch.Tensor, per_group: int, out: torch.Tensor) -> torch.Tensor:
+    """sum_c weight_c t_c over the channels c of each group of ``per_group`` channels of t (N, C, H, W), into
+    ``out`` (N, G, H, W), channel by channel (fewer passes than a product and a sum over the channels)."""
+    n, c, h, w = t.shape
+    grouped, per_channel = t.view(n, c // per_group, per_group, h, w), weight.view(c // per_group, per_group, 1, 1)
+    torch.mul(grouped[:, :, 0], per_channel[:, 0], out=out)
+    for k in range(1, per_group):
+        out.addcmul_(grouped[:, :, k], per_channel[:, k])
+    return out
+
+
+def group_scratch(full: torch.Tensor, groups: int) -> torch.Tensor:
+    """A contiguous (N, G, H, W) tensor in the storage of ``full`` (N, C, H, W), a new tensor from
+    empty_like (so its storage is exactly its elements), G <= C: scratch space until ``full`` is
+    written, which costs no allocation (fresh memory is paid for page by page)."""
+    n, c, h, w = full.shape
+    return full.as_strided((n, groups, h, w), (groups * h * w, h * w, w, 1))
+
+
+def normalized(x: torch.Tensor, per_group: int, mean: torch.Tensor, inv: torch.Tensor,
+               out: torch.Tensor) -> torch.Tensor:
     """(x - mean) * inv for x (N, C, H, W) and the statistics (N, G, H, W) of its groups of ``per_group``
-    channels: one pass, a new tensor in x's memory format."""
+    channels, into ``out`` (x's shape and memory format): two passes."""
     n, c, h, w = x.shape
-    out = torch.empty_like(x)
-    torch.addcmul((-mean * inv)[:, :, None], x.view(n, c // per_group, per_group, h, w), inv[:, :, None],
-                  out=out.view(n, c // per_group, per_group, h, w))
+    grouped = out.view(n, c // per_group, per_group, h, w)
+    torch.sub(x.view(n, c // per_group, per_group, h, w), mean[:, :, None], out=grouped).mul_(inv[:, :, None])
     return out
