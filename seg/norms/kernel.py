@@ -32,63 +32,147 @@ def correction_reference(out, mean, var, weight_sums, bias, eps):
     return out + bias[None, :, None, None]
 
 
+def _channel_matrices(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """t (N, C, H, W) as a batch of matrices without a copy: (N, C, HW) for a contiguous t (channels first,
+    True), (N, HW, C) for a channels_last one (False); None for other strides."""
+    n, c, h, w = t.shape
+    if t.is_contiguous():
+        return t.view(n, c, h * w), True
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(n, h * w, c), False
+    return None
+
+
+def channel_combination(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_c t[:, c] v[c] per pixel, (N, 1, H, W): one matrix product (einsum copies t first)."""
+    n, _, h, w = t.shape
+    matrices = _channel_matrices(t)
+    if matrices is None:
+        return torch.einsum("nchw,c->nhw", t, v).unsqueeze(1)
+    m, channels_first = matrices
+    return (torch.bmm(v.expand(n, 1, -1), m) if channels_first else m @ v).view(n, 1, h, w)
+
+
+def pixel_weighted_sums(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """sum_{n,h,w} t[n, c] s[n, 0] per channel c, for s (N, 1, H, W): one batched matrix-vector product."""
+    n, _, h, w = t.shape
+    matrices = _channel_matrices(t)
+    if matrices is None:
+        return torch.einsum("nchw,nhw->c", t, s.squeeze(1))
+    m, channels_first = matrices
+    s = s.reshape(n, h * w)
+    return (m @ s.unsqueeze(2) if channels_first else s.unsqueeze(1) @ m).sum(0).flatten()
+
+
+def pixel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_c a[:, c] b[:, c] per pixel, (N, 1, H, W), added to ``out`` when given. For contiguous a, b one
+    addcmul_ per channel plane into the accumulator (no full-size temporary; torch's own reduction over dim 1
+    of the product is several times slower), otherwise (a * b).sum(1)."""
+    if a.is_contiguous() and b.is_contiguous():
+        if out is None:
+            out = a.new_zeros(a.shape[0], 1, *a.shape[2:])
+        for c in range(a.shape[1]):
+            out.addcmul_(a[:, c:c + 1], b[:, c:c + 1])
+        return out
+    dot = (a * b).sum(1, keepdim=True)
+    return dot if out is None else out.add_(dot)
+
+
 class _Correction(torch.autograd.Function):
     """y = (out - mean * s) inv + b, inv = 1 / sqrt(var + eps), for the conv output ``out`` (N, O, H, W), the
     window statistics ``mean``, ``var`` (N, 1, H, W) and per-channel s = sum(W[o]), b: two passes forward,
     the conv output the only full-size tensor kept. Backward, per pixel and over the channels o:
         d out = g inv,   d mean = -inv sum_o g s,   d var = -inv^3 / 2 (sum_o g out - mean sum_o g s)
         d s = -sum_{n,h,w} g mean inv,   d b = sum_{n,h,w} g
+    The channel sums are matrix products (sum_o g s, and d s against mean inv) or, for sum_o g out, one
+    addcmul_ per channel plane into an (N, 1, H, W) accumulator: the only full-size tensor made is d out.
     """
 
     @staticmethod
     def forward(ctx, out, mean, var, weight_sums, bias, eps):
         inv = torch.rsqrt(var + eps)
+        mean_inv = mean * inv
         y = torch.addcmul(bias[None, :, None, None], out, inv, out=torch.empty_like(out))
-        y.addcmul_(mean * inv, weight_sums[None, :, None, None], value=-1)
-        ctx.save_for_backward(out, mean, inv, weight_sums)
+        y.addcmul_(mean_inv, weight_sums[None, :, None, None], value=-1)
+        ctx.save_for_backward(out, mean, inv, mean_inv, weight_sums)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out, mean, inv, weight_sums = ctx.saved_tensors
+        out, mean, inv, mean_inv, weight_sums = ctx.saved_tensors
         with full_precision(out):
-            weighted = torch.einsum("nohw,o->nhw", grad, weight_sums).unsqueeze(1)  # sum_o g s
+            weighted = channel_combination(grad, weight_sums)  # sum_o g s
             grad_out = torch.mul(grad, inv, out=torch.empty_like(out))
-            grad_inv = (grad * out).sum(1, keepdim=True).sub_(mean * weighted)
+            grad_inv = pixel_dot(grad, out).sub_(mean * weighted)  # sum_o g (out - mean s)
             grad_var = grad_inv.mul_(inv.pow(3)).mul_(-0.5)
-            grad_mean = -inv * weighted
-            grad_sums = -torch.einsum("nohw,nhw->o", grad, (mean * inv).squeeze(1))
+            grad_mean = weighted.mul_(inv).neg_()
+            grad_sums = pixel_weighted_sums(grad, mean_inv).neg_()
             return grad_out, grad_mean, grad_var, grad_sums, grad.sum(dim=(0, 2, 3)), None
 
 
-def dropout_noise(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The multiplier of ``F.dropout(x, p)`` (0 or 1 / (1 - p) per element), drawn as torch draws it on the CPU
-    (the same random numbers: a seeded run drops the same elements)."""
-    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The 0/1 mask of ``F.dropout(x, p)`` (whose multiplier is mask / (1 - p)), drawn as torch draws it on
+    the CPU (the same random numbers: a seeded run drops the same elements)."""
+    return torch.empty_like(x).bernoulli_(1 - p)
 
 
-class _ChannelMoments(torch.autograd.Function):
-    """Per pixel, the sums over the channels of s and s^2, s = x * keep (the dropped-out copy; x itself where
-    ``keep`` is None): (N, 1, H, W) each, without keeping s. Backward, keep being 0 or k = 1 / (1 - p):
-        dx = keep (d S1 + 2 k x d S2)   (without dropout: d S1 + 2 x d S2)
+def box_sums(t: torch.Tensor, size: int) -> torch.Tensor:
+    """The sum of every size x size window of t (N, C, H, W), zero padding, stride 1, 'same' size: shifted
+    slices added along W, then along H (several times faster than avg_pool2d's per-window loop). The
+    operator is its own adjoint (a symmetric kernel with zero padding)."""
+    r = size // 2
+    padded = F.pad(t, (r, r, r, r))
+    h, w = t.shape[-2:]
+    rows = padded[..., :w] + padded[..., 1:w + 1]
+    for d in range(2, size):
+        rows += padded[..., d:d + w]
+    out = rows[..., :h, :] + rows[..., 1:h + 1, :]
+    for d in range(2, size):
+        out += rows[..., d:d + h, :]
+    return out
+
+
+class _WindowMoments(torch.autograd.Function):
+    """Per window (size x size positions, all channels, zero padding), the sums of s and of s^2 for the
+    dropped-out copy s = k m x (mask m 0 or 1, k = 1 / (1 - p); s = x where ``mask`` is None):
+        S1 = k box(sum_c m x),   S2 = k^2 box(sum_c m x^2)     ((N, 1, H, W) each)
+    without making s (for contiguous x the products are formed one channel plane at a time, into one
+    (N, 2, H, W) buffer that a single box sum filters). Backward, box being its own adjoint:
+        dx = m (k box(d S1) + 2 k^2 x box(d S2))   (without dropout: box(d S1) + 2 x box(d S2))
     """
 
     @staticmethod
-    def forward(ctx, x, keep, k):
-        source = x if keep is None else x * keep
-        sums = source.sum(1, keepdim=True)
-        square_sums = torch.linalg.vector_norm(source, 2, dim=1, keepdim=True).square_()
-        ctx.save_for_backward(x, keep)
-        ctx.k = 1.0 if keep is None else k
-        return sums, square_sums
+    def forward(ctx, x, mask, k, size):
+        k = 1.0 if mask is None else k
+        both = x.new_zeros(x.shape[0], 2, *x.shape[2:])
+        sums, square_sums = both[:, :1], both[:, 1:]
+        if mask is None:
+            torch.sum(x, 1, keepdim=True, out=sums)
+            pixel_dot(x, x, out=square_sums)
+        elif x.is_contiguous() and mask.is_contiguous():
+            kept = torch.empty_like(sums)
+            for c in range(x.shape[1]):
+                torch.mul(x[:, c:c + 1], mask[:, c:c + 1], out=kept)
+                sums.add_(kept)
+                square_sums.addcmul_(kept, x[:, c:c + 1])
+        else:
+            kept = x * mask
+            torch.sum(kept, 1, keepdim=True, out=sums)
+            pixel_dot(kept, x, out=square_sums)
+        ctx.save_for_backward(x, mask)
+        ctx.k, ctx.size = k, size
+        both = box_sums(both, size)
+        return both[:, :1].mul_(k), both[:, 1:].mul_(k * k)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums, grad_square_sums):
-        x, keep = ctx.saved_tensors
-        grad_x = torch.addcmul(grad_sums, x, grad_square_sums, value=2 * ctx.k, out=torch.empty_like(x))
-        return (grad_x if keep is None else grad_x.mul_(keep)), None, None
+        x, mask = ctx.saved_tensors
+        k = ctx.k
+        grads = box_sums(torch.cat([grad_sums, grad_square_sums], 1), ctx.size)
+        grad_x = torch.addcmul(grads[:, :1].mul_(k), x, grads[:, 1:], value=2 * k * k, out=torch.empty_like(x))
+        return (grad_x if mask is None else grad_x.mul_(mask)), None, None, None
 
 
 class KNConv2d(nn.Conv2d):
@@ -113,13 +197,16 @@ class KNConv2d(nn.Conv2d):
             if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
                 source = dropped_out(x, self.dropout_p, self.training)
                 sums, square_sums = source.sum(1, keepdim=True), source.square().sum(1, keepdim=True)
+                box = dict(kernel_size=self.kernel_size, stride=1, padding=self.padding, count_include_pad=True)
+                # avg_pool2d divides by kh*kw (padding included); the channel sum needs a further 1/C_in
+                mean = F.avg_pool2d(sums, **box) / self.in_channels
+                mean_sq = F.avg_pool2d(square_sums, **box) / self.in_channels
             else:
-                keep = dropout_noise(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
-                sums, square_sums = _ChannelMoments.apply(x, keep, 1 / (1 - self.dropout_p))
-            box = dict(kernel_size=self.kernel_size, stride=1, padding=self.padding, count_include_pad=True)
-            # avg_pool2d divides by kh*kw (padding included); the channel sum needs a further 1/C_in
-            mean = F.avg_pool2d(sums, **box) / self.in_channels
-            mean_sq = F.avg_pool2d(square_sums, **box) / self.in_channels
+                mask = dropout_mask(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+                size = self.kernel_size[0]
+                sums, square_sums = _WindowMoments.apply(x, mask, 1 / (1 - self.dropout_p), size)
+                count = size * size * self.in_channels
+                mean, mean_sq = sums / count, square_sums / count
             return mean, (mean_sq - mean.square()).clamp_min(0)
 
     def forward(self, x, cond=None):
