@@ -183,3 +183,21 @@ def test_the_rewritten_layer_computes_what_the_earlier_one_did(name, training, f
         torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{label}: {m}")
     for (label, buffer), (_, want) in zip(layer.named_buffers(), earlier.named_buffers()):
         torch.testing.assert_close(buffer, want, **TIGHT, msg=lambda m: f"{label}: {m}")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(5, 8, 128, 128), (3, 8, 24, 20)], ids=["plane-blocks", "small"])
+def test_kn_at_other_sizes_computes_what_the_earlier_one_did(shape, training, fmt):
+    """kn's channel sums go one block of channel planes at a time (several images per block at 128 x 128,
+    the last block short) or, for small inputs, through full-size temporaries: both against the plain form."""
+    torch.manual_seed(0)
+    layer = randomize(make_conv_norm("kn", shape[1], 6, 3)).double().to(memory_format=FORMATS[fmt]).train(training)
+    earlier = copy.deepcopy(layer)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=FORMATS[fmt])
+    upstream = torch.randn(shape[0], 6, *shape[2:], dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
+    ref_out, ref_grads = run(earlier, kn_reference, x, None, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TIGHT)

@@ -64,18 +64,34 @@ def pixel_weighted_sums(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return (m @ s.unsqueeze(2) if channels_first else s.unsqueeze(1) @ m).sum(0).flatten()
 
 
+# elements per operation in the plane-wise loops: enough to amortize the call, few enough to stay in the L2 cache
+_PLANE_ELEMENTS = 1 << 16
+
+
+def channel_planes(*tensors: torch.Tensor) -> list[tuple[slice, int]] | None:
+    """(rows, channel) index pairs that cover contiguous (N, C, H, W) tensors one (g, H, W) block of
+    channel planes at a time (g images, g H W ~ _PLANE_ELEMENTS), images outer so that an (N, 1, H, W)
+    accumulator's block stays cached; None where the tensors are not all contiguous or too small for the
+    per-call overhead to pay (there full-size temporaries are cheap)."""
+    n, c, h, w = tensors[0].shape
+    if n * h * w < _PLANE_ELEMENTS // 2 or not all(t.is_contiguous() for t in tensors):
+        return None
+    step = max(1, _PLANE_ELEMENTS // (h * w))
+    return [(slice(i, i + step), j) for i in range(0, n, step) for j in range(c)]
+
+
 def pixel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_c a[:, c] b[:, c] per pixel, (N, 1, H, W), added to ``out`` when given. For contiguous a, b one
-    addcmul_ per channel plane into the accumulator (no full-size temporary; torch's own reduction over dim 1
-    of the product is several times slower), otherwise (a * b).sum(1)."""
-    if a.is_contiguous() and b.is_contiguous():
-        if out is None:
-            out = a.new_zeros(a.shape[0], 1, *a.shape[2:])
-        for c in range(a.shape[1]):
-            out.addcmul_(a[:, c:c + 1], b[:, c:c + 1])
-        return out
-    dot = (a * b).sum(1, keepdim=True)
-    return dot if out is None else out.add_(dot)
+    """sum_c a[:, c] b[:, c] per pixel, (N, 1, H, W), added to ``out`` when given: one addcmul_ per block of
+    channel planes into the accumulator (no full-size temporary; torch's reduction over dim 1 of the
+    product is several times slower), or (a * b).sum(1) where ``channel_planes`` declines."""
+    if out is None:
+        out = a.new_zeros(a.shape[0], 1, *a.shape[2:])
+    planes = channel_planes(a, b)
+    if planes is None:
+        return out.add_((a * b).sum(1, keepdim=True))
+    for rows, c in planes:
+        out[rows, 0].addcmul_(a[rows, c], b[rows, c])
+    return out
 
 
 class _Correction(torch.autograd.Function):
@@ -150,12 +166,12 @@ class _WindowMoments(torch.autograd.Function):
         if mask is None:
             torch.sum(x, 1, keepdim=True, out=sums)
             pixel_dot(x, x, out=square_sums)
-        elif x.is_contiguous() and mask.is_contiguous():
-            kept = torch.empty_like(sums)
-            for c in range(x.shape[1]):
-                torch.mul(x[:, c:c + 1], mask[:, c:c + 1], out=kept)
-                sums.add_(kept)
-                square_sums.addcmul_(kept, x[:, c:c + 1])
+        elif (planes := channel_planes(x, mask)) is not None:
+            kept = x.new_empty(min(x.shape[0], planes[0][0].stop), *x.shape[2:])
+            for rows, c in planes:
+                block = torch.mul(x[rows, c], mask[rows, c], out=kept[:x[rows, c].shape[0]])
+                sums[rows, 0].add_(block)
+                square_sums[rows, 0].addcmul_(block, x[rows, c])
         else:
             kept = x * mask
             torch.sum(kept, 1, keepdim=True, out=sums)
