@@ -149,46 +149,98 @@ def box_sums(t: torch.Tensor, size: int) -> torch.Tensor:
     return out
 
 
+def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """sum_c m x and sum_c m x^2 per pixel (m = 1 where ``mask`` is None): two (N, 1, H, W) views of one
+    (N, 2, H, W) buffer, without making m x (for contiguous x formed one block of channel planes at a time)."""
+    both = x.new_zeros(x.shape[0], 2, *x.shape[2:])
+    sums, square_sums = both[:, :1], both[:, 1:]
+    if mask is None:
+        torch.sum(x, 1, keepdim=True, out=sums)
+        pixel_dot(x, x, out=square_sums)
+    elif (planes := channel_planes(x, mask)) is not None:
+        kept = x.new_empty(min(x.shape[0], planes[0][0].stop), *x.shape[2:])
+        for rows, c in planes:
+            block = torch.mul(x[rows, c], mask[rows, c], out=kept[:x[rows, c].shape[0]])
+            sums[rows, 0].add_(block)
+            square_sums[rows, 0].addcmul_(block, x[rows, c])
+    else:
+        kept = x * mask
+        torch.sum(kept, 1, keepdim=True, out=sums)
+        pixel_dot(kept, x, out=square_sums)
+    return sums, square_sums
+
+
+def window_moment_grad(x, mask, k, size, grad_sums, grad_square_sums, grad_x=None) -> torch.Tensor:
+    """The input gradient of S1 = k box(sum_c m x), S2 = k^2 box(sum_c m x^2) (``_WindowMoments``):
+        dx = m (k box(d S1) + 2 k^2 x box(d S2))
+    box being its own adjoint; added to ``grad_x`` in place when given (one block of channel planes at a time
+    for contiguous tensors: no full-size temporary), else a new tensor."""
+    grads = box_sums(torch.cat([grad_sums, grad_square_sums], 1), size)
+    a, b = grads[:, :1].mul_(k), grads[:, 1:].mul_(2 * k * k)
+    if grad_x is None:
+        grad_x = torch.addcmul(a, x, b, out=torch.empty_like(x))
+        return grad_x if mask is None else grad_x.mul_(mask)
+    planes = channel_planes(grad_x, x) if mask is None else channel_planes(grad_x, x, mask)
+    if planes is None:
+        part = torch.addcmul(a, x, b)
+        return grad_x.add_(part) if mask is None else grad_x.addcmul_(part, mask)
+    buffer = x.new_empty(min(x.shape[0], planes[0][0].stop), *x.shape[2:])
+    for rows, c in planes:
+        part = torch.addcmul(a[rows, 0], x[rows, c], b[rows, 0], out=buffer[:x[rows, c].shape[0]])
+        grad_x[rows, c].add_(part) if mask is None else grad_x[rows, c].addcmul_(part, mask[rows, c])
+    return grad_x
+
+
 class _WindowMoments(torch.autograd.Function):
     """Per window (size x size positions, all channels, zero padding), the sums of s and of s^2 for the
-    dropped-out copy s = k m x (mask m 0 or 1, k = 1 / (1 - p); s = x where ``mask`` is None):
+    dropped-out copy s = k m x (mask m 0 or 1, k = 1 / (1 - p); s = x, k = 1 where ``mask`` is None):
         S1 = k box(sum_c m x),   S2 = k^2 box(sum_c m x^2)     ((N, 1, H, W) each)
-    without making s (for contiguous x the products are formed one channel plane at a time, into one
-    (N, 2, H, W) buffer that a single box sum filters). Backward, box being its own adjoint:
-        dx = m (k box(d S1) + 2 k^2 x box(d S2))   (without dropout: box(d S1) + 2 x box(d S2))
+    without making s (``channel_moment_sums``; one box sum filters both). Backward, box being its own adjoint:
+        dx = m (k box(d S1) + 2 k^2 x box(d S2))     (``window_moment_grad``)
     """
 
     @staticmethod
+    def moments(ctx, x, mask, k, size):
+        ctx.k, ctx.size = (1.0 if mask is None else k), size
+        both = box_sums(torch.cat(channel_moment_sums(x, mask), 1), size)
+        return both[:, :1].mul_(ctx.k), both[:, 1:].mul_(ctx.k * ctx.k)
+
+    @staticmethod
     def forward(ctx, x, mask, k, size):
-        k = 1.0 if mask is None else k
-        both = x.new_zeros(x.shape[0], 2, *x.shape[2:])
-        sums, square_sums = both[:, :1], both[:, 1:]
-        if mask is None:
-            torch.sum(x, 1, keepdim=True, out=sums)
-            pixel_dot(x, x, out=square_sums)
-        elif (planes := channel_planes(x, mask)) is not None:
-            kept = x.new_empty(min(x.shape[0], planes[0][0].stop), *x.shape[2:])
-            for rows, c in planes:
-                block = torch.mul(x[rows, c], mask[rows, c], out=kept[:x[rows, c].shape[0]])
-                sums[rows, 0].add_(block)
-                square_sums[rows, 0].addcmul_(block, x[rows, c])
-        else:
-            kept = x * mask
-            torch.sum(kept, 1, keepdim=True, out=sums)
-            pixel_dot(kept, x, out=square_sums)
         ctx.save_for_backward(x, mask)
-        ctx.k, ctx.size = k, size
-        both = box_sums(both, size)
-        return both[:, :1].mul_(k), both[:, 1:].mul_(k * k)
+        return _WindowMoments.moments(ctx, x, mask, k, size)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_sums, grad_square_sums):
         x, mask = ctx.saved_tensors
-        k = ctx.k
-        grads = box_sums(torch.cat([grad_sums, grad_square_sums], 1), ctx.size)
-        grad_x = torch.addcmul(grads[:, :1].mul_(k), x, grads[:, 1:], value=2 * k * k, out=torch.empty_like(x))
-        return (grad_x if mask is None else grad_x.mul_(mask)), None, None, None
+        return window_moment_grad(x, mask, ctx.k, ctx.size, grad_sums, grad_square_sums), None, None, None
+
+
+class _ConvWindowMoments(torch.autograd.Function):
+    """The 'same' convolution out = conv(x, W) (stride 1, no bias) together with ``_WindowMoments``' S1, S2 of
+    x, so that backward adds the statistics' input gradient into the convolution's in place (one full-size
+    tensor and one pass fewer than autograd summing the two):
+        dx = conv_input_grad(d out) + m (k box(d S1) + 2 k^2 x box(d S2)),   dW = conv_weight_grad(d out)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, k, size):
+        out = F.conv2d(x, weight, None, padding=size // 2)
+        ctx.save_for_backward(x, weight, mask)
+        return (out, *_WindowMoments.moments(ctx, x, mask, k, size))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_sums, grad_square_sums):
+        x, weight, mask = ctx.saved_tensors
+        pad = ctx.size // 2
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_x is not None:
+            grad_x = window_moment_grad(x, mask, ctx.k, ctx.size, grad_sums, grad_square_sums, grad_x)
+        return grad_x, grad_weight, None, None, None
 
 
 class KNConv2d(nn.Conv2d):
@@ -206,34 +258,43 @@ class KNConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.dropout_p, self.eps = dropout_p, eps
 
-    def window_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and biased variance of every kernel window: two (N, 1, H, W) tensors."""
+    def forward(self, x, cond=None):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            out = F.conv2d(x, self.weight, None, padding=self.padding)
+            mean, var = self.plain_window_moments(x)
+            return correction_reference(out, mean, var, self.weight.sum(dim=(1, 2, 3)), self.bias, self.eps)
+        size, stats_x = self.kernel_size[0], compute_dtype(x)
+        mask = dropout_mask(stats_x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+        if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
+            out, sums, square_sums = _ConvWindowMoments.apply(x, self.weight, mask, self.dropout_keep_scale, size)
+        else:  # the convolution in x's (or autocast's) precision, the statistics in at least float32
+            out = F.conv2d(x, self.weight, None, padding=self.padding)
+            with full_precision(x):
+                sums, square_sums = _WindowMoments.apply(stats_x, mask, self.dropout_keep_scale, size)
+        with full_precision(sums):  # under autocast: the statistics' precision, as type promotion gave before
+            count = size * size * self.in_channels
+            mean, mean_sq = sums / count, square_sums / count
+            var = (mean_sq - mean.square()).clamp_min(0)
+            dtype = torch.promote_types(out.dtype, mean.dtype)
+            weight_sums = self.weight.sum(dim=(1, 2, 3)).to(dtype)
+            return _Correction.apply(out.to(dtype), mean, var, weight_sums, self.bias.to(dtype), self.eps)
+
+    @property
+    def dropout_keep_scale(self) -> float:
+        return 1 / (1 - self.dropout_p)
+
+    def plain_window_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and biased variance of every kernel window, two (N, 1, H, W) tensors, in plain autograd
+        (torch.compile, torch.func)."""
         x = compute_dtype(x)
         with full_precision(x):
-            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-                source = dropped_out(x, self.dropout_p, self.training)
-                sums, square_sums = source.sum(1, keepdim=True), source.square().sum(1, keepdim=True)
-                box = dict(kernel_size=self.kernel_size, stride=1, padding=self.padding, count_include_pad=True)
-                # avg_pool2d divides by kh*kw (padding included); the channel sum needs a further 1/C_in
-                mean = F.avg_pool2d(sums, **box) / self.in_channels
-                mean_sq = F.avg_pool2d(square_sums, **box) / self.in_channels
-            else:
-                mask = dropout_mask(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
-                size = self.kernel_size[0]
-                sums, square_sums = _WindowMoments.apply(x, mask, 1 / (1 - self.dropout_p), size)
-                count = size * size * self.in_channels
-                mean, mean_sq = sums / count, square_sums / count
+            source = dropped_out(x, self.dropout_p, self.training)
+            sums, square_sums = source.sum(1, keepdim=True), source.square().sum(1, keepdim=True)
+            box = dict(kernel_size=self.kernel_size, stride=1, padding=self.padding, count_include_pad=True)
+            # avg_pool2d divides by kh*kw (padding included); the channel sum needs a further 1/C_in
+            mean = F.avg_pool2d(sums, **box) / self.in_channels
+            mean_sq = F.avg_pool2d(square_sums, **box) / self.in_channels
             return mean, (mean_sq - mean.square()).clamp_min(0)
-
-    def forward(self, x, cond=None):
-        out = F.conv2d(x, self.weight, None, padding=self.padding)
-        mean, var = self.window_moments(x)
-        weight_sums = self.weight.sum(dim=(1, 2, 3))
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return correction_reference(out, mean, var, weight_sums, self.bias, self.eps)
-        with full_precision(mean):  # under autocast: the statistics' precision, as type promotion gave before
-            dtype = torch.promote_types(out.dtype, mean.dtype)
-            return _Correction.apply(out.to(dtype), mean, var, weight_sums.to(dtype), self.bias.to(dtype), self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout_p={self.dropout_p}, eps={self.eps}"
