@@ -201,3 +201,22 @@ def test_kn_at_other_sizes_computes_what_the_earlier_one_did(shape, training, fm
     torch.testing.assert_close(out, ref_out, **TIGHT)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TIGHT)
+
+
+def test_kn_on_constant_windows_clamps_the_variance_as_the_earlier_one_did():
+    """Constant windows whose E[x^2] - E[x]^2 rounds below 0 (the variance clamped to 0, no gradient
+    through the clamp): half of the image constant, the other half noise."""
+    torch.manual_seed(0)
+    layer = randomize(make_conv_norm("kn", 8, 6, 3)).double().eval()
+    scale = torch.arange(1, 3, dtype=torch.float64)[:, None, None, None] * 0.37
+    x = torch.full((2, 8, 40, 40), 1 / 3, dtype=torch.float64) * scale
+    x[:, :, :20] += torch.randn(2, 8, 20, 40, dtype=torch.float64)
+    box = dict(kernel_size=3, stride=1, padding=1)
+    mean = F.avg_pool2d(x.sum(1, keepdim=True), **box) / 8
+    assert (F.avg_pool2d(x.square().sum(1, keepdim=True), **box) / 8 < mean.square()).any()
+    upstream = torch.randn(2, 6, 40, 40, dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
+    ref_out, ref_grads = run(copy.deepcopy(layer), kn_reference, x, None, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TIGHT)

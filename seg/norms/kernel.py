@@ -95,36 +95,43 @@ def pixel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None)
 
 
 class _Correction(torch.autograd.Function):
-    """y = (out - mean * s) inv + b, inv = 1 / sqrt(var + eps), for the conv output ``out`` (N, O, H, W), the
-    window statistics ``mean``, ``var`` (N, 1, H, W) and per-channel s = sum(W[o]), b: two passes forward,
-    the conv output the only full-size tensor kept. Backward, per pixel and over the channels o:
-        d out = g inv,   d mean = -inv sum_o g s,   d var = -inv^3 / 2 (sum_o g out - mean sum_o g s)
-        d s = -sum_{n,h,w} g mean inv,   d b = sum_{n,h,w} g
+    """y = (out - mean * s) inv + b for the conv output ``out`` (N, O, H, W), per-channel s = sum(W[o]), b and
+    the window statistics from the window sums S1, S2 (N, 1, H, W) of ``count`` elements each:
+        mean = S1 / count,   d = S2 / count - mean^2,   var = max(d, 0),   inv = 1 / sqrt(var + eps)
+    Two passes forward, the conv output the only full-size tensor kept. Backward, per pixel and over o:
+        d out = g inv,   d s = -sum_{n,h,w} g mean inv,   d b = sum_{n,h,w} g
+        d var = -inv^3 / 2 (sum_o g out - mean sum_o g s),   d d = d var [d >= 0]   (clamp_min's gradient)
+        d S1 = (-inv sum_o g s - 2 mean d d) / count,   d S2 = d d / count
     The channel sums are matrix products (sum_o g s, and d s against mean inv) or, for sum_o g out, one
-    addcmul_ per channel plane into an (N, 1, H, W) accumulator: the only full-size tensor made is d out.
+    addcmul_ per block of channel planes into an (N, 1, H, W) accumulator: the only full-size tensor made
+    is d out.
     """
 
     @staticmethod
-    def forward(ctx, out, mean, var, weight_sums, bias, eps):
-        inv = torch.rsqrt(var + eps)
+    def forward(ctx, out, sums, square_sums, count, weight_sums, bias, eps):
+        mean = sums / count
+        spread = square_sums / count - mean.square()
+        inv = torch.rsqrt(spread.clamp_min(0).add_(eps))
         mean_inv = mean * inv
         y = torch.addcmul(bias[None, :, None, None], out, inv, out=torch.empty_like(out))
         y.addcmul_(mean_inv, weight_sums[None, :, None, None], value=-1)
-        ctx.save_for_backward(out, mean, inv, mean_inv, weight_sums)
+        ctx.save_for_backward(out, mean, inv, mean_inv, spread >= 0, weight_sums)
+        ctx.count = count
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out, mean, inv, mean_inv, weight_sums = ctx.saved_tensors
+        out, mean, inv, mean_inv, unclamped, weight_sums = ctx.saved_tensors
         with full_precision(out):
             weighted = channel_combination(grad, weight_sums)  # sum_o g s
             grad_out = torch.mul(grad, inv, out=torch.empty_like(out))
             grad_inv = pixel_dot(grad, out).sub_(mean * weighted)  # sum_o g (out - mean s)
-            grad_var = grad_inv.mul_(inv.pow(3)).mul_(-0.5)
-            grad_mean = weighted.mul_(inv).neg_()
-            grad_sums = pixel_weighted_sums(grad, mean_inv).neg_()
-            return grad_out, grad_mean, grad_var, grad_sums, grad.sum(dim=(0, 2, 3)), None
+            grad_spread = grad_inv.mul_(inv.pow(3)).mul_(-0.5).mul_(unclamped)
+            grad_sums = weighted.mul_(inv).neg_().sub_(mean * 2 * grad_spread).div_(ctx.count)
+            grad_weight_sums = pixel_weighted_sums(grad, mean_inv).neg_()
+            return (grad_out, grad_sums, grad_spread.div_(ctx.count), None, grad_weight_sums,
+                    grad.sum(dim=(0, 2, 3)), None)
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -272,12 +279,10 @@ class KNConv2d(nn.Conv2d):
             with full_precision(x):
                 sums, square_sums = _WindowMoments.apply(stats_x, mask, self.dropout_keep_scale, size)
         with full_precision(sums):  # under autocast: the statistics' precision, as type promotion gave before
-            count = size * size * self.in_channels
-            mean, mean_sq = sums / count, square_sums / count
-            var = (mean_sq - mean.square()).clamp_min(0)
-            dtype = torch.promote_types(out.dtype, mean.dtype)
+            dtype, count = torch.promote_types(out.dtype, sums.dtype), size * size * self.in_channels
             weight_sums = self.weight.sum(dim=(1, 2, 3)).to(dtype)
-            return _Correction.apply(out.to(dtype), mean, var, weight_sums, self.bias.to(dtype), self.eps)
+            return _Correction.apply(out.to(dtype), sums, square_sums, count, weight_sums, self.bias.to(dtype),
+                                     self.eps)
 
     @property
     def dropout_keep_scale(self) -> float:
