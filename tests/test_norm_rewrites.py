@@ -220,3 +220,17 @@ def test_kn_on_constant_windows_clamps_the_variance_as_the_earlier_one_did():
     torch.testing.assert_close(out, ref_out, **TIGHT)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("size", [1, 5])
+def test_kn_with_other_kernel_sizes_computes_what_the_earlier_one_did(size, training):
+    torch.manual_seed(0)
+    layer = randomize(make_conv_norm("kn", 8, 6, size)).double().train(training)
+    x = torch.randn(3, 8, 130, 40, dtype=torch.float64) * 2 + 0.5
+    upstream = torch.randn(3, 6, 130, 40, dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
+    ref_out, ref_grads = run(copy.deepcopy(layer), kn_reference, x, None, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TIGHT)

@@ -140,27 +140,33 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     return torch.empty_like(x).bernoulli_(1 - p)
 
 
-def box_sums(t: torch.Tensor, size: int) -> torch.Tensor:
-    """The sum of every size x size window of t (N, C, H, W), zero padding, stride 1, 'same' size: shifted
-    slices added along W, then along H (several times faster than avg_pool2d's per-window loop). The
-    operator is its own adjoint (a symmetric kernel with zero padding)."""
+def padded_pair(like: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero (N, 2, H + size - 1, W + size - 1) buffer for ``box_sums`` and its (N, 2, H, W) interior, into
+    which the two (N, 1, H, W) maps to filter are written (no separate padding copy)."""
+    n, _, h, w = like.shape
     r = size // 2
-    padded = F.pad(t, (r, r, r, r))
-    h, w = t.shape[-2:]
-    rows = padded[..., :w] + padded[..., 1:w + 1]
+    padded = like.new_zeros(n, 2, h + 2 * r, w + 2 * r)
+    return padded, padded[..., r:r + h, r:r + w]
+
+
+def box_sums(padded: torch.Tensor, size: int) -> torch.Tensor:
+    """The sum of every size x size window of the zero-padded (N, C, H + size - 1, W + size - 1) ``padded``:
+    (N, C, H, W), shifted slices added along W, then along H (several times faster than avg_pool2d's
+    per-window loop). With zero padding and a symmetric kernel the operator is its own adjoint."""
+    h, w = (n - size + 1 for n in padded.shape[-2:])
+    rows = padded[..., :w] if size == 1 else padded[..., :w] + padded[..., 1:w + 1]
     for d in range(2, size):
         rows += padded[..., d:d + w]
-    out = rows[..., :h, :] + rows[..., 1:h + 1, :]
+    out = rows[..., :h, :] if size == 1 else rows[..., :h, :] + rows[..., 1:h + 1, :]
     for d in range(2, size):
         out += rows[..., d:d + h, :]
     return out
 
 
-def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """sum_c m x and sum_c m x^2 per pixel (m = 1 where ``mask`` is None): two (N, 1, H, W) views of one
-    (N, 2, H, W) buffer, without making m x (for contiguous x formed one block of channel planes at a time)."""
-    both = x.new_zeros(x.shape[0], 2, *x.shape[2:])
-    sums, square_sums = both[:, :1], both[:, 1:]
+def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None, sums: torch.Tensor,
+                        square_sums: torch.Tensor) -> None:
+    """sum_c m x and sum_c m x^2 per pixel (m = 1 where ``mask`` is None) into the zero (N, 1, H, W) ``sums``
+    and ``square_sums``, without making m x (for contiguous x formed one block of channel planes at a time)."""
     if mask is None:
         torch.sum(x, 1, keepdim=True, out=sums)
         pixel_dot(x, x, out=square_sums)
@@ -174,7 +180,6 @@ def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None) -> tuple[tor
         kept = x * mask
         torch.sum(kept, 1, keepdim=True, out=sums)
         pixel_dot(kept, x, out=square_sums)
-    return sums, square_sums
 
 
 def window_moment_grad(x, mask, k, size, grad_sums, grad_square_sums, grad_x=None) -> torch.Tensor:
@@ -182,7 +187,10 @@ def window_moment_grad(x, mask, k, size, grad_sums, grad_square_sums, grad_x=Non
         dx = m (k box(d S1) + 2 k^2 x box(d S2))
     box being its own adjoint; added to ``grad_x`` in place when given (one block of channel planes at a time
     for contiguous tensors: no full-size temporary), else a new tensor."""
-    grads = box_sums(torch.cat([grad_sums, grad_square_sums], 1), size)
+    padded, interior = padded_pair(grad_sums, size)
+    interior[:, :1].copy_(grad_sums)
+    interior[:, 1:].copy_(grad_square_sums)
+    grads = box_sums(padded, size)
     a, b = grads[:, :1].mul_(k), grads[:, 1:].mul_(2 * k * k)
     if grad_x is None:
         grad_x = torch.addcmul(a, x, b, out=torch.empty_like(x))
@@ -209,7 +217,9 @@ class _WindowMoments(torch.autograd.Function):
     @staticmethod
     def moments(ctx, x, mask, k, size):
         ctx.k, ctx.size = (1.0 if mask is None else k), size
-        both = box_sums(torch.cat(channel_moment_sums(x, mask), 1), size)
+        padded, interior = padded_pair(x, size)
+        channel_moment_sums(x, mask, interior[:, :1], interior[:, 1:])
+        both = box_sums(padded, size)
         return both[:, :1].mul_(ctx.k), both[:, 1:].mul_(ctx.k * ctx.k)
 
     @staticmethod
