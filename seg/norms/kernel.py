@@ -96,27 +96,25 @@ def pixel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None)
 
 class _Correction(torch.autograd.Function):
     """y = (out - mean * s) inv + b for the conv output ``out`` (N, O, H, W), per-channel s = sum(W[o]), b and
-    the window statistics from the window sums S1, S2 (N, 1, H, W) of ``count`` elements each:
-        mean = S1 / count,   d = S2 / count - mean^2,   var = max(d, 0),   inv = 1 / sqrt(var + eps)
+    the window means of the elements and of their squares, ``mean`` and ``mean_sq`` (N, 1, H, W):
+        d = mean_sq - mean^2,   var = max(d, 0),   inv = 1 / sqrt(var + eps)
     Two passes forward, the conv output the only full-size tensor kept. Backward, per pixel and over o:
         d out = g inv,   d s = -sum_{n,h,w} g mean inv,   d b = sum_{n,h,w} g
         d var = -inv^3 / 2 (sum_o g out - mean sum_o g s),   d d = d var [d >= 0]   (clamp_min's gradient)
-        d S1 = (-inv sum_o g s - 2 mean d d) / count,   d S2 = d d / count
+        d mean = -inv sum_o g s - 2 mean d d,   d mean_sq = d d
     The channel sums are matrix products (sum_o g s, and d s against mean inv) or, for sum_o g out, one
     addcmul_ per block of channel planes into an (N, 1, H, W) accumulator: the only full-size tensor made
     is d out.
     """
 
     @staticmethod
-    def forward(ctx, out, sums, square_sums, count, weight_sums, bias, eps):
-        mean = sums / count
-        spread = square_sums / count - mean.square()
+    def forward(ctx, out, mean, mean_sq, weight_sums, bias, eps):
+        spread = torch.addcmul(mean_sq, mean, mean, value=-1)
         inv = torch.rsqrt(spread.clamp_min(0).add_(eps))
         mean_inv = mean * inv
         y = torch.addcmul(bias[None, :, None, None], out, inv, out=torch.empty_like(out))
         y.addcmul_(mean_inv, weight_sums[None, :, None, None], value=-1)
         ctx.save_for_backward(out, mean, inv, mean_inv, spread >= 0, weight_sums)
-        ctx.count = count
         return y
 
     @staticmethod
@@ -126,12 +124,11 @@ class _Correction(torch.autograd.Function):
         with full_precision(out):
             weighted = channel_combination(grad, weight_sums)  # sum_o g s
             grad_out = torch.mul(grad, inv, out=torch.empty_like(out))
-            grad_inv = pixel_dot(grad, out).sub_(mean * weighted)  # sum_o g (out - mean s)
+            grad_inv = pixel_dot(grad, out).addcmul_(mean, weighted, value=-1)  # sum_o g (out - mean s)
             grad_spread = grad_inv.mul_(inv.pow(3)).mul_(-0.5).mul_(unclamped)
-            grad_sums = weighted.mul_(inv).neg_().sub_(mean * 2 * grad_spread).div_(ctx.count)
+            grad_mean = weighted.mul_(inv).neg_().addcmul_(mean, grad_spread, value=-2)
             grad_weight_sums = pixel_weighted_sums(grad, mean_inv).neg_()
-            return (grad_out, grad_sums, grad_spread.div_(ctx.count), None, grad_weight_sums,
-                    grad.sum(dim=(0, 2, 3)), None)
+            return grad_out, grad_mean, grad_spread, grad_weight_sums, grad.sum(dim=(0, 2, 3)), None
 
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
@@ -182,16 +179,18 @@ def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None, sums: torch.
         pixel_dot(kept, x, out=square_sums)
 
 
-def window_moment_grad(x, mask, k, size, grad_sums, grad_square_sums, grad_x=None) -> torch.Tensor:
-    """The input gradient of S1 = k box(sum_c m x), S2 = k^2 box(sum_c m x^2) (``_WindowMoments``):
-        dx = m (k box(d S1) + 2 k^2 x box(d S2))
+def window_moment_grad(x, mask, k, size, grad_mean, grad_mean_sq, grad_x=None) -> torch.Tensor:
+    """The input gradient of mean = k box(sum_c m x) / n, mean_sq = k^2 box(sum_c m x^2) / n, n = size^2 C
+    (``_WindowMoments``):
+        dx = m (k / n box(d mean) + 2 k^2 / n x box(d mean_sq))
     box being its own adjoint; added to ``grad_x`` in place when given (one block of channel planes at a time
     for contiguous tensors: no full-size temporary), else a new tensor."""
-    padded, interior = padded_pair(grad_sums, size)
-    interior[:, :1].copy_(grad_sums)
-    interior[:, 1:].copy_(grad_square_sums)
+    padded, interior = padded_pair(grad_mean, size)
+    interior[:, :1].copy_(grad_mean)
+    interior[:, 1:].copy_(grad_mean_sq)
     grads = box_sums(padded, size)
-    a, b = grads[:, :1].mul_(k), grads[:, 1:].mul_(2 * k * k)
+    n = size * size * x.shape[1]
+    a, b = grads[:, :1].mul_(k / n), grads[:, 1:].mul_(2 * k * k / n)
     if grad_x is None:
         grad_x = torch.addcmul(a, x, b, out=torch.empty_like(x))
         return grad_x if mask is None else grad_x.mul_(mask)
@@ -207,11 +206,12 @@ def window_moment_grad(x, mask, k, size, grad_sums, grad_square_sums, grad_x=Non
 
 
 class _WindowMoments(torch.autograd.Function):
-    """Per window (size x size positions, all channels, zero padding), the sums of s and of s^2 for the
-    dropped-out copy s = k m x (mask m 0 or 1, k = 1 / (1 - p); s = x, k = 1 where ``mask`` is None):
-        S1 = k box(sum_c m x),   S2 = k^2 box(sum_c m x^2)     ((N, 1, H, W) each)
+    """Per window (size x size positions, all C channels, zero padding: n = size^2 C elements), the means of s
+    and of s^2 for the dropped-out copy s = k m x (mask m 0 or 1, k = 1 / (1 - p); s = x, k = 1 where
+    ``mask`` is None):
+        mean = k / n box(sum_c m x),   mean_sq = k^2 / n box(sum_c m x^2)     ((N, 1, H, W) each)
     without making s (``channel_moment_sums``; one box sum filters both). Backward, box being its own adjoint:
-        dx = m (k box(d S1) + 2 k^2 x box(d S2))     (``window_moment_grad``)
+        dx = m (k / n box(d mean) + 2 k^2 / n x box(d mean_sq))     (``window_moment_grad``)
     """
 
     @staticmethod
@@ -219,8 +219,8 @@ class _WindowMoments(torch.autograd.Function):
         ctx.k, ctx.size = (1.0 if mask is None else k), size
         padded, interior = padded_pair(x, size)
         channel_moment_sums(x, mask, interior[:, :1], interior[:, 1:])
-        both = box_sums(padded, size)
-        return both[:, :1].mul_(ctx.k), both[:, 1:].mul_(ctx.k * ctx.k)
+        both, n = box_sums(padded, size), size * size * x.shape[1]
+        return both[:, :1].mul_(ctx.k / n), both[:, 1:].mul_(ctx.k * ctx.k / n)
 
     @staticmethod
     def forward(ctx, x, mask, k, size):
@@ -229,16 +229,17 @@ class _WindowMoments(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sums, grad_square_sums):
+    def backward(ctx, grad_mean, grad_mean_sq):
         x, mask = ctx.saved_tensors
-        return window_moment_grad(x, mask, ctx.k, ctx.size, grad_sums, grad_square_sums), None, None, None
+        return window_moment_grad(x, mask, ctx.k, ctx.size, grad_mean, grad_mean_sq), None, None, None
 
 
 class _ConvWindowMoments(torch.autograd.Function):
-    """The 'same' convolution out = conv(x, W) (stride 1, no bias) together with ``_WindowMoments``' S1, S2 of
-    x, so that backward adds the statistics' input gradient into the convolution's in place (one full-size
-    tensor and one pass fewer than autograd summing the two):
-        dx = conv_input_grad(d out) + m (k box(d S1) + 2 k^2 x box(d S2)),   dW = conv_weight_grad(d out)
+    """The 'same' convolution out = conv(x, W) (stride 1, no bias) together with ``_WindowMoments``' mean and
+    mean_sq of x, so that backward adds the statistics' input gradient into the convolution's in place (one
+    full-size tensor and one pass fewer than autograd summing the two):
+        dx = conv_input_grad(d out) + m (k / n box(d mean) + 2 k^2 / n x box(d mean_sq)),
+        dW = conv_weight_grad(d out)
     """
 
     @staticmethod
@@ -249,14 +250,14 @@ class _ConvWindowMoments(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out, grad_sums, grad_square_sums):
+    def backward(ctx, grad_out, grad_mean, grad_mean_sq):
         x, weight, mask = ctx.saved_tensors
         pad = ctx.size // 2
         grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
             grad_out, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
             [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
         if grad_x is not None:
-            grad_x = window_moment_grad(x, mask, ctx.k, ctx.size, grad_sums, grad_square_sums, grad_x)
+            grad_x = window_moment_grad(x, mask, ctx.k, ctx.size, grad_mean, grad_mean_sq, grad_x)
         return grad_x, grad_weight, None, None, None
 
 
@@ -283,16 +284,15 @@ class KNConv2d(nn.Conv2d):
         size, stats_x = self.kernel_size[0], compute_dtype(x)
         mask = dropout_mask(stats_x, self.dropout_p) if self.training and self.dropout_p > 0 else None
         if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
-            out, sums, square_sums = _ConvWindowMoments.apply(x, self.weight, mask, self.dropout_keep_scale, size)
+            out, mean, mean_sq = _ConvWindowMoments.apply(x, self.weight, mask, self.dropout_keep_scale, size)
         else:  # the convolution in x's (or autocast's) precision, the statistics in at least float32
             out = F.conv2d(x, self.weight, None, padding=self.padding)
             with full_precision(x):
-                sums, square_sums = _WindowMoments.apply(stats_x, mask, self.dropout_keep_scale, size)
-        with full_precision(sums):  # under autocast: the statistics' precision, as type promotion gave before
-            dtype, count = torch.promote_types(out.dtype, sums.dtype), size * size * self.in_channels
+                mean, mean_sq = _WindowMoments.apply(stats_x, mask, self.dropout_keep_scale, size)
+        with full_precision(mean):  # under autocast: the statistics' precision, as type promotion gave before
+            dtype = torch.promote_types(out.dtype, mean.dtype)
             weight_sums = self.weight.sum(dim=(1, 2, 3)).to(dtype)
-            return _Correction.apply(out.to(dtype), sums, square_sums, count, weight_sums, self.bias.to(dtype),
-                                     self.eps)
+            return _Correction.apply(out.to(dtype), mean, mean_sq, weight_sums, self.bias.to(dtype), self.eps)
 
     @property
     def dropout_keep_scale(self) -> float:
