@@ -68,29 +68,40 @@ def pixel_weighted_sums(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 _PLANE_ELEMENTS = 1 << 16
 
 
-def channel_planes(*tensors: torch.Tensor) -> list[tuple[slice, int]] | None:
-    """(rows, channel) index pairs that cover contiguous (N, C, H, W) tensors one (g, H, W) block of
-    channel planes at a time (g images, g H W ~ _PLANE_ELEMENTS), images outer so that an (N, 1, H, W)
-    accumulator's block stays cached; None where the tensors are not all contiguous or too small for the
-    per-call overhead to pay (there full-size temporaries are cheap)."""
-    n, c, h, w = tensors[0].shape
+def block_step(*tensors: torch.Tensor) -> int | None:
+    """How many images g make one (g, H, W) block of channel planes (g H W ~ _PLANE_ELEMENTS) for the
+    plane-wise loops over contiguous (N, C, H, W) tensors; None where the tensors are not all contiguous or
+    too small for the per-call overhead to pay (there full-size temporaries are cheap)."""
+    n, _, h, w = tensors[0].shape
     if n * h * w < _PLANE_ELEMENTS // 2 or not all(t.is_contiguous() for t in tensors):
         return None
-    step = max(1, _PLANE_ELEMENTS // (h * w))
-    return [(slice(i, i + step), j) for i in range(0, n, step) for j in range(c)]
+    return max(1, _PLANE_ELEMENTS // (h * w))
+
+
+def channel_blocks(t: torch.Tensor, step: int) -> list[torch.Tensor]:
+    """The (g, H, W) blocks of t (N, C, H, W): images in chunks of ``step`` outer (so that an accumulator's
+    block stays cached), channels inner; views, made in two calls per chunk rather than by indexing."""
+    return [plane for chunk in t.split(step) for plane in chunk.unbind(1)]
+
+
+def accumulator_blocks(acc: torch.Tensor, step: int, channels: int) -> list[torch.Tensor]:
+    """The (g, H, W) blocks of an (N, 1, H, W) accumulator that go with ``channel_blocks`` of a tensor with
+    ``channels`` channels."""
+    return [chunk for chunk in acc[:, 0].split(step) for _ in range(channels)]
 
 
 def pixel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """sum_c a[:, c] b[:, c] per pixel, (N, 1, H, W), added to ``out`` when given: one addcmul_ per block of
     channel planes into the accumulator (no full-size temporary; torch's reduction over dim 1 of the
-    product is several times slower), or (a * b).sum(1) where ``channel_planes`` declines."""
+    product is several times slower), or (a * b).sum(1) where ``block_step`` declines."""
     if out is None:
         out = a.new_zeros(a.shape[0], 1, *a.shape[2:])
-    planes = channel_planes(a, b)
-    if planes is None:
+    step = block_step(a, b)
+    if step is None:
         return out.add_((a * b).sum(1, keepdim=True))
-    for rows, c in planes:
-        out[rows, 0].addcmul_(a[rows, c], b[rows, c])
+    for acc, a_block, b_block in zip(accumulator_blocks(out, step, a.shape[1]), channel_blocks(a, step),
+                                     channel_blocks(b, step)):
+        acc.addcmul_(a_block, b_block)
     return out
 
 
@@ -167,12 +178,14 @@ def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None, sums: torch.
     if mask is None:
         torch.sum(x, 1, keepdim=True, out=sums)
         pixel_dot(x, x, out=square_sums)
-    elif (planes := channel_planes(x, mask)) is not None:
-        kept = x.new_empty(min(x.shape[0], planes[0][0].stop), *x.shape[2:])
-        for rows, c in planes:
-            block = torch.mul(x[rows, c], mask[rows, c], out=kept[:x[rows, c].shape[0]])
-            sums[rows, 0].add_(block)
-            square_sums[rows, 0].addcmul_(block, x[rows, c])
+    elif (step := block_step(x, mask)) is not None:
+        kept = x.new_empty(min(x.shape[0], step), *x.shape[2:])
+        c = x.shape[1]
+        for s1, s2, x_block, m_block in zip(accumulator_blocks(sums, step, c), accumulator_blocks(square_sums, step, c),
+                                            channel_blocks(x, step), channel_blocks(mask, step)):
+            block = torch.mul(x_block, m_block, out=kept[:len(x_block)])
+            s1.add_(block)
+            s2.addcmul_(block, x_block)
     else:
         kept = x * mask
         torch.sum(kept, 1, keepdim=True, out=sums)
@@ -194,14 +207,17 @@ def window_moment_grad(x, mask, k, size, grad_mean, grad_mean_sq, grad_x=None) -
     if grad_x is None:
         grad_x = torch.addcmul(a, x, b, out=torch.empty_like(x))
         return grad_x if mask is None else grad_x.mul_(mask)
-    planes = channel_planes(grad_x, x) if mask is None else channel_planes(grad_x, x, mask)
-    if planes is None:
+    step = block_step(grad_x, x) if mask is None else block_step(grad_x, x, mask)
+    if step is None:
         part = torch.addcmul(a, x, b)
         return grad_x.add_(part) if mask is None else grad_x.addcmul_(part, mask)
-    buffer = x.new_empty(min(x.shape[0], planes[0][0].stop), *x.shape[2:])
-    for rows, c in planes:
-        part = torch.addcmul(a[rows, 0], x[rows, c], b[rows, 0], out=buffer[:x[rows, c].shape[0]])
-        grad_x[rows, c].add_(part) if mask is None else grad_x[rows, c].addcmul_(part, mask[rows, c])
+    buffer, c = x.new_empty(min(x.shape[0], step), *x.shape[2:]), x.shape[1]
+    masks = [None] * len(grad_x) * c if mask is None else channel_blocks(mask, step)
+    for g_block, x_block, m_block, a_block, b_block in zip(
+            channel_blocks(grad_x, step), channel_blocks(x, step), masks,
+            accumulator_blocks(a, step, c), accumulator_blocks(b, step, c)):
+        part = torch.addcmul(a_block, x_block, b_block, out=buffer[:len(x_block)])
+        g_block.add_(part) if m_block is None else g_block.addcmul_(part, m_block)
     return grad_x
 
 
