@@ -144,8 +144,11 @@ class _Correction(torch.autograd.Function):
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """The 0/1 mask of ``F.dropout(x, p)`` (whose multiplier is mask / (1 - p)), drawn as torch draws it on
-    the CPU (the same random numbers: a seeded run drops the same elements)."""
-    return torch.empty_like(x).bernoulli_(1 - p)
+    the CPU: ``bernoulli_`` on a tensor like x, so the same random numbers and a seeded run drops the same
+    elements. Where the plane-wise loops read it (``block_step``), the mask is stored as uint8: torch's CPU
+    bernoulli_ samples in double (or int) and casts to the tensor's dtype, so the draw is the same, and it
+    writes and later reads a quarter of the bytes."""
+    return torch.empty_like(x, dtype=torch.uint8 if block_step(x) else None).bernoulli_(1 - p)
 
 
 def padded_pair(like: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,10 +182,11 @@ def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None, sums: torch.
         torch.sum(x, 1, keepdim=True, out=sums)
         pixel_dot(x, x, out=square_sums)
     elif (step := block_step(x, mask)) is not None:
-        kept = x.new_empty(min(x.shape[0], step), *x.shape[2:])
+        kept, keep = (x.new_empty(min(x.shape[0], step), *x.shape[2:]) for _ in range(2))
         c = x.shape[1]
         for s1, s2, x_block, m_block in zip(accumulator_blocks(sums, step, c), accumulator_blocks(square_sums, step, c),
                                             channel_blocks(x, step), channel_blocks(mask, step)):
+            m_block = keep[:len(x_block)].copy_(m_block)  # x's dtype (a uint8 mask: mixed-dtype ops are slow)
             block = torch.mul(x_block, m_block, out=kept[:len(x_block)])
             s1.add_(block)
             s2.addcmul_(block, x_block)
@@ -211,13 +215,16 @@ def window_moment_grad(x, mask, k, size, grad_mean, grad_mean_sq, grad_x=None) -
     if step is None:
         part = torch.addcmul(a, x, b)
         return grad_x.add_(part) if mask is None else grad_x.addcmul_(part, mask)
-    buffer, c = x.new_empty(min(x.shape[0], step), *x.shape[2:]), x.shape[1]
+    (buffer, keep), c = (x.new_empty(min(x.shape[0], step), *x.shape[2:]) for _ in range(2)), x.shape[1]
     masks = [None] * len(grad_x) * c if mask is None else channel_blocks(mask, step)
     for g_block, x_block, m_block, a_block, b_block in zip(
             channel_blocks(grad_x, step), channel_blocks(x, step), masks,
             accumulator_blocks(a, step, c), accumulator_blocks(b, step, c)):
         part = torch.addcmul(a_block, x_block, b_block, out=buffer[:len(x_block)])
-        g_block.add_(part) if m_block is None else g_block.addcmul_(part, m_block)
+        if m_block is None:
+            g_block.add_(part)
+        else:
+            g_block.addcmul_(part, keep[:len(x_block)].copy_(m_block))
     return grad_x
 
 
