@@ -8,6 +8,12 @@ window, KernelNorm followed by the convolution equals the convolution followed b
 
 and mu_w, var_w are box filters over the channel-summed x and x^2. This costs one ordinary
 convolution plus two small (N, 1, H, W) box filters, instead of normalizing unfolded windows.
+
+On the CPU the layer is memory-bound, so the hand-written backwards avoid full-size temporaries:
+per-pixel sums over the channels go one L2-sized block of channel planes at a time into (N, 1, H, W)
+accumulators or through matrix products, the dropout keeps its 0/1 mask (uint8 where the loops read it)
+with 1/(1-p) folded into the small sums, and the statistics' input gradient is added into the
+convolution's in place. torch.compile and torch.func take the plain autograd formulation instead.
 """
 
 from __future__ import annotations
