@@ -208,6 +208,21 @@ def test_frn_splits_the_gradient_at_ties_as_torch_maximum_does(tau):
     upstream = torch.randn(SHAPE, dtype=torch.float64)
     out, grads = run(layer, lambda m, t, c: m(t, c), x, None, upstream)
     ref_out, ref_grads = run(copy.deepcopy(layer), frn_reference, x, None, upstream)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape", [(5, 8, 128, 128), (3, 8, 24, 20)], ids=["plane-blocks", "small"])
+def test_kn_at_other_sizes_computes_what_the_earlier_one_did(shape, training, fmt):
+    """kn's channel sums go one block of channel planes at a time (several images per block at 128 x 128,
+    the last block short) or, for small inputs, through full-size temporaries: both against the plain form."""
+    torch.manual_seed(0)
+    layer = randomize(make_conv_norm("kn", shape[1], 6, 3)).double().to(memory_format=FORMATS[fmt]).train(training)
+    earlier = copy.deepcopy(layer)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=FORMATS[fmt])
+    upstream = torch.randn(shape[0], 6, *shape[2:], dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
+    ref_out, ref_grads = run(earlier, kn_reference, x, None, upstream)
     torch.testing.assert_close(out, ref_out, **TIGHT)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, **TIGHT)
@@ -234,3 +249,36 @@ def test_lcn_computes_what_the_earlier_one_did_at_other_sizes(shape, options, tr
     torch.testing.assert_close(out, ref_out, **TIGHT)
     for label, got, want in zip(["input", "weight", "bias"], grads, ref_grads):
         torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{label}: {m}")
+
+
+def test_kn_on_constant_windows_clamps_the_variance_as_the_earlier_one_did():
+    """Constant windows whose E[x^2] - E[x]^2 rounds below 0 (the variance clamped to 0, no gradient
+    through the clamp): half of the image constant, the other half noise."""
+    torch.manual_seed(0)
+    layer = randomize(make_conv_norm("kn", 8, 6, 3)).double().eval()
+    scale = torch.arange(1, 3, dtype=torch.float64)[:, None, None, None] * 0.37
+    x = torch.full((2, 8, 40, 40), 1 / 3, dtype=torch.float64) * scale
+    x[:, :, :20] += torch.randn(2, 8, 20, 40, dtype=torch.float64)
+    box = dict(kernel_size=3, stride=1, padding=1)
+    mean = F.avg_pool2d(x.sum(1, keepdim=True), **box) / 8
+    assert (F.avg_pool2d(x.square().sum(1, keepdim=True), **box) / 8 < mean.square()).any()
+    upstream = torch.randn(2, 6, 40, 40, dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
+    ref_out, ref_grads = run(copy.deepcopy(layer), kn_reference, x, None, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TIGHT)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("size", [1, 5])
+def test_kn_with_other_kernel_sizes_computes_what_the_earlier_one_did(size, training):
+    torch.manual_seed(0)
+    layer = randomize(make_conv_norm("kn", 8, 6, size)).double().train(training)
+    x = torch.randn(3, 8, 130, 40, dtype=torch.float64) * 2 + 0.5
+    upstream = torch.randn(3, 6, 130, 40, dtype=torch.float64)
+    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
+    ref_out, ref_grads = run(copy.deepcopy(layer), kn_reference, x, None, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **TIGHT)

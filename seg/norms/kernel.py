@@ -8,6 +8,12 @@ window, KernelNorm followed by the convolution equals the convolution followed b
 
 and mu_w, var_w are box filters over the channel-summed x and x^2. This costs one ordinary
 convolution plus two small (N, 1, H, W) box filters, instead of normalizing unfolded windows.
+
+On the CPU the layer is memory-bound, so the hand-written backwards avoid full-size temporaries:
+per-pixel sums over the channels go one L2-sized block of channel planes at a time into (N, 1, H, W)
+accumulators or through matrix products, the dropout keeps its 0/1 mask (uint8 where the loops read it)
+with 1/(1-p) folded into the small sums, and the statistics' input gradient is added into the
+convolution's in place. torch.compile and torch.func take the plain autograd formulation instead.
 """
 
 from __future__ import annotations
@@ -32,63 +38,256 @@ def correction_reference(out, mean, var, weight_sums, bias, eps):
     return out + bias[None, :, None, None]
 
 
+def _channel_matrices(t: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
+    """t (N, C, H, W) as a batch of matrices without a copy: (N, C, HW) for a contiguous t (channels first,
+    True), (N, HW, C) for a channels_last one (False); None for other strides."""
+    n, c, h, w = t.shape
+    if t.is_contiguous():
+        return t.view(n, c, h * w), True
+    if t.is_contiguous(memory_format=torch.channels_last):
+        return t.permute(0, 2, 3, 1).reshape(n, h * w, c), False
+    return None
+
+
+def channel_combination(t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """sum_c t[:, c] v[c] per pixel, (N, 1, H, W): one matrix product (einsum copies t first)."""
+    n, _, h, w = t.shape
+    matrices = _channel_matrices(t)
+    if matrices is None:
+        return torch.einsum("nchw,c->nhw", t, v).unsqueeze(1)
+    m, channels_first = matrices
+    return (torch.bmm(v.expand(n, 1, -1), m) if channels_first else m @ v).view(n, 1, h, w)
+
+
+def pixel_weighted_sums(t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """sum_{n,h,w} t[n, c] s[n, 0] per channel c, for s (N, 1, H, W): one batched matrix-vector product."""
+    n, _, h, w = t.shape
+    matrices = _channel_matrices(t)
+    if matrices is None:
+        return torch.einsum("nchw,nhw->c", t, s.squeeze(1))
+    m, channels_first = matrices
+    s = s.reshape(n, h * w)
+    return (m @ s.unsqueeze(2) if channels_first else s.unsqueeze(1) @ m).sum(0).flatten()
+
+
+# elements per operation in the plane-wise loops: enough to amortize the call, few enough to stay in the L2 cache
+_PLANE_ELEMENTS = 1 << 16
+
+
+def block_step(*tensors: torch.Tensor) -> int | None:
+    """How many images g make one (g, H, W) block of channel planes (g H W ~ _PLANE_ELEMENTS) for the
+    plane-wise loops over contiguous (N, C, H, W) tensors; None where the tensors are not all contiguous or
+    too small for the per-call overhead to pay (there full-size temporaries are cheap)."""
+    n, _, h, w = tensors[0].shape
+    if n * h * w < _PLANE_ELEMENTS // 2 or not all(t.is_contiguous() for t in tensors):
+        return None
+    return max(1, _PLANE_ELEMENTS // (h * w))
+
+
+def channel_blocks(t: torch.Tensor, step: int) -> list[torch.Tensor]:
+    """The (g, H, W) blocks of t (N, C, H, W): images in chunks of ``step`` outer (so that an accumulator's
+    block stays cached), channels inner; views, made in two calls per chunk rather than by indexing."""
+    return [plane for chunk in t.split(step) for plane in chunk.unbind(1)]
+
+
+def accumulator_blocks(acc: torch.Tensor, step: int, channels: int) -> list[torch.Tensor]:
+    """The (g, H, W) blocks of an (N, 1, H, W) accumulator that go with ``channel_blocks`` of a tensor with
+    ``channels`` channels."""
+    return [chunk for chunk in acc[:, 0].split(step) for _ in range(channels)]
+
+
+def pixel_dot(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_c a[:, c] b[:, c] per pixel, (N, 1, H, W), added to ``out`` when given: one addcmul_ per block of
+    channel planes into the accumulator (no full-size temporary; torch's reduction over dim 1 of the
+    product is several times slower), or (a * b).sum(1) where ``block_step`` declines."""
+    if out is None:
+        out = a.new_zeros(a.shape[0], 1, *a.shape[2:])
+    step = block_step(a, b)
+    if step is None:
+        return out.add_((a * b).sum(1, keepdim=True))
+    for acc, a_block, b_block in zip(accumulator_blocks(out, step, a.shape[1]), channel_blocks(a, step),
+                                     channel_blocks(b, step)):
+        acc.addcmul_(a_block, b_block)
+    return out
+
+
 class _Correction(torch.autograd.Function):
-    """y = (out - mean * s) inv + b, inv = 1 / sqrt(var + eps), for the conv output ``out`` (N, O, H, W), the
-    window statistics ``mean``, ``var`` (N, 1, H, W) and per-channel s = sum(W[o]), b: two passes forward,
-    the conv output the only full-size tensor kept. Backward, per pixel and over the channels o:
-        d out = g inv,   d mean = -inv sum_o g s,   d var = -inv^3 / 2 (sum_o g out - mean sum_o g s)
-        d s = -sum_{n,h,w} g mean inv,   d b = sum_{n,h,w} g
+    """y = (out - mean * s) inv + b for the conv output ``out`` (N, O, H, W), per-channel s = sum(W[o]), b and
+    the window means of the elements and of their squares, ``mean`` and ``mean_sq`` (N, 1, H, W):
+        d = mean_sq - mean^2,   var = max(d, 0),   inv = 1 / sqrt(var + eps)
+    Two passes forward, the conv output the only full-size tensor kept. Backward, per pixel and over o:
+        d out = g inv,   d s = -sum_{n,h,w} g mean inv,   d b = sum_{n,h,w} g
+        d var = -inv^3 / 2 (sum_o g out - mean sum_o g s),   d d = d var [d >= 0]   (clamp_min's gradient)
+        d mean = -inv sum_o g s - 2 mean d d,   d mean_sq = d d
+    The channel sums are matrix products (sum_o g s, and d s against mean inv) or, for sum_o g out, one
+    addcmul_ per block of channel planes into an (N, 1, H, W) accumulator: the only full-size tensor made
+    is d out.
     """
 
     @staticmethod
-    def forward(ctx, out, mean, var, weight_sums, bias, eps):
-        inv = torch.rsqrt(var + eps)
+    def forward(ctx, out, mean, mean_sq, weight_sums, bias, eps):
+        spread = torch.addcmul(mean_sq, mean, mean, value=-1)
+        inv = torch.rsqrt(spread.clamp_min(0).add_(eps))
+        mean_inv = mean * inv
         y = torch.addcmul(bias[None, :, None, None], out, inv, out=torch.empty_like(out))
-        y.addcmul_(mean * inv, weight_sums[None, :, None, None], value=-1)
-        ctx.save_for_backward(out, mean, inv, weight_sums)
+        y.addcmul_(mean_inv, weight_sums[None, :, None, None], value=-1)
+        ctx.save_for_backward(out, mean, inv, mean_inv, spread >= 0, weight_sums)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        out, mean, inv, weight_sums = ctx.saved_tensors
+        out, mean, inv, mean_inv, unclamped, weight_sums = ctx.saved_tensors
         with full_precision(out):
-            weighted = torch.einsum("nohw,o->nhw", grad, weight_sums).unsqueeze(1)  # sum_o g s
+            weighted = channel_combination(grad, weight_sums)  # sum_o g s
             grad_out = torch.mul(grad, inv, out=torch.empty_like(out))
-            grad_inv = (grad * out).sum(1, keepdim=True).sub_(mean * weighted)
-            grad_var = grad_inv.mul_(inv.pow(3)).mul_(-0.5)
-            grad_mean = -inv * weighted
-            grad_sums = -torch.einsum("nohw,nhw->o", grad, (mean * inv).squeeze(1))
-            return grad_out, grad_mean, grad_var, grad_sums, grad.sum(dim=(0, 2, 3)), None
+            grad_inv = pixel_dot(grad, out).addcmul_(mean, weighted, value=-1)  # sum_o g (out - mean s)
+            grad_spread = grad_inv.mul_(inv.pow(3)).mul_(-0.5).mul_(unclamped)
+            grad_mean = weighted.mul_(inv).neg_().addcmul_(mean, grad_spread, value=-2)
+            grad_weight_sums = pixel_weighted_sums(grad, mean_inv).neg_()
+            return grad_out, grad_mean, grad_spread, grad_weight_sums, grad.sum(dim=(0, 2, 3)), None
 
 
-def dropout_noise(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The multiplier of ``F.dropout(x, p)`` (0 or 1 / (1 - p) per element), drawn as torch draws it on the CPU
-    (the same random numbers: a seeded run drops the same elements)."""
-    return torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """The 0/1 mask of ``F.dropout(x, p)`` (whose multiplier is mask / (1 - p)), drawn as torch draws it on
+    the CPU: ``bernoulli_`` on a tensor like x, so the same random numbers and a seeded run drops the same
+    elements. Where the plane-wise loops read it (``block_step``), the mask is stored as uint8: torch's CPU
+    bernoulli_ samples in double (or int) and casts to the tensor's dtype, so the draw is the same, and it
+    writes and later reads a quarter of the bytes."""
+    return torch.empty_like(x, dtype=torch.uint8 if block_step(x) else None).bernoulli_(1 - p)
 
 
-class _ChannelMoments(torch.autograd.Function):
-    """Per pixel, the sums over the channels of s and s^2, s = x * keep (the dropped-out copy; x itself where
-    ``keep`` is None): (N, 1, H, W) each, without keeping s. Backward, keep being 0 or k = 1 / (1 - p):
-        dx = keep (d S1 + 2 k x d S2)   (without dropout: d S1 + 2 x d S2)
+def padded_pair(like: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A zero (N, 2, H + size - 1, W + size - 1) buffer for ``box_sums`` and its (N, 2, H, W) interior, into
+    which the two (N, 1, H, W) maps to filter are written (no separate padding copy)."""
+    n, _, h, w = like.shape
+    r = size // 2
+    padded = like.new_zeros(n, 2, h + 2 * r, w + 2 * r)
+    return padded, padded[..., r:r + h, r:r + w]
+
+
+def box_sums(padded: torch.Tensor, size: int) -> torch.Tensor:
+    """The sum of every size x size window of the zero-padded (N, C, H + size - 1, W + size - 1) ``padded``:
+    (N, C, H, W), shifted slices added along W, then along H (several times faster than avg_pool2d's
+    per-window loop). With zero padding and a symmetric kernel the operator is its own adjoint."""
+    h, w = (n - size + 1 for n in padded.shape[-2:])
+    rows = padded[..., :w] if size == 1 else padded[..., :w] + padded[..., 1:w + 1]
+    for d in range(2, size):
+        rows += padded[..., d:d + w]
+    out = rows[..., :h, :] if size == 1 else rows[..., :h, :] + rows[..., 1:h + 1, :]
+    for d in range(2, size):
+        out += rows[..., d:d + h, :]
+    return out
+
+
+def channel_moment_sums(x: torch.Tensor, mask: torch.Tensor | None, sums: torch.Tensor,
+                        square_sums: torch.Tensor) -> None:
+    """sum_c m x and sum_c m x^2 per pixel (m = 1 where ``mask`` is None) into the zero (N, 1, H, W) ``sums``
+    and ``square_sums``, without making m x (for contiguous x formed one block of channel planes at a time)."""
+    if mask is None:
+        torch.sum(x, 1, keepdim=True, out=sums)
+        pixel_dot(x, x, out=square_sums)
+    elif (step := block_step(x, mask)) is not None:
+        kept, keep = (x.new_empty(min(x.shape[0], step), *x.shape[2:]) for _ in range(2))
+        c = x.shape[1]
+        for s1, s2, x_block, m_block in zip(accumulator_blocks(sums, step, c), accumulator_blocks(square_sums, step, c),
+                                            channel_blocks(x, step), channel_blocks(mask, step)):
+            m_block = keep[:len(x_block)].copy_(m_block)  # x's dtype (a uint8 mask: mixed-dtype ops are slow)
+            block = torch.mul(x_block, m_block, out=kept[:len(x_block)])
+            s1.add_(block)
+            s2.addcmul_(block, x_block)
+    else:
+        kept = x * mask
+        torch.sum(kept, 1, keepdim=True, out=sums)
+        pixel_dot(kept, x, out=square_sums)
+
+
+def window_moment_grad(x, mask, k, size, grad_mean, grad_mean_sq, grad_x=None) -> torch.Tensor:
+    """The input gradient of mean = k box(sum_c m x) / n, mean_sq = k^2 box(sum_c m x^2) / n, n = size^2 C
+    (``_WindowMoments``):
+        dx = m (k / n box(d mean) + 2 k^2 / n x box(d mean_sq))
+    box being its own adjoint; added to ``grad_x`` in place when given (one block of channel planes at a time
+    for contiguous tensors: no full-size temporary), else a new tensor."""
+    padded, interior = padded_pair(grad_mean, size)
+    interior[:, :1].copy_(grad_mean)
+    interior[:, 1:].copy_(grad_mean_sq)
+    grads = box_sums(padded, size)
+    n = size * size * x.shape[1]
+    a, b = grads[:, :1].mul_(k / n), grads[:, 1:].mul_(2 * k * k / n)
+    if grad_x is None:
+        grad_x = torch.addcmul(a, x, b, out=torch.empty_like(x))
+        return grad_x if mask is None else grad_x.mul_(mask)
+    step = block_step(grad_x, x) if mask is None else block_step(grad_x, x, mask)
+    if step is None:
+        part = torch.addcmul(a, x, b)
+        return grad_x.add_(part) if mask is None else grad_x.addcmul_(part, mask)
+    (buffer, keep), c = (x.new_empty(min(x.shape[0], step), *x.shape[2:]) for _ in range(2)), x.shape[1]
+    masks = [None] * len(grad_x) * c if mask is None else channel_blocks(mask, step)
+    for g_block, x_block, m_block, a_block, b_block in zip(
+            channel_blocks(grad_x, step), channel_blocks(x, step), masks,
+            accumulator_blocks(a, step, c), accumulator_blocks(b, step, c)):
+        part = torch.addcmul(a_block, x_block, b_block, out=buffer[:len(x_block)])
+        if m_block is None:
+            g_block.add_(part)
+        else:
+            g_block.addcmul_(part, keep[:len(x_block)].copy_(m_block))
+    return grad_x
+
+
+class _WindowMoments(torch.autograd.Function):
+    """Per window (size x size positions, all C channels, zero padding: n = size^2 C elements), the means of s
+    and of s^2 for the dropped-out copy s = k m x (mask m 0 or 1, k = 1 / (1 - p); s = x, k = 1 where
+    ``mask`` is None):
+        mean = k / n box(sum_c m x),   mean_sq = k^2 / n box(sum_c m x^2)     ((N, 1, H, W) each)
+    without making s (``channel_moment_sums``; one box sum filters both). Backward, box being its own adjoint:
+        dx = m (k / n box(d mean) + 2 k^2 / n x box(d mean_sq))     (``window_moment_grad``)
     """
 
     @staticmethod
-    def forward(ctx, x, keep, k):
-        source = x if keep is None else x * keep
-        sums = source.sum(1, keepdim=True)
-        square_sums = torch.linalg.vector_norm(source, 2, dim=1, keepdim=True).square_()
-        ctx.save_for_backward(x, keep)
-        ctx.k = 1.0 if keep is None else k
-        return sums, square_sums
+    def moments(ctx, x, mask, k, size):
+        ctx.k, ctx.size = (1.0 if mask is None else k), size
+        padded, interior = padded_pair(x, size)
+        channel_moment_sums(x, mask, interior[:, :1], interior[:, 1:])
+        both, n = box_sums(padded, size), size * size * x.shape[1]
+        return both[:, :1].mul_(ctx.k / n), both[:, 1:].mul_(ctx.k * ctx.k / n)
+
+    @staticmethod
+    def forward(ctx, x, mask, k, size):
+        ctx.save_for_backward(x, mask)
+        return _WindowMoments.moments(ctx, x, mask, k, size)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_sums, grad_square_sums):
-        x, keep = ctx.saved_tensors
-        grad_x = torch.addcmul(grad_sums, x, grad_square_sums, value=2 * ctx.k, out=torch.empty_like(x))
-        return (grad_x if keep is None else grad_x.mul_(keep)), None, None
+    def backward(ctx, grad_mean, grad_mean_sq):
+        x, mask = ctx.saved_tensors
+        return window_moment_grad(x, mask, ctx.k, ctx.size, grad_mean, grad_mean_sq), None, None, None
+
+
+class _ConvWindowMoments(torch.autograd.Function):
+    """The 'same' convolution out = conv(x, W) (stride 1, no bias) together with ``_WindowMoments``' mean and
+    mean_sq of x, so that backward adds the statistics' input gradient into the convolution's in place (one
+    full-size tensor and one pass fewer than autograd summing the two):
+        dx = conv_input_grad(d out) + m (k / n box(d mean) + 2 k^2 / n x box(d mean_sq)),
+        dW = conv_weight_grad(d out)
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, mask, k, size):
+        out = F.conv2d(x, weight, None, padding=size // 2)
+        ctx.save_for_backward(x, weight, mask)
+        return (out, *_WindowMoments.moments(ctx, x, mask, k, size))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out, grad_mean, grad_mean_sq):
+        x, weight, mask = ctx.saved_tensors
+        pad = ctx.size // 2
+        grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+            grad_out, x, weight, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], 1,
+            [ctx.needs_input_grad[0], ctx.needs_input_grad[1], False])
+        if grad_x is not None:
+            grad_x = window_moment_grad(x, mask, ctx.k, ctx.size, grad_mean, grad_mean_sq, grad_x)
+        return grad_x, grad_weight, None, None, None
 
 
 class KNConv2d(nn.Conv2d):
@@ -106,31 +305,40 @@ class KNConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         self.dropout_p, self.eps = dropout_p, eps
 
-    def window_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and biased variance of every kernel window: two (N, 1, H, W) tensors."""
+    def forward(self, x, cond=None):
+        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+            out = F.conv2d(x, self.weight, None, padding=self.padding)
+            mean, var = self.plain_window_moments(x)
+            return correction_reference(out, mean, var, self.weight.sum(dim=(1, 2, 3)), self.bias, self.eps)
+        size, stats_x = self.kernel_size[0], compute_dtype(x)
+        mask = dropout_mask(stats_x, self.dropout_p) if self.training and self.dropout_p > 0 else None
+        if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
+            out, mean, mean_sq = _ConvWindowMoments.apply(x, self.weight, mask, self.dropout_keep_scale, size)
+        else:  # the convolution in x's (or autocast's) precision, the statistics in at least float32
+            out = F.conv2d(x, self.weight, None, padding=self.padding)
+            with full_precision(x):
+                mean, mean_sq = _WindowMoments.apply(stats_x, mask, self.dropout_keep_scale, size)
+        with full_precision(mean):  # under autocast: the statistics' precision, as type promotion gave before
+            dtype = torch.promote_types(out.dtype, mean.dtype)
+            weight_sums = self.weight.sum(dim=(1, 2, 3)).to(dtype)
+            return _Correction.apply(out.to(dtype), mean, mean_sq, weight_sums, self.bias.to(dtype), self.eps)
+
+    @property
+    def dropout_keep_scale(self) -> float:
+        return 1 / (1 - self.dropout_p)
+
+    def plain_window_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and biased variance of every kernel window, two (N, 1, H, W) tensors, in plain autograd
+        (torch.compile, torch.func)."""
         x = compute_dtype(x)
         with full_precision(x):
-            if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-                source = dropped_out(x, self.dropout_p, self.training)
-                sums, square_sums = source.sum(1, keepdim=True), source.square().sum(1, keepdim=True)
-            else:
-                keep = dropout_noise(x, self.dropout_p) if self.training and self.dropout_p > 0 else None
-                sums, square_sums = _ChannelMoments.apply(x, keep, 1 / (1 - self.dropout_p))
+            source = dropped_out(x, self.dropout_p, self.training)
+            sums, square_sums = source.sum(1, keepdim=True), source.square().sum(1, keepdim=True)
             box = dict(kernel_size=self.kernel_size, stride=1, padding=self.padding, count_include_pad=True)
             # avg_pool2d divides by kh*kw (padding included); the channel sum needs a further 1/C_in
             mean = F.avg_pool2d(sums, **box) / self.in_channels
             mean_sq = F.avg_pool2d(square_sums, **box) / self.in_channels
             return mean, (mean_sq - mean.square()).clamp_min(0)
-
-    def forward(self, x, cond=None):
-        out = F.conv2d(x, self.weight, None, padding=self.padding)
-        mean, var = self.window_moments(x)
-        weight_sums = self.weight.sum(dim=(1, 2, 3))
-        if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
-            return correction_reference(out, mean, var, weight_sums, self.bias, self.eps)
-        with full_precision(mean):  # under autocast: the statistics' precision, as type promotion gave before
-            dtype = torch.promote_types(out.dtype, mean.dtype)
-            return _Correction.apply(out.to(dtype), mean, var, weight_sums.to(dtype), self.bias.to(dtype), self.eps)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, dropout_p={self.dropout_p}, eps={self.eps}"
