@@ -106,7 +106,8 @@ def _broadcast(t: torch.Tensor) -> torch.Tensor:
     return t[..., None, None]
 
 
-def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                out: torch.Tensor | None = None) -> torch.Tensor:
     """``x * scale + shift`` for (N, C, H, W) ``x`` and (N, C) ``scale``, ``shift``: one pass, new tensor.
 
     On CPU, for a large contiguous tensor, torch's batch-norm inference kernel does this faster
@@ -118,6 +119,8 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
     The result is never a view: the kernel writes (its ``out=`` form) into a fresh (N, C, H, W)
     tensor through a view of it, and that tensor is returned. A custom autograd Function's output
     that is a view cannot be modified in place, and the network's ReLU(inplace=True) modifies it.
+    ``out`` (x's shape and memory format; it may be x itself: the pass is elementwise) is written
+    instead of a fresh tensor and returned.
     """
     n, c, h, w = x.shape
     fast = (x.device.type == "cpu" and x.numel() >= _SINGLE_PASS_MIN_NUMEL and x.is_contiguous()
@@ -125,11 +128,13 @@ def scale_shift(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> to
             and not torch.compiler.is_compiling())
     if fast:
         zeros, ones = x.new_zeros(n * c), x.new_ones(n * c)
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
         torch.ops.aten.native_batch_norm.out(x.view(1, n * c, h * w), scale.reshape(-1), shift.reshape(-1), zeros,
                                              ones, False, 0.0, 0.0, out=y.view(1, n * c, h * w),
                                              save_mean=x.new_empty(0), save_invstd=x.new_empty(0))
         return y
+    if out is not None:
+        return torch.addcmul(_broadcast(shift), x, _broadcast(scale), out=out)
     return torch.addcmul(_broadcast(shift), x, _broadcast(scale))
 
 

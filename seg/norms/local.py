@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import _MAX_MEAN_SQUARED_OVER_VAR, compute_dtype, full_precision
+from .fused import _MAX_MEAN_SQUARED_OVER_VAR, compute_dtype, full_precision, scale_shift
 from .registry import register_norm
 from .standard import check_runs
 
@@ -89,14 +89,16 @@ class _PositionalContiguous(torch.autograd.Function):
     Backward, per pixel, with P = sum_c gamma_c g_c, S = sum_c gamma_c g_c x_c, Q = r (S - m P):
         dx_c = gamma_c r g_c - x_c r^2 Q / C + (m r^2 Q - r P) / C
         d gamma_c = sum_{n,h,w} g_c x_c r - sum_{n,h,w} g_c m r,   d beta_c = sum_{n,h,w} g_c
-    The sums over the channels go one channel plane at a time, the sums over the pixels through a batched
-    matrix product; the only full-size tensor written is dx.
+    The channel-weighted sums P and S and the sums over the pixels are batched matrix products (S and
+    the sums of g x r over the product g x, written into the buffer that then becomes dx); dx is the only
+    full-size tensor written.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, inv):
         y = torch.addcmul((-mean * inv)[:, None], x, inv[:, None])
-        y = y.mul_(weight[:, None, None]).add_(bias[:, None, None])
+        n, c = x.shape[:2]
+        y = scale_shift(y, weight.expand(n, c), bias.expand(n, c), out=y)  # the affine in place, one pass
         ctx.save_for_backward(x, weight, mean, inv)
         return y
 
@@ -110,19 +112,19 @@ class _PositionalContiguous(torch.autograd.Function):
         flat = grad.view(n, c, h * w)
         columns = torch.stack([torch.ones_like(inv), mean * inv], dim=-1).view(n, h * w, 2)
         grad_bias, shifted = torch.bmm(flat, columns).sum(0).unbind(-1)  # sum g, sum g m r
-        product, sums, weighted = torch.empty_like(inv), torch.zeros_like(inv), torch.zeros_like(inv)  # g x; S; P
-        scaled = x.new_empty(c)  # sum g x r per channel
-        for k in range(c):
-            weighted.add_(grad[:, k], alpha=gammas[k])
-            torch.mul(grad[:, k], x[:, k], out=product)
-            sums.add_(product, alpha=gammas[k])
-            scaled[k] = torch.dot(product.view(-1), inv.view(-1))
-        grad_x = None
-        if ctx.needs_input_grad[0]:
+        weighted = torch.bmm(weight.to(grad.dtype).view(1, 1, c).expand(n, 1, c), flat).view(n, h, w)  # P
+        # g x, in the buffer that becomes dx: S and the sums of g x r are two more matrix products
+        grad_x = torch.mul(grad, x)
+        products = grad_x.view(n, c, h * w)
+        sums = torch.bmm(weight.to(grad.dtype).view(1, 1, c).expand(n, 1, c), products).view(n, h, w)  # S
+        scaled = torch.bmm(products, inv.view(n, h * w, 1)).sum(0).view(c)  # sum g x r per channel
+        if not ctx.needs_input_grad[0]:
+            grad_x = None
+        else:
             q = sums.sub_(mean * weighted).mul_(inv)
             slope = -(inv * inv * q) / c
             offset = (mean * inv * inv * q - inv * weighted) / c
-            grad_x = torch.addcmul(offset[:, None], x, slope[:, None])
+            grad_x = torch.addcmul(offset[:, None], x, slope[:, None], out=grad_x)
             for k in range(c):
                 grad_x[:, k].addcmul_(grad[:, k], inv, value=gammas[k])
         return grad_x, scaled - shifted, grad_bias, None, None
