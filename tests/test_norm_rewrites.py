@@ -35,6 +35,10 @@ def frn_reference(layer, x, cond=None):
     return torch.maximum(y, tau) - tau.clamp(max=0)
 
 
+def group_norm_reference(layer, x, cond=None):
+    return F.group_norm(x, layer.num_groups, layer.weight, layer.bias, layer.eps)
+
+
 def pn_reference(layer, x, cond=None):
     return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), layer.weight, layer.bias, layer.eps).permute(0, 3, 1, 2)
 
@@ -134,6 +138,8 @@ def build(name):
         return layer.double(), frn_reference
     if name == "pn":
         return randomize(make_norm("pn", c)).double(), pn_reference
+    if name in ("gn", "in", "ln"):  # torch's group norm, except channels_last on the CPU (instance_affine)
+        return randomize(make_norm(name, c, **({"groups": 4} if name == "gn" else {}))).double(), group_norm_reference
     if name.startswith("lcn"):
         options = {"lcn": {}, "lcn_window31": {"window": 31}, "lcn_stop": {"window": 31, "stop_stat_grad": True},
                    "lcn_cpg4": {"channels_per_group": 4, "window": 63}}[name]
@@ -150,7 +156,7 @@ def build(name):
 
 
 # the conv layers' cases take several seconds each (convolutions in float64 at 256x256): the slow tier
-LAYERS = ["frn", "pn", "lcn", "lcn_window31", "lcn_stop", "lcn_cpg4",
+LAYERS = ["frn", "pn", "gn", "in", "ln", "lcn", "lcn_window31", "lcn_stop", "lcn_cpg4",
           *(pytest.param(name, marks=pytest.mark.slow) for name in ("kn", "spade", "sean", "sean_plain"))]
 
 

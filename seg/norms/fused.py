@@ -59,7 +59,7 @@ def instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased variance and mean over (H, W): two (N, C) tensors.
 
     On CPU, torch.var_mean is a scalar Welford loop, several times slower than one vectorized pass
-    for the sums of x and x^2 (``product_sums(x, x)``; two reductions for channels_last tensors).
+    for the sums of x and x^2 (``product_sums(x, x)``).
     That route is taken on CPU, except where cancellation in E[x^2] - E[x]^2 could cost precision
     (|mean| >> std): those inputs fall back to var_mean. Elsewhere (CUDA, and under torch.compile)
     var_mean is used directly.
@@ -67,10 +67,7 @@ def instance_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type != "cpu" or torch.compiler.is_compiling():
         return torch.var_mean(x, dim=(2, 3), correction=0)
     count = x.shape[2] * x.shape[3]
-    if x.is_contiguous():
-        sum_sq, total = product_sums(x, x)
-    else:  # e.g. channels_last: two vectorized reductions
-        sum_sq, total = torch.linalg.vector_norm(x, 2, dim=(2, 3)).square(), x.sum(dim=(2, 3))
+    sum_sq, total = product_sums(x, x)
     mean = total / count
     var = (sum_sq / count - mean.square()).clamp_min(0)
     if bool((mean.square() > _MAX_MEAN_SQUARED_OVER_VAR * var).any()):
@@ -83,18 +80,28 @@ def product_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
 
     On CPU, torch's batch-norm backward kernel reduces both sums in a single pass over a and b:
     on the (1, N*C, H, W) view, with grad a, input b, mean 0 and inverse std 1, its weight and bias
-    gradients are exactly these sums. Elsewhere: a batched dot product (or a product and a sum)
+    gradients are exactly these sums (for channels_last tensors: one call per sample, on its
+    channels_last (1, C, H, W) view; torch's own reductions over H, W of such a tensor are several
+    times slower). Elsewhere: a batched dot product (or a product and a sum)
     and a sum.
     """
     n, c, h, w = a.shape
-    single_pass = (a.device.type == "cpu" and a.numel() >= _SINGLE_PASS_MIN_NUMEL and a.is_contiguous()
-                   and b.is_contiguous() and a.dtype == b.dtype and not torch.compiler.is_compiling())
-    if single_pass:
+    kernel = (a.device.type == "cpu" and a.numel() >= _SINGLE_PASS_MIN_NUMEL and a.dtype == b.dtype
+              and not torch.compiler.is_compiling())
+    if kernel and a.is_contiguous() and b.is_contiguous():
         ones, zeros = a.new_ones(n * c), a.new_zeros(n * c)
         _, dot, total = torch.ops.aten.native_batch_norm_backward(
             a.view(1, n * c, h, w), b.view(1, n * c, h, w), ones, None, None, zeros, ones, True, 0.0,
             [False, True, True])
         return dot.view(n, c), total.view(n, c)
+    last = torch.channels_last
+    if kernel and a.is_contiguous(memory_format=last) and b.is_contiguous(memory_format=last):
+        # channels_last: no (1, N*C, H, W) view exists, but each sample is a channels_last (1, C, H, W)
+        # tensor, which the kernel's channels_last path reduces per channel in one vectorized pass
+        ones, zeros = a.new_ones(c), a.new_zeros(c)
+        sums = [torch.ops.aten.native_batch_norm_backward(a[i:i + 1], b[i:i + 1], ones, None, None, zeros, ones,
+                                                          True, 0.0, [False, True, True])[1:] for i in range(n)]
+        return torch.stack([dot for dot, _ in sums]), torch.stack([total for _, total in sums])
     if a.is_contiguous() and b.is_contiguous():
         dot = torch.bmm(a.view(n * c, 1, h * w), b.view(n * c, h * w, 1)).view(n, c)
     else:
