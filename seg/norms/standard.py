@@ -3,7 +3,9 @@
 Each is torch's own kernel behind the registry protocol (``forward(x, cond=None)``, options as
 keyword arguments); batch norm also offers its frozen (BN*) and synchronized variants. Instance
 and layer norm are expressed as group norm (C groups, 1 group), which is mathematically the same
-layer with a per-channel affine and uses torch's fast fused group-norm kernel.
+layer with a per-channel affine and uses torch's fast fused group-norm kernel (except for a large
+channels_last tensor in an eager training step on the CPU, where that kernel's backward is slow and
+the same layer is computed from instance statistics: ``_GroupNormLayer``).
 
 All of them stack (``can_stack``, seg/training/stacked.py): with ``runs=R`` over R*C channels, batch and
 instance norm are per channel already, and layer and group norm take R times as many groups, so
