@@ -8,8 +8,10 @@ Each page's own command runs in turn (the same command its stamp names), so a pa
 and one regenerated alone are the same. The machine should be quiet: other work on the same cores
 changes the timings and, through the order of floating-point sums, can change a trained run. The
 load average is checked before the first command and a start at 1.0 or more is refused
-(``--anyway`` starts regardless; each page stamps the load it started at either way). A command that
-fails stops the sitting with its exit code; the pages written before it stay.
+(``--anyway`` starts regardless; each page stamps the load it started at either way). Between pages
+the sitting waits (up to 5 minutes) for the previous page's own load to fall below 1.0 again, so
+that each page starts on a quiet machine too. A command that fails stops the sitting with its exit
+code; the pages written before it stay.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ PAGES = {
     "launcher_band": ["scripts/bench_launcher_band.py"],
 }
 QUIET = 1.0  # the 1-minute load average below which the machine counts as quiet
+SETTLE_S = 300  # the longest wait between pages for the load to fall below QUIET
+
+
+def settle(limit: float = SETTLE_S) -> float:
+    """Wait until the 1-minute load average is below QUIET (at most ``limit`` seconds); the load then."""
+    deadline = time.monotonic() + limit
+    while os.getloadavg()[0] >= QUIET and time.monotonic() < deadline:
+        time.sleep(5)
+    return os.getloadavg()[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +70,10 @@ def main(argv: list[str] | None = None) -> int:
               "Wait, or pass --anyway (each page stamps its load).", file=sys.stderr)
         return 2
     started = time.monotonic()
-    for name in chosen:
+    for index, name in enumerate(chosen):
         command = [sys.executable, *PAGES[name]]
-        print(f"== {name}: python {' '.join(PAGES[name])} (load {os.getloadavg()[0]:.2f})", flush=True)
+        load = settle() if index else load
+        print(f"== {name}: python {' '.join(PAGES[name])} (load {load:.2f})", flush=True)
         begun = time.monotonic()
         code = subprocess.call(command, cwd=ROOT)
         print(f"== {name}: exit {code} after {(time.monotonic() - begun) / 60:.1f} min", flush=True)
