@@ -104,6 +104,8 @@ def product_sums(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.
         return torch.stack([dot for dot, _ in sums]), torch.stack([total for _, total in sums])
     if a.is_contiguous() and b.is_contiguous():
         dot = torch.bmm(a.view(n * c, 1, h * w), b.view(n * c, h * w, 1)).view(n, c)
+    elif a is b:  # x with itself (its sum of squares): a norm, no full-size product
+        dot = torch.linalg.vector_norm(a, 2, dim=(2, 3)).square()
     else:
         dot = (a * b).sum(dim=(2, 3))
     return dot, a.sum(dim=(2, 3))
