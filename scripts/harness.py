@@ -41,7 +41,8 @@ def command_line() -> str:
 
 
 def git_commit() -> str:
-    """The commit the measured code is at, with ``(dirty)`` when tracked files had uncommitted changes."""
+    """The commit the measured code is at, with ``(dirty)`` when tracked files had uncommitted changes (the
+    result pages themselves excepted: a sitting that regenerates them one after another measures one commit)."""
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
@@ -49,7 +50,7 @@ def git_commit() -> str:
             return ""
 
     commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)docs/results")
     return f"{commit} (dirty)" if dirty else commit
 
 
