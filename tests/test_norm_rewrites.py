@@ -170,6 +170,17 @@ def run(layer, forward, x, cond, upstream):
     return out.detach(), grads
 
 
+def assert_same(layer, earlier, reference, x, upstream, cond=None, forward=lambda m, t, c: m(t, c)):
+    """``layer`` (through ``forward``) and ``reference`` on ``earlier`` (a copy made before either ran): the same
+    output and gradients (input, then every parameter) to float64 precision."""
+    out, grads = run(layer, forward, x, cond, upstream)
+    ref_out, ref_grads = run(earlier, reference, x, cond, upstream)
+    torch.testing.assert_close(out, ref_out, **TIGHT)
+    assert len(grads) == len(ref_grads)
+    for index, (got, want) in enumerate(zip(grads, ref_grads)):
+        torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"gradient {index}: {m}")
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", LAYERS)
@@ -212,8 +223,7 @@ def test_frn_splits_the_gradient_at_ties_as_torch_maximum_does(tau):
     x = torch.randn(SHAPE, dtype=torch.float64)
     x[:, :, :128] = 0  # half of every map: y = beta = tau
     upstream = torch.randn(SHAPE, dtype=torch.float64)
-    out, grads = run(layer, lambda m, t, c: m(t, c), x, None, upstream)
-    ref_out, ref_grads = run(copy.deepcopy(layer), frn_reference, x, None, upstream)
+    assert_same(layer, copy.deepcopy(layer), frn_reference, x, upstream)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -227,11 +237,7 @@ def test_kn_at_other_sizes_computes_what_the_earlier_one_did(shape, training, fm
     earlier = copy.deepcopy(layer)
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=FORMATS[fmt])
     upstream = torch.randn(shape[0], 6, *shape[2:], dtype=torch.float64)
-    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
-    ref_out, ref_grads = run(earlier, kn_reference, x, None, upstream)
-    torch.testing.assert_close(out, ref_out, **TIGHT)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **TIGHT)
+    assert_same(layer, earlier, kn_reference, x, upstream, forward=lambda m, t, c: m(t))
 
 
 # map sizes of the U-Net's deeper levels and odd shapes: windows larger than the map, windows that span it
@@ -250,11 +256,7 @@ def test_lcn_computes_what_the_earlier_one_did_at_other_sizes(shape, options, tr
     earlier = copy.deepcopy(layer)
     x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).contiguous(memory_format=FORMATS[fmt])
     upstream = torch.randn(shape, dtype=torch.float64)
-    out, grads = run(layer, lambda m, t, c: m(t, c), x, None, upstream)
-    ref_out, ref_grads = run(earlier, lcn_reference, x, None, upstream)
-    torch.testing.assert_close(out, ref_out, **TIGHT)
-    for label, got, want in zip(["input", "weight", "bias"], grads, ref_grads):
-        torch.testing.assert_close(got, want, **TIGHT, msg=lambda m: f"{label}: {m}")
+    assert_same(layer, earlier, lcn_reference, x, upstream)
 
 
 def test_kn_on_constant_windows_clamps_the_variance_as_the_earlier_one_did():
@@ -269,11 +271,7 @@ def test_kn_on_constant_windows_clamps_the_variance_as_the_earlier_one_did():
     mean = F.avg_pool2d(x.sum(1, keepdim=True), **box) / 8
     assert (F.avg_pool2d(x.square().sum(1, keepdim=True), **box) / 8 < mean.square()).any()
     upstream = torch.randn(2, 6, 40, 40, dtype=torch.float64)
-    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
-    ref_out, ref_grads = run(copy.deepcopy(layer), kn_reference, x, None, upstream)
-    torch.testing.assert_close(out, ref_out, **TIGHT)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **TIGHT)
+    assert_same(layer, copy.deepcopy(layer), kn_reference, x, upstream, forward=lambda m, t, c: m(t))
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -283,8 +281,4 @@ def test_kn_with_other_kernel_sizes_computes_what_the_earlier_one_did(size, trai
     layer = randomize(make_conv_norm("kn", 8, 6, size)).double().train(training)
     x = torch.randn(3, 8, 130, 40, dtype=torch.float64) * 2 + 0.5
     upstream = torch.randn(3, 6, 130, 40, dtype=torch.float64)
-    out, grads = run(layer, lambda m, t, c: m(t), x, None, upstream)
-    ref_out, ref_grads = run(copy.deepcopy(layer), kn_reference, x, None, upstream)
-    torch.testing.assert_close(out, ref_out, **TIGHT)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **TIGHT)
+    assert_same(layer, copy.deepcopy(layer), kn_reference, x, upstream, forward=lambda m, t, c: m(t))
