@@ -5,7 +5,8 @@ processes, seg/runtime/distributed.py is what they do together). The loop itself
 
 Exit codes (docs/reliability.md):
 
-* 0: the run finished (status ``ok``, or ``diverged``: a result, not an error);
+* 0: the run finished (status ``ok``, or ``diverged``: a result, not an error); a signal after that, while the
+  process exits, changes nothing;
 * 1: an error a user can fix (a bad option, a bad data file, a checkpoint that does not fit, a
   folder that holds another run, a full disk), in one line; the run's metrics.json says ``failed``;
 * 75 (EX_TEMPFAIL): stopped by SIGTERM or SIGINT (Ctrl-C) -- the step in progress finished, last.pt
@@ -30,7 +31,7 @@ from seg.data import DataError  # noqa: E402
 from seg.config.launch import processes, register_configs  # noqa: E402
 from seg.runtime.runs import RunFolderError, unlock_run  # noqa: E402
 from seg.config.schema import ConfigError  # noqa: E402
-from seg.runtime.stopping import Interrupted, StopSignals, between_runs  # noqa: E402
+from seg.runtime.stopping import Interrupted, StopSignals, between_runs, finished  # noqa: E402
 
 register_configs()
 
@@ -56,8 +57,11 @@ def main(cfg) -> float | None:
         with stop:
             # the return value is a search's objective (hparams_search=lr_optuna): the best validation Dice, never
             # the test Dice (which stays in the run's metrics.json)
-            return train(cfg, output_dir, job_num=hydra_cfg.job.num if in_sweep else None,
-                         stop=stop).get("best_val_dice")
+            objective = train(cfg, output_dir, job_num=hydra_cfg.job.num if in_sweep else None,
+                              stop=stop).get("best_val_dice")
+        if not in_sweep:  # a sweep's work is done after its last job (seg.runtime.runs.RunFolders.on_multirun_end)
+            finished()  # a signal from here on finds the run complete: exit code 0 all the same
+        return objective
     except Interrupted as interrupted:
         print(f"{job}{interrupted}", file=sys.stderr, flush=True)
         requeue = stop.requeue_handler()

@@ -1,6 +1,6 @@
-"""Reliability: exact resume after SIGKILL, SIGTERM and SIGINT, a checkpoint set consistent at every
-instant, resumes that cannot change a run, run folders never shared, a full disk, and the table of
-bad inputs (every refusal one line, exit code 1)."""
+"""Reliability: exact resume after SIGKILL, SIGTERM and SIGINT, a finished run's exit code kept whatever signal
+comes while it exits, a checkpoint set consistent at every instant, resumes that cannot change a run, run folders
+never shared, a full disk, and the table of bad inputs (every refusal one line, exit code 1)."""
 
 import json
 import os
@@ -274,6 +274,66 @@ def test_ctrl_c_before_training_starts_is_one_line_without_a_traceback(tmp_path)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert [line for line in err.splitlines() if line.strip()] == [
         "Interrupted by SIGINT before training started; nothing to save, run the same command again (exit code 75)"]
+
+
+def pause_in_teardown(folder, where):
+    """Make train.py, once its work is done, write ``folder/paused`` and wait 3 s there, so that a signal lands in its
+    teardown: at the end of Hydra's job (``where="job_end"``, a callback) or in the interpreter's last exit handler
+    (``where="exit"``, a sitecustomize registering it first, so it is called last). The hook lives in the test's
+    folder only; the overrides and the environment (PYTHONPATH) that install it are returned."""
+    hooks = folder / "hooks"
+    hooks.mkdir()
+    pause = ("def pause(*args, **kwargs):\n"
+             "    import pathlib, time\n"
+             f"    pathlib.Path({str(folder / 'paused')!r}).touch()\n"
+             "    time.sleep(3)\n")
+    if where == "exit":
+        (hooks / "sitecustomize.py").write_text(f"import atexit\n{pause}atexit.register(pause)\n")
+        overrides = []
+    else:
+        (hooks / "pause_hook.py").write_text(f"from hydra.experimental.callback import Callback\n{pause}"
+                                             f"class AtJobEnd(Callback):\n    on_job_end = pause\n")
+        overrides = ["+hydra.callbacks.pause._target_=pause_hook.AtJobEnd"]
+    return overrides, {"PYTHONPATH": str(hooks)}
+
+
+def assert_finished_quietly(paused, code, out, err, sig, what):
+    """The signal was sent in the pause; exit code 0, no traceback, at most the one line saying that the work had
+    already finished."""
+    assert paused.exists(), f"the process never paused in its teardown (exit code {code})\n{out}\n{err}"
+    assert code == 0, f"exit code {code}\n{out}\n{err}"
+    assert "Traceback" not in err + out and "Interrupted" not in err + out, err
+    assert [line for line in err.splitlines() if sig.name in line] in (
+        [], [f"{sig.name} after the {what} had finished: nothing to stop; it exits as it would have"]), err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("where", "sig"), [("job_end", signal.SIGINT), ("exit", signal.SIGINT), ("exit", signal.SIGTERM)],
+                         ids=["SIGINT-at-job-end", "SIGINT-at-exit", "SIGTERM-at-exit"])
+def test_a_signal_after_the_run_finished_leaves_its_exit_code_0(acdc_root, tmp_path, where, sig):
+    """Ctrl-C or SIGTERM while a finished run's process exits (Hydra's cleanup, the interpreter's exit): the run is
+    complete, so the process exits 0 as it would have, not 75 (which asks to run it again) nor killed by the
+    signal."""
+    run = tmp_path / "run"
+    overrides, env = pause_in_teardown(tmp_path, where)
+    code, out, err = signal_when(tmp_path / "paused", ["experiment=smoke", "data=acdc", f"data.root={acdc_root}",
+                                                       "trainer.progress=false", f"hydra.run.dir={run}", *overrides],
+                                 sig, env=env)
+    assert_finished_quietly(tmp_path / "paused", code, out, err, sig, "run")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_signal_after_a_sweep_finished_leaves_its_exit_code_0(acdc_root, tmp_path):
+    """The same for a sweep, once its last job and its summary are done (between jobs a signal stops the sweep)."""
+    sweep = tmp_path / "sweep"
+    overrides, env = pause_in_teardown(tmp_path, "exit")
+    code, out, err = signal_when(tmp_path / "paused", ["-m", "experiment=smoke", "data=acdc", f"data.root={acdc_root}",
+                                                       "norm=bn", "trainer.progress=false", f"hydra.sweep.dir={sweep}"],
+                                 signal.SIGINT, env=env)
+    assert_finished_quietly(tmp_path / "paused", code, out, err, signal.SIGINT, "sweep")
+    assert [json.loads(m.read_text())["status"] for m in sweep.glob("*/metrics.json")] == ["ok"]
+    assert (sweep / "summary.md").exists()
 
 
 # ---------------------------------------------------------------------------- the checkpoint set

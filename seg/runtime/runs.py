@@ -39,6 +39,7 @@ from omegaconf import OmegaConf, open_dict, read_write
 from .checkpoint import (CheckpointError, check_compatible, holds_run_state, load_checkpoint, repair_best,
                          resume_request, run_folder_of)
 from ..config.identity import identity_differences
+from .stopping import finished
 from .temporaries import remove_stale
 
 try:
@@ -389,7 +390,8 @@ def check_same_run(checkpoint: Path, config) -> None:
 
 class RunFolders(Callback):
     """Hydra callback: give a single run its folder, and a sweep its folder, by the rules above, before
-    Hydra writes there; a sweep ends with the number of its failed jobs as exit code."""
+    Hydra writes there; a sweep ends with the number of its failed jobs as exit code (called last when a sweep
+    ends, after its summary: from then on a signal finds the sweep finished)."""
 
     def on_run_start(self, config, **kwargs) -> None:
         try:
@@ -419,6 +421,7 @@ class RunFolders(Callback):
             _fail_at_start(str(err))
 
     def on_multirun_end(self, config, **kwargs) -> None:
+        finished("sweep")  # its jobs and summary are done: a signal from here on leaves the exit code as it is
         sweep_dir = Path(str(config.hydra.sweep.dir))
         failed = []
         for path in sorted(sweep_dir.glob("*/metrics.json")):

@@ -9,6 +9,8 @@ writes ``last.pt`` and metrics.json (status ``interrupted``), prints one line an
 preemption signal is called: it requeues the job (hydra/launcher=slurm), and the requeued job
 resumes by itself (seg/runtime/runs.py). Before training has started there is nothing to save: the signal
 stops the run at once, with the same line and exit code. A second Ctrl-C does not wait for the step.
+Once the work is done (``finished``), SIGINT and SIGTERM no longer stop anything: the process exits as it
+would have.
 
 This module imports nothing from the project (train.py installs ``quiet_startup_exit`` before it
 imports torch).
@@ -16,6 +18,7 @@ imports torch).
 
 from __future__ import annotations
 
+import atexit
 import os
 import signal
 import sys
@@ -39,6 +42,28 @@ def between_runs() -> None:
     """Note that a run has ended in this process (a sweep runs the next; a single run exits)."""
     global _outside
     _outside = "between runs"
+
+
+def finished(what: str = "run") -> None:
+    """Note that the process's work is done (``what``: a single run, or a sweep with its last job and summary): from
+    here until the process exits, SIGINT and SIGTERM are ignored, so that a signal during the teardown (Hydra's
+    cleanup, the interpreter's exit) neither turns a complete run into exit code 75 nor kills the process by the
+    signal. The first such signal says so in one line and the process exits with the code it would have had. Once the
+    exit handlers run, the signals are ignored outright: as the interpreter ends, Python gives every signal that it
+    handles its default action back (which ends the process), but leaves an ignored one ignored."""
+
+    def ignore(*_) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+
+    def note(signum, frame) -> None:
+        ignore()
+        print(f"{signal.Signals(signum).name} after the {what} had finished: nothing to stop; it exits as it would "
+              f"have", file=sys.stderr, flush=True)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, note)
+    atexit.register(ignore)
 
 
 def message(signal_name: str, saved: bool, where: str = "") -> str:
