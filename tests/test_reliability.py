@@ -276,8 +276,8 @@ def test_ctrl_c_before_training_starts_is_one_line_without_a_traceback(tmp_path)
         "Interrupted by SIGINT before training started; nothing to save, run the same command again (exit code 75)"]
 
 
-def pause_in_teardown(folder, where):
-    """Make train.py, once its work is done, write ``folder/paused`` and wait 3 s there, so that a signal lands in its
+def pause_in_teardown(folder, where, seconds=3):
+    """Make train.py, once its work is done, write ``folder/paused`` and wait ``seconds`` there, so that a signal lands in its
     teardown: at the end of Hydra's job (``where="job_end"``, a callback) or in the interpreter's last exit handler
     (``where="exit"``, a sitecustomize registering it first, so it is called last). The hook lives in the test's
     folder only; the overrides and the environment (PYTHONPATH) that install it are returned."""
@@ -286,7 +286,7 @@ def pause_in_teardown(folder, where):
     pause = ("def pause(*args, **kwargs):\n"
              "    import pathlib, time\n"
              f"    pathlib.Path({str(folder / 'paused')!r}).touch()\n"
-             "    time.sleep(3)\n")
+             f"    time.sleep({seconds})\n")
     if where == "exit":
         (hooks / "sitecustomize.py").write_text(f"import atexit\n{pause}atexit.register(pause)\n")
         overrides = []
@@ -304,7 +304,8 @@ def assert_finished_quietly(paused, code, out, err, sig, what):
     assert code == 0, f"exit code {code}\n{out}\n{err}"
     assert "Traceback" not in err + out and "Interrupted" not in err + out, err
     assert [line for line in err.splitlines() if sig.name in line] in (
-        [], [f"{sig.name} after the {what} had finished: nothing to stop; it exits as it would have"]), err
+        [], [f"{sig.name} after the {what} had finished: nothing to stop; it exits as it would have (a second one: "
+             f"at once)"]), err
 
 
 @pytest.mark.slow
@@ -320,6 +321,23 @@ def test_a_signal_after_the_run_finished_leaves_its_exit_code_0(acdc_root, tmp_p
                                                        "trainer.progress=false", f"hydra.run.dir={run}", *overrides],
                                  sig, env=env)
     assert_finished_quietly(tmp_path / "paused", code, out, err, sig, "run")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_after_the_run_finished_ends_a_slow_teardown_at_once(acdc_root, tmp_path):
+    """The first Ctrl-C in a finished run's teardown is noted; a second one ends a teardown that takes long (here a
+    Hydra callback of 60 s) at once, with exit code 0: the run's files are complete."""
+    run = tmp_path / "run"
+    overrides, env = pause_in_teardown(tmp_path, "job_end", seconds=60)
+    process = start(["experiment=smoke", "data=acdc", f"data.root={acdc_root}", "trainer.progress=false",
+                     f"hydra.run.dir={run}", *overrides], env=env)
+    assert wait_for(tmp_path / "paused", process), process.communicate()
+    process.send_signal(signal.SIGINT)
+    time.sleep(1)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)  # well before the callback's 60 s
+    assert_finished_quietly(tmp_path / "paused", process.returncode, out, err, signal.SIGINT, "run")
     assert json.loads((run / "metrics.json").read_text())["status"] == "ok"
 
 

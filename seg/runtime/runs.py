@@ -421,7 +421,6 @@ class RunFolders(Callback):
             _fail_at_start(str(err))
 
     def on_multirun_end(self, config, **kwargs) -> None:
-        finished("sweep")  # its jobs and summary are done: a signal from here on leaves the exit code as it is
         sweep_dir = Path(str(config.hydra.sweep.dir))
         failed = []
         for path in sorted(sweep_dir.glob("*/metrics.json")):
@@ -431,6 +430,8 @@ class RunFolders(Callback):
                 continue
             if isinstance(metrics, dict) and metrics.get("status") == "failed":
                 failed.append(f"{path.parent.name}: {metrics.get('error', '?')}")
+        # its jobs and summary are done: a signal from here on leaves the exit code as it is
+        finished("sweep", exit_code=min(len(failed), MAX_FAILED_EXIT))
         if failed:
             print(f"{len(failed)} job(s) of the sweep failed (exit code {min(len(failed), MAX_FAILED_EXIT)}):",
                   file=sys.stderr)

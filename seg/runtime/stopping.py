@@ -44,22 +44,28 @@ def between_runs() -> None:
     _outside = "between runs"
 
 
-def finished(what: str = "run") -> None:
-    """Note that the process's work is done (``what``: a single run, or a sweep with its last job and summary): from
-    here until the process exits, SIGINT and SIGTERM are ignored, so that a signal during the teardown (Hydra's
-    cleanup, the interpreter's exit) neither turns a complete run into exit code 75 nor kills the process by the
-    signal. The first such signal says so in one line and the process exits with the code it would have had. Once the
-    exit handlers run, the signals are ignored outright: as the interpreter ends, Python gives every signal that it
-    handles its default action back (which ends the process), but leaves an ignored one ignored."""
+def finished(what: str = "run", exit_code: int = 0) -> None:
+    """Note that the process's work is done (``what``: a single run, or a sweep with its last job and summary), and
+    the exit code it ends with: from here until the process exits, SIGINT and SIGTERM do not stop it, so that a
+    signal during the teardown (Hydra's cleanup, the interpreter's exit) neither turns a complete run into exit code 75
+    nor kills the process by the signal. The first such signal says so in one line, and the process exits as it
+    would have; a second one ends a slow teardown at once, with ``exit_code`` (the work's files are complete). Once
+    the exit handlers run, the signals are ignored outright: as the interpreter ends, Python gives every signal that
+    it handles its default action back (which ends the process), but leaves an ignored one ignored."""
+    noted = False
 
     def ignore(*_) -> None:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, signal.SIG_IGN)
 
     def note(signum, frame) -> None:
-        ignore()
+        nonlocal noted
+        if noted:  # a second signal: the teardown is not waited for
+            sys.stderr.flush()
+            os._exit(exit_code)
+        noted = True
         print(f"{signal.Signals(signum).name} after the {what} had finished: nothing to stop; it exits as it would "
-              f"have", file=sys.stderr, flush=True)
+              f"have (a second one: at once)", file=sys.stderr, flush=True)
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, note)
