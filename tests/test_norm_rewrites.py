@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from conftest import randomize
 from seg.norms import Condition, make_conv_norm, make_norm
+from seg.norms.kernel import dropped_out
 from seg.norms.local import window_counts
 
 SHAPE = (2, 16, 256, 256)
@@ -77,7 +78,7 @@ def lcn_reference(layer, x, cond=None):
 
 def kn_reference(layer, x, cond=None):
     out = F.conv2d(x, layer.weight, None, padding=layer.padding)
-    source = F.dropout(x, layer.dropout_p) if layer.training and layer.dropout_p > 0 else x
+    source = dropped_out(x, layer.dropout_p, layer.training)  # the layer's sampler: the same draw under the seed
     box = dict(kernel_size=layer.kernel_size, stride=1, padding=layer.padding, count_include_pad=True)
     mean = F.avg_pool2d(source.sum(1, keepdim=True), **box) / layer.in_channels
     mean_sq = F.avg_pool2d(source.square().sum(1, keepdim=True), **box) / layer.in_channels

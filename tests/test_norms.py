@@ -29,6 +29,7 @@ from seg.config.launch import register_configs
 from seg.norms import NORMS, layer_spec, make_conv_norm, make_norm, names, register_monai, spec
 from seg.norms.fused import (_SINGLE_PASS_MIN_NUMEL, _InstanceAffine, instance_affine_reference, instance_moments,
                              product_sums, scale_shift)
+from seg.norms.kernel import dropout_mask
 from seg.norms.kalman import PRIOR_ATTRIBUTE, KalmanConvNorm, rectified_gaussian_moments
 from seg.training.optimizers import build_optimizer
 from seg.model.unet import UNet
@@ -677,12 +678,40 @@ def test_knconv_statistics_come_from_a_dropped_out_copy_in_training_only():
     torch.manual_seed(5)
     out = conv(x)
     torch.manual_seed(5)
-    dropped = F.dropout(x, 0.3)  # the same mask: the layer's only random draw
+    dropped = x * dropout_mask(x, 0.3) / 0.7  # the same mask: the layer's only random draw
     expected = kernel_norm_then_conv(x, conv.weight, conv.bias, conv.eps, stats_from=dropped)
     torch.testing.assert_close(out, expected, **TIGHT)
     assert not torch.equal(conv(x), conv(x))  # random in training
     conv.eval()
     torch.testing.assert_close(conv(x), kernel_norm_then_conv(x, conv.weight, conv.bias, conv.eps), **TIGHT)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last], ids=["contiguous", "channels_last"])
+def test_kn_dropout_masks_keep_each_element_with_probability_1_minus_p_under_the_seed(fmt):
+    """kn's dropout mask (numpy's PCG64 seeded from torch's generator on the CPU), at the U-Net's top size: the
+    keep rate is 1 - p within 5 standard errors, in every channel; torch.manual_seed repeats the draw, the next
+    call draws another; the draw follows memory order (the same numbers for either layout) and consumes torch's
+    generator (a later torch draw depends on it)."""
+    p, shape = 0.05, (8, 16, 256, 256)
+    x = torch.empty(shape).contiguous(memory_format=fmt)
+    torch.manual_seed(7)
+    first, second, after = dropout_mask(x, p), dropout_mask(x, p), torch.rand(())
+    torch.manual_seed(7)
+    again = dropout_mask(x, p)
+    assert first.shape == shape and first.is_contiguous(memory_format=fmt)
+    assert set(first.unique().tolist()) == {0, 1}
+    keep = first.double().mean(dim=(0, 2, 3))
+    assert ((keep - (1 - p)).abs() < 5 * math.sqrt(p * (1 - p) / (first.numel() / 16))).all(), keep
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    in_memory_order = first.permute(0, 2, 3, 1) if fmt == torch.channels_last else first
+    assert torch.equal(in_memory_order.flatten().to(torch.uint8), _memory_order_draw(p, shape))
+    torch.manual_seed(7)
+    assert torch.rand(()) != after  # the mask's seed came from torch's generator
+
+
+def _memory_order_draw(p, shape):
+    torch.manual_seed(7)
+    return dropout_mask(torch.empty(shape), p).flatten().to(torch.uint8)
 
 
 def test_kn_up_convolution_normalizes_each_position_then_transposed_conv():

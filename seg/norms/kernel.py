@@ -18,18 +18,13 @@ convolution's in place. torch.compile and torch.func take the plain autograd for
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .fused import compute_dtype, full_precision
 from .registry import conv_norm_only, register_norm
-
-
-def dropped_out(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """The copy of x that the statistics are computed on: dropout (with 1/(1-p) scaling, as the
-    official F.dropout) in training only."""
-    return F.dropout(x, p) if training and p > 0 else x
 
 
 def correction_reference(out, mean, var, weight_sums, bias, eps):
@@ -148,13 +143,47 @@ class _Correction(torch.autograd.Function):
             return grad_out, grad_mean, grad_spread, grad_weight_sums, grad.sum(dim=(0, 2, 3)), None
 
 
+# elements drawn per call of the CPU sampler (its uniforms stay in the L2 cache)
+_DRAW_CHUNK = 1 << 18
+
+
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """The 0/1 mask of ``F.dropout(x, p)`` (whose multiplier is mask / (1 - p)), drawn as torch draws it on
-    the CPU: ``bernoulli_`` on a tensor like x, so the same random numbers and a seeded run drops the same
-    elements. Where the plane-wise loops read it (``block_step``), the mask is stored as uint8: torch's CPU
-    bernoulli_ samples in double (or int) and casts to the tensor's dtype, so the draw is the same, and it
-    writes and later reads a quarter of the bytes."""
-    return torch.empty_like(x, dtype=torch.uint8 if block_step(x) else None).bernoulli_(1 - p)
+    """A 0/1 mask like x that keeps each element with probability 1 - p, independently (the multiplier of
+    ``F.dropout(x, p)`` is mask / (1 - p)); uint8 where the plane-wise loops read it (``block_step``: a quarter
+    of the bytes), else x's dtype (float32 for half-precision x).
+
+    On the CPU torch's samplers are serial (one Mersenne-Twister number after another, whatever the thread
+    count), and ``bernoulli_``, as ``F.dropout`` draws, takes two of them per element: it was the largest cost
+    of the layer after its convolution (docs/results/bench_norms.md). The mask is drawn instead from numpy's
+    PCG64, seeded by one number from torch's generator, as float32 uniforms compared with 1 - p, in chunks, in
+    the order of x's memory: several times faster, and still governed by ``torch.manual_seed`` and the
+    generator state a checkpoint saves, so a seeded run and a resumed one draw the same masks. The distribution is F.dropout's; the draw is another (the
+    official code's is another again: it draws over the padded input). Elsewhere (CUDA, MPS) torch's own
+    parallel ``bernoulli_``."""
+    keep = 1 - p
+    dtype = torch.uint8 if block_step(x) else x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    mask = torch.empty_like(x, dtype=dtype)
+    if x.device.type != "cpu":
+        return mask.bernoulli_(keep)
+    rng = np.random.Generator(np.random.PCG64(int(torch.randint(0, 2**62, ()))))
+    flat = mask.as_strided((mask.numel(),), (1,)).numpy()  # the storage in memory order (empty_like: dense)
+    uniforms = np.empty(min(flat.size, _DRAW_CHUNK), np.float32)
+    for start in range(0, flat.size, _DRAW_CHUNK):
+        part = flat[start:start + _DRAW_CHUNK]
+        drawn = rng.random(out=uniforms[:part.size], dtype=np.float32)
+        np.less(drawn, np.float32(keep), out=part, casting="unsafe")
+    return mask
+
+
+def dropped_out(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """The copy of x that the statistics are computed on: dropout with 1/(1-p) scaling, as the official F.dropout,
+    in training only; its mask from ``dropout_mask``. Under torch.compile and torch.func (the plain formulation)
+    ``F.dropout`` itself: those transforms draw their own random numbers either way."""
+    if not training or p <= 0:
+        return x
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return F.dropout(x, p)
+    return x * dropout_mask(x, p).to(x.dtype) * (1 / (1 - p))
 
 
 def padded_pair(like: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
