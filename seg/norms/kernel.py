@@ -183,7 +183,7 @@ def dropped_out(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
         return x
     if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
         return F.dropout(x, p)
-    return x * dropout_mask(x, p).to(x.dtype) * (1 / (1 - p))
+    return x * dropout_mask(x, p).to(x.dtype).mul_(1 / (1 - p))  # the multiplier in the mask's own tensor
 
 
 def padded_pair(like: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
